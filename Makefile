@@ -1,0 +1,48 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv when missing and
+# install the pinned set once; the stamp is keyed on the pins, so a second run installs nothing.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PINS := requirements/torch.txt requirements/torchrec.txt requirements/lock.txt requirements/constraints.txt pyproject.toml
+STAMP := $(VENV)/.installed-$(shell cat $(PINS) | sha256sum | cut -c1-16)
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+TEST_ARGS ?=
+
+.PHONY: install demo test bench bench-census lock clean help
+
+help:
+	@echo "make demo          synthetic data -> pipeline -> MMoE -> MLflow, end to end"
+	@echo "make test          the whole test suite"
+	@echo "make bench         all benchmarks (writes benchmarks/results/)"
+	@echo "make bench-census  the MMoE paper's census-income comparison"
+
+install: $(STAMP)
+
+$(STAMP): $(PINS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing the pinned set into $(VENV) (first run only)..."
+	$(PIP) install pip==25.3
+	$(PIP) install -r requirements/torch.txt
+	$(PIP) install --no-deps -r requirements/torchrec.txt
+	$(PIP) install -r requirements/lock.txt -c requirements/constraints.txt
+	$(PIP) install --no-deps -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/recsys-moe demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(TEST_ARGS)
+
+bench: bench-census
+
+bench-census: $(STAMP)
+	$(BIN)/python benchmarks/census.py
+
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(torch|torchrec|fbgemm-gpu-cpu)==' > requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) demo runs mlruns.db mlartifacts .pytest_cache

@@ -1,0 +1,14 @@
+"""Declarative feature specs: what the raw columns mean and which tasks the model predicts."""
+
+from features.spec import (
+    BUNDLED_SPECS,
+    DatasetSource,
+    Feature,
+    FeatureSpec,
+    SpecError,
+    Task,
+    VocabPolicy,
+    load_spec,
+)
+
+__all__ = ["BUNDLED_SPECS", "DatasetSource", "Feature", "FeatureSpec", "SpecError", "Task", "VocabPolicy", "load_spec"]

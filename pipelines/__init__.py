@@ -1,0 +1,1 @@
+"""Data pipelines for recsys-moe: sources, transforms and dataset builders."""

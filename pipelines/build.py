@@ -1,0 +1,181 @@
+"""Raw data + feature spec → validated, model-ready parquet shards and a manifest.
+
+The dataset directory is built beside its destination and swapped in with one rename, so a crash
+never leaves half a dataset that looks whole, and a re-run replaces rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from features.spec import FeatureSpec
+from pipelines.fit import FittedState, fit
+from pipelines.manifest import Manifest, SparseFeatureInfo, SplitInfo, TaskInfo
+from pipelines.sources import load_splits
+from pipelines.transform import encode, label_column, typed
+from pipelines.validate import REASON, validate
+
+log = logging.getLogger(__name__)
+
+
+class RejectRateError(RuntimeError):
+    """Too many rows failed validation: the data is more likely broken than noisy."""
+
+
+def _write_shards(frame: pl.DataFrame, directory: Path, rows_per_shard: int) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    n_shards = max(1, -(-frame.height // rows_per_shard))
+    for i in range(n_shards):
+        path = directory / f"part-{i:05d}.parquet"
+        frame.slice(i * rows_per_shard, rows_per_shard).write_parquet(path, statistics=True)
+        paths.append(path)
+    return paths
+
+
+def _digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def build_frames(
+    raw: dict[str, pl.LazyFrame | pl.DataFrame],
+    spec: FeatureSpec,
+    out_dir: Path,
+    source: str,
+    rows_per_shard: int = 1_000_000,
+    max_reject_rate: float = 0.05,
+    progress: bool = True,
+) -> Manifest:
+    """Build a dataset from raw splits (must include 'train'); vocabularies are fitted on train only."""
+    if "train" not in raw:
+        raise ValueError(f"raw splits must include 'train' (got {sorted(raw)})")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        steps = tqdm(total=3 * len(raw) + 1, desc=f"pipeline {spec.name}", disable=not progress, unit="step")
+        valid: dict[str, pl.DataFrame] = {}
+        splits: dict[str, SplitInfo] = {}
+        for split, frame in raw.items():
+            steps.set_postfix_str(f"validate {split}")
+            frame = frame.collect(engine="streaming") if isinstance(frame, pl.LazyFrame) else frame
+            ok, rejected = validate(frame, spec, where=f"{source}:{split}")
+            rejects_rel = None
+            reasons: dict[str, int] = {}
+            if rejected.height:
+                rejects_rel = f"rejects/{split}.parquet"
+                (work / "rejects").mkdir(exist_ok=True)
+                rejected.write_parquet(work / rejects_rel)
+                # Group reasons by field ("age: not a number (x)" → "age: not a number").
+                kinds = rejected[REASON].str.replace(r" \(.*\)$", "").str.replace(r": -?[\d.e+-]+ is", ": value is")
+                reasons = dict(kinds.value_counts().iter_rows())
+            rate = rejected.height / max(frame.height, 1)
+            if rate > max_reject_rate:
+                raise RejectRateError(
+                    f"{split}: {rejected.height} of {frame.height} rows rejected ({rate:.1%} > "
+                    f"max_reject_rate {max_reject_rate:.1%}); top reasons: {reasons}"
+                )
+            valid[split] = typed(ok, spec).collect()
+            splits[split] = SplitInfo(
+                shards=[], rows_in=frame.height, rows_out=ok.height, rows_rejected=rejected.height,
+                rejects=rejects_rel, reject_reasons=reasons,
+            )  # fmt: skip
+            assert splits[split].rows_in == splits[split].rows_out + splits[split].rows_rejected
+            steps.update(1)
+
+        steps.set_postfix_str("fit vocabularies and statistics on train")
+        state = fit(valid["train"], spec)
+        vocab_files = state.save(work)
+        steps.update(1)
+
+        all_shards: list[Path] = []
+        for split, frame in valid.items():
+            steps.set_postfix_str(f"transform {split}")
+            encoded = encode(frame.lazy(), spec, state).collect()
+            steps.update(1)
+            steps.set_postfix_str(f"write {split}")
+            shards = _write_shards(encoded, work / split, rows_per_shard)
+            splits[split].shards = [str(p.relative_to(work)) for p in shards]
+            all_shards += shards
+            steps.update(1)
+        steps.close()
+
+        train = valid["train"]
+        manifest = Manifest(
+            spec=spec,
+            spec_hash=spec.digest(),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            source=source,
+            sparse_features=[
+                SparseFeatureInfo(
+                    name=f.name, kind=f.kind, num_embeddings=state.num_embeddings(f),
+                    embedding_dim=int(f.embedding_dim),  # type: ignore[arg-type]
+                    pooling=f.pooling, max_length=f.max_length if f.kind == "multi_hot" else 1,
+                )  # fmt: skip
+                for f in spec.sparse_features
+            ],
+            dense_features=[f.name for f in spec.dense_features],
+            tasks=[
+                TaskInfo(name=t.name, type=t.type, weight=t.weight, train_mean=float(train[label_column(t.name)].mean()))
+                for t in spec.tasks
+            ],
+            vocab_files=vocab_files,
+            splits=splits,
+            digest=_digest(all_shards),
+        )
+        manifest.save(work)
+        _swap_in(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    manifest.root = out_dir
+    for split, info in splits.items():
+        log.info("%s: %d rows in, %d out, %d rejected", split, info.rows_in, info.rows_out, info.rows_rejected)
+    return manifest
+
+
+def _swap_in(work: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(work, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, out_dir)
+
+
+def build(
+    spec: FeatureSpec,
+    data_dir: Path,
+    out_dir: Path,
+    rows_per_shard: int = 1_000_000,
+    max_reject_rate: float = 0.05,
+    progress: bool = True,
+) -> Manifest:
+    """Read the raw splits named by the spec's dataset source, then build the dataset."""
+    if spec.dataset is None:
+        raise ValueError(f"spec '{spec.name}' has no 'dataset' section: use build_frames() with your own splits")
+    raw = load_splits(spec.dataset, Path(data_dir))
+    return build_frames(raw, spec, out_dir, f"{spec.dataset.source}:{data_dir}", rows_per_shard, max_reject_rate, progress)
+
+
+def load_state(manifest: Manifest) -> FittedState:
+    """The fitted vocabularies and statistics a manifest's dataset was transformed with."""
+    if manifest.root is None:
+        raise ValueError("manifest was not loaded from disk")
+    return FittedState.load(manifest.root, manifest.vocab_files)
+

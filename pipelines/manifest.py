@@ -1,0 +1,89 @@
+"""`manifest.json`: the contract between a built dataset and everything downstream.
+
+The trainer sizes embedding tables from it, serving reloads vocabularies through it, and MLflow
+logs it, so a model can always be traced to the exact data and spec it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from features.spec import FeatureSpec
+
+FORMAT_VERSION = 1
+
+
+class SparseFeatureInfo(BaseModel):
+    name: str
+    kind: Literal["categorical", "multi_hot", "dense"]
+    num_embeddings: int
+    embedding_dim: int
+    pooling: Literal["sum", "mean"] = "sum"
+    max_length: int = 1
+
+
+class TaskInfo(BaseModel):
+    name: str
+    type: Literal["binary", "regression"]
+    weight: float
+    train_mean: float  # positive rate for binary tasks
+
+
+class SplitInfo(BaseModel):
+    shards: list[str]
+    rows_in: int
+    rows_out: int
+    rows_rejected: int
+    rejects: str | None = None
+    reject_reasons: dict[str, int] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    spec: FeatureSpec
+    spec_hash: str
+    created_at: str
+    source: str
+    sparse_features: list[SparseFeatureInfo]
+    dense_features: list[str]
+    tasks: list[TaskInfo]
+    vocab_files: dict[str, str]
+    splits: dict[str, SplitInfo]
+    digest: str  # sha256 over the shards' bytes
+    root: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def shard_paths(self, split: str) -> list[Path]:
+        if split not in self.splits:
+            raise KeyError(f"manifest has no split {split!r} (has {sorted(self.splits)})")
+        base = self.root or Path(".")
+        return [base / s for s in self.splits[split].shards]
+
+    def save(self, directory: Path) -> Path:
+        path = directory / "manifest.json"
+        path.write_text(self.model_dump_json(indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no manifest (build one with `recsys-moe pipeline`)")
+        raw = json.loads(path.read_text())
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path}: manifest format_version {version}, this recsys-moe reads {FORMAT_VERSION}")
+        manifest = cls.model_validate(raw)
+        manifest.root = path.parent
+        return manifest

@@ -1,0 +1,42 @@
+"""The synthetic event log as a ranking data set: impressions joined with their side tables.
+
+Splits are by time (the last days are validation and test), as a ranking model is always trained
+on the past and judged on the future.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import polars as pl
+
+from pipelines.sources import synthetic
+
+
+def joined(raw_dir: Path) -> pl.LazyFrame:
+    users, items, impressions = synthetic.read(raw_dir)
+    # Keep the log's order: an unordered join would make every rebuild's shards differ.
+    return impressions.join(users, on="user_id", how="left", maintain_order="left").join(
+        items, on="item_id", how="left", maintain_order="left"
+    )
+
+
+def splits(raw_dir: Path, valid_days: int = 1, test_days: int = 1) -> dict[str, pl.LazyFrame]:
+    frame = joined(raw_dir)
+    day = pl.col("ts").dt.date()
+    first, last = frame.select(day.min().alias("a"), day.max().alias("b")).collect().row(0)
+    if first is None:
+        raise ValueError(f"{raw_dir}: no impressions")
+    test_start = last - timedelta(days=test_days - 1)
+    valid_start = test_start - timedelta(days=valid_days)
+    if valid_start <= first:
+        raise ValueError(
+            f"{raw_dir}: {(last - first).days + 1} days of events is too few for "
+            f"{valid_days} validation and {test_days} test days plus training days"
+        )
+    return {
+        "train": frame.filter(day < valid_start),
+        "valid": frame.filter((day >= valid_start) & (day < test_start)),
+        "test": frame.filter(day >= test_start),
+    }

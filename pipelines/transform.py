@@ -1,0 +1,92 @@
+"""Raw rows → model-ready columns. Shared by the training pipeline and by serving.
+
+Output layout (one row per example): `key:<name>` passthrough keys, one Int64 column per
+categorical feature (row id in its table), one List(Int64) per multi-hot feature, one Float32
+per dense feature, and `label:<task>` Float32 labels when labels are present.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from features.expressions import compile_expression
+from features.spec import Feature, FeatureSpec
+from pipelines.fit import OOV, FittedState, signed_log1p, stable_hash_ids
+
+
+def key_column(name: str) -> str:
+    return f"key:{name}"
+
+
+def label_column(task: str) -> str:
+    return f"label:{task}"
+
+
+def _typed_feature(f: Feature) -> pl.Expr:
+    raw = pl.col(f.source_column)
+    if f.kind == "dense":
+        return raw.cast(pl.Float64, strict=False).alias(f.name)
+    if f.kind == "categorical":
+        return raw.cast(pl.String).alias(f.name)
+    if f.separator is not None:
+        lst = raw.cast(pl.String).str.split(f.separator)
+    else:
+        lst = raw.cast(pl.List(pl.String))
+    # Sources list the most recent or most relevant values first; keep the first max_length.
+    return lst.list.head(f.max_length).alias(f.name)
+
+
+def typed(frame: pl.LazyFrame | pl.DataFrame, spec: FeatureSpec, with_labels: bool = True) -> pl.LazyFrame:
+    """Cast raw columns to one column per feature (validation has already vetted them)."""
+    exprs = [pl.col(k).alias(key_column(k)) for k in spec.keys]
+    exprs += [_typed_feature(f) for f in spec.features]
+    if with_labels:
+        exprs += [
+            compile_expression(t.label).expr.cast(pl.Float32).alias(label_column(t.name)) for t in spec.tasks
+        ]
+    return frame.lazy().select(exprs)
+
+
+def _ids(f: Feature, state: FittedState) -> pl.Expr:
+    col = pl.col(f.name)
+    if f.vocab_policy.kind == "hash":
+        buckets = int(f.vocab_policy.buckets)  # type: ignore[arg-type]
+        hashed = lambda s: stable_hash_ids(s, buckets)  # noqa: E731
+        return col.map_batches(hashed, return_dtype=pl.Int64)
+    vocab = pl.Series(state.vocabularies[f.name], dtype=pl.String)
+    ids = pl.Series(range(1, len(vocab) + 1), dtype=pl.Int64)
+    return col.replace_strict(vocab, ids, default=OOV, return_dtype=pl.Int64)
+
+
+def _encode(f: Feature, state: FittedState) -> pl.Expr:
+    col = pl.col(f.name)
+    if f.kind == "dense":
+        stats = state.dense[f.name]
+        filled = col.fill_null(stats.mean)
+        if f.transform == "bucketize":
+            bounds = pl.Series(stats.boundaries, dtype=pl.Float64)
+            bucket = pl.lit(bounds).search_sorted(filled, side="right").cast(pl.Int64) + 1
+            return pl.when(col.is_null()).then(pl.lit(OOV, pl.Int64)).otherwise(bucket).alias(f.name)
+        value = signed_log1p(filled) if f.transform == "log1p" else filled
+        if f.transform in ("standardize", "log1p"):
+            value = (value - stats.t_mean) / stats.t_std
+        return value.cast(pl.Float32).alias(f.name)
+    if f.kind == "categorical":
+        return _ids(f, state).fill_null(OOV).alias(f.name)
+    if f.vocab_policy.kind == "hash":
+        buckets = int(f.vocab_policy.buckets)  # type: ignore[arg-type]
+        element = pl.element().map_batches(lambda s: stable_hash_ids(s, buckets), return_dtype=pl.Int64)
+    else:
+        vocab = pl.Series(state.vocabularies[f.name], dtype=pl.String)
+        ids = pl.Series(range(1, len(vocab) + 1), dtype=pl.Int64)
+        element = pl.element().replace_strict(vocab, ids, default=OOV, return_dtype=pl.Int64)
+    return col.list.eval(element).fill_null(pl.lit([], pl.List(pl.Int64))).alias(f.name)
+
+
+def encode(typed_frame: pl.LazyFrame, spec: FeatureSpec, state: FittedState) -> pl.LazyFrame:
+    """Typed columns → table row ids and normalized dense values."""
+    return typed_frame.with_columns([_encode(f, state) for f in spec.features])
+
+
+def transform(raw: pl.LazyFrame | pl.DataFrame, spec: FeatureSpec, state: FittedState, with_labels: bool = True) -> pl.LazyFrame:
+    return encode(typed(raw, spec, with_labels), spec, state)

@@ -1,0 +1,111 @@
+"""Run configuration: model, training and tracking, validated at the edge.
+
+One YAML file (or none: every field has a default) with `model:`, `train:` and `tracking:`
+sections; any field can be overridden from the command line with `--set train.epochs=3`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Arch = Literal["mmoe", "shared_bottom", "single_task"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    arch: Arch = "mmoe"
+    num_experts: int = Field(8, ge=1)
+    expert_hidden: list[int] = Field(default_factory=lambda: [64, 32], min_length=1)
+    tower_hidden: list[int] = Field(default_factory=lambda: [16])
+    bottom_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    pack_tables_below: int = Field(
+        100_000, ge=0, description="tables with fewer rows and equal dims share one TBE table"
+    )
+
+    @field_validator("expert_hidden", "tower_hidden", "bottom_hidden")
+    @classmethod
+    def _positive(cls, sizes: list[int]) -> list[int]:
+        if any(h < 1 for h in sizes):
+            raise ValueError("layer sizes must be positive")
+        return sizes
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    eval_batch_size: int = Field(8192, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    embedding_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd"] = Field(
+        "adagrad", description="fused into FBGEMM's backward (its CPU kernels have no Adam)"
+    )
+    embedding_lr: float = Field(0.05, gt=0)
+    patience: int = Field(2, ge=1, description="epochs without improvement before stopping")
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
+    tasks: list[str] | None = Field(None, description="train only these tasks (single_task needs one)")
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    checkpoint_dir: Path | None = Field(None, description="default: runs/<run name>")
+
+
+class TrackingConfig(_Strict):
+    experiment: str | None = Field(None, description="default: recsys-moe/<spec name>")
+    run_name: str | None = None
+    enabled: bool = True
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """'section.field' → value, for MLflow params."""
+        out: dict[str, Any] = {}
+        for section, values in self.model_dump(mode="json").items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _set(raw: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.field=value, e.g. train.epochs=3")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or parts[0] not in RunConfig.model_fields:
+        raise ConfigError(f"--set {assignment!r}: key must be one of model.*, train.*, tracking.*")
+    raw.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    origin = "<defaults>"
+    if path is not None:
+        origin = str(path)
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: config file not found")
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config must be a mapping with model/train/tracking sections")
+    for assignment in overrides or []:
+        _set(raw, assignment)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        details = "\n".join(
+            f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+        )
+        raise ConfigError(f"{origin}: invalid run config\n{details}") from None

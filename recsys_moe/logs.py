@@ -1,0 +1,16 @@
+"""Log setup for the CLI: our messages at INFO, third-party chatter (FBGEMM's per-table INFO
+lines, torch.fx notices) kept at WARNING."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+def setup(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("recsys_moe", "pipelines", "features"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")

@@ -1,0 +1,106 @@
+"""Sparse features → pooled embeddings, through a TorchRec EmbeddingBagCollection.
+
+Small tables of equal dimension and pooling are packed into one table (each feature owns a row
+range, shifted by an id offset): FBGEMM's batched kernel then runs one table instead of dozens,
+which is most of the embedding time for census-like data. Large tables stay on their own so a
+sharding planner can place them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+from torchrec.optim import RowWiseAdagrad
+
+from pipelines.manifest import SparseFeatureInfo
+
+FUSED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": RowWiseAdagrad,
+    "sgd": torch.optim.SGD,
+}
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    tables: list[EmbeddingBagConfig]
+    keys: list[str]  # KJT key order the module expects
+    offsets: list[int]  # per key: first row of its range in its table
+
+
+def plan_tables(features: Sequence[SparseFeatureInfo], pack_below: int) -> TablePlan:
+    packed: dict[tuple[int, str], list[SparseFeatureInfo]] = {}
+    tables, keys, offsets = [], [], []
+    for f in features:
+        if f.num_embeddings < pack_below:
+            packed.setdefault((f.embedding_dim, f.pooling), []).append(f)
+        else:
+            tables.append(_config(f"t_{f.name}", f.embedding_dim, f.num_embeddings, [f.name], f.pooling))
+            keys.append(f.name)
+            offsets.append(0)
+    for (dim, pooling), group in packed.items():
+        start = 0
+        for f in group:
+            keys.append(f.name)
+            offsets.append(start)
+            start += f.num_embeddings
+        tables.append(_config(f"packed_d{dim}_{pooling}", dim, start, [f.name for f in group], pooling))
+    return TablePlan(tables=tables, keys=keys, offsets=offsets)
+
+
+def _config(name: str, dim: int, rows: int, features: list[str], pooling: str) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(
+        name=name,
+        embedding_dim=dim,
+        num_embeddings=rows,
+        feature_names=features,
+        pooling=PoolingType.MEAN if pooling == "mean" else PoolingType.SUM,
+    )
+
+
+class SparseArch(nn.Module):
+    """KJT of raw table ids (0 = OOV) → [B, sum of embedding dims]."""
+
+    def __init__(
+        self,
+        features: Sequence[SparseFeatureInfo],
+        pack_below: int = 100_000,
+        fused_optimizer: tuple[str, dict[str, float]] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        plan = plan_tables(features, pack_below)
+        self.keys = plan.keys
+        self.output_dim = sum(t.embedding_dim * len(t.feature_names) for t in plan.tables)
+        self.register_buffer("id_offsets", torch.tensor(plan.offsets, dtype=torch.int64), persistent=False)
+        self._needs_offsets = any(plan.offsets)
+        device = device or torch.device("cpu")
+        if fused_optimizer is None:
+            self.ebc: nn.Module = EmbeddingBagCollection(tables=plan.tables, device=device)
+        else:
+            name, kwargs = fused_optimizer
+            # The optimizer runs inside FBGEMM's backward: no dense gradient for the tables.
+            self.ebc = FusedEmbeddingBagCollection(
+                tables=plan.tables, optimizer_type=FUSED_OPTIMIZERS[name], optimizer_kwargs=kwargs, device=device
+            )
+        for table in plan.tables:  # small init, like TorchRec's default for recsys tables
+            weight = self.ebc.embedding_bags[table.name].weight  # type: ignore[index]
+            with torch.no_grad():
+                weight.uniform_(-0.05, 0.05)
+
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled embeddings per feature; the column order follows the table plan."""
+        if self._needs_offsets:
+            lengths = features.lengths()
+            per_key = lengths.view(len(self.keys), -1).sum(dim=1)
+            values = features.values() + torch.repeat_interleave(self.id_offsets, per_key)
+            features = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths)
+        return self.ebc(features)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.lookup(features).values()

@@ -1,0 +1,64 @@
+"""N independent MLPs held as stacked weights, run as one GEMM plus batched GEMMs.
+
+Experts and task towers are both "the same MLP shape, N times". A Python loop over N small
+`nn.Linear`s spends its time in dispatch; stacking turns the first layer on a shared input into a
+single [B, d] x [d, N*h] GEMM and every deeper layer into one `baddbmm`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class StackedMLP(nn.Module):
+    """`num` MLPs with layer sizes `d_in → hidden[0] → ... → hidden[-1]`.
+
+    Input [B, d_in] (shared by all) or [num, B, d_in] (one per MLP); output [num, B, hidden[-1]].
+    ReLU follows every layer but the last unless `activate_last`.
+    """
+
+    def __init__(
+        self, num: int, d_in: int, hidden: Sequence[int], activate_last: bool = True, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        dims = [d_in, *hidden]
+        self.num, self.d_in = num, d_in
+        self.activate_last = activate_last
+        self.dropout = dropout
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(num, dims[i], dims[i + 1])) for i in range(len(hidden))
+        )
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(num, 1, dims[i + 1])) for i in range(len(hidden)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w, b in zip(self.weights, self.biases):
+            bound = 1.0 / math.sqrt(w.shape[1])  # nn.Linear's default init, per MLP
+            nn.init.uniform_(w, -math.sqrt(3.0) * bound, math.sqrt(3.0) * bound)  # kaiming_uniform(a=sqrt(5))
+            nn.init.uniform_(b, -bound, bound)
+
+    def _act(self, h: torch.Tensor, last: bool) -> torch.Tensor:
+        if not last or self.activate_last:
+            h = F.relu(h)
+            if self.dropout > 0:
+                h = F.dropout(h, self.dropout, self.training)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_layers = len(self.weights)
+        w0, b0 = self.weights[0], self.biases[0]
+        if x.dim() == 2:  # shared input: all MLPs' first layers in one GEMM
+            batch, h_out = x.shape[0], w0.shape[2]
+            flat_w = w0.permute(1, 0, 2).reshape(self.d_in, self.num * h_out)
+            h = torch.addmm(b0.reshape(1, -1), x, flat_w).view(batch, self.num, h_out).transpose(0, 1)
+        else:
+            h = torch.baddbmm(b0, x, w0)
+        h = self._act(h, n_layers == 1)
+        for i in range(1, n_layers):
+            h = self._act(torch.baddbmm(self.biases[i], h, self.weights[i]), i == n_layers - 1)
+        return h

@@ -1,0 +1,46 @@
+"""Plots people would rather look at than read: learning curves and expert usage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs in CI and on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def validation_curves(history: Sequence[dict[str, float]], tasks: Sequence[str], metric: dict[str, str]) -> Figure:
+    """One panel per task: its validation metric per epoch, best epoch marked."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.2), squeeze=False)
+    epochs = [h["epoch"] for h in history]
+    for ax, task in zip(axes[0], tasks):
+        name = metric[task]
+        values = [h[f"val_{task}_{name}"] for h in history]
+        ax.plot(epochs, values, marker="o")
+        best = int(np.nanargmin(values) if name in ("mse", "logloss") else np.nanargmax(values))
+        ax.axvline(epochs[best], color="grey", linestyle=":", label=f"best {values[best]:.4f}")
+        ax.set_title(f"{task}: validation {name}")
+        ax.set_xlabel("epoch")
+        ax.legend(loc="best")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def gate_heatmap(weights: np.ndarray, tasks: Sequence[str]) -> Figure:
+    """Mean gate weight per expert (columns) for each task (rows) on validation data."""
+    n_tasks, n_experts = weights.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n_experts, 1.2 + 0.5 * n_tasks))
+    im = ax.imshow(weights, cmap="viridis", vmin=0, vmax=max(float(weights.max()), 1e-6), aspect="auto")
+    ax.set_xticks(range(n_experts), [f"e{i}" for i in range(n_experts)])
+    ax.set_yticks(range(n_tasks), list(tasks))
+    for t in range(n_tasks):
+        for e in range(n_experts):
+            ax.text(e, t, f"{weights[t, e]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_title("mean gate weight per expert")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,120 @@
+"""The trainer's view of experiment tracking: a few verbs, implemented by MLflow or by nothing.
+
+The trainer never imports mlflow itself, so tracking can be switched off (tests, sweeps) and a
+different backend could be added without touching the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+from matplotlib.figure import Figure
+
+from recsys_moe.tracking.store import ARTIFACTS_NAME, tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    run_id: str | None
+    uri: str | None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_file(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_figure(self, figure: Figure, name: str) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    run_id: str | None = None
+    uri: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_file(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_figure(self, figure: Figure, name: str) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class MlflowTracker:
+    """One MLflow run. Creates the experiment on first use; in the default embedded store its
+    artifacts go to ./mlartifacts beside ./mlruns.db."""
+
+    def __init__(
+        self, experiment: str, run_name: str | None = None, uri: str | None = None, run_id: str | None = None
+    ) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+        self.uri = uri or tracking_uri()
+        self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):
+                location = (Path(self.uri.removeprefix("sqlite:///")).parent / ARTIFACTS_NAME).resolve().as_uri()
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            experiment_id = exp.experiment_id
+        self.experiment_id = experiment_id
+        if run_id is not None:  # resuming: keep logging into the interrupted run
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id: str | None = run_id
+        else:
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, experiment, self.uri)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def log_file(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, figure: Figure, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            figure.savefig(path, dpi=110)
+            self.client.log_artifact(self.run_id, str(path), "plots")
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        # MetaDataset records name + digest without MLflow reading the data itself.
+        dataset = MetaDataset(source=HTTPDatasetSource(url=Path(source).resolve().as_uri()), name=name, digest=digest[:36])
+        with self._active():
+            self._mlflow.log_input(dataset, context=context)
+
+    def _active(self):  # type: ignore[no-untyped-def]
+        self._mlflow.set_tracking_uri(self.uri)
+        return self._mlflow.start_run(run_id=self.run_id, nested=False)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,1 @@
+"""Losses, metrics, checkpoints and the training loop."""

@@ -1,0 +1,68 @@
+"""Weights as safetensors plus a JSON config, never pickles.
+
+`best/` holds the model to ship (weights + model config + tasks); `last/` holds what a killed
+run needs to resume (weights, optimizer states, epoch, history, RNG), loaded with
+`weights_only=True` so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+TRAIN_STATE = "train_state.pt"
+
+
+def _atomic_dir(directory: Path) -> Path:
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, directory: Path) -> None:
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_model(directory: Path, model: nn.Module, config: dict[str, Any]) -> Path:
+    tmp = _atomic_dir(directory)
+    save_file(state_tensors(model), str(tmp / WEIGHTS))
+    (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=1))
+    _commit(tmp, directory)
+    return directory
+
+
+def load_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return load_file(str(directory / WEIGHTS)), json.loads((directory / MODEL_CONFIG).read_text())
+
+
+def save_train_state(directory: Path, model: nn.Module, config: dict[str, Any], state: dict[str, Any]) -> None:
+    tmp = _atomic_dir(directory)
+    save_file(state_tensors(model), str(tmp / WEIGHTS))
+    (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=1))
+    torch.save(state, tmp / TRAIN_STATE)
+    _commit(tmp, directory)
+
+
+def load_train_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    weights = load_file(str(directory / WEIGHTS))
+    state = torch.load(directory / TRAIN_STATE, weights_only=True)
+    return weights, state

@@ -1,0 +1,245 @@
+"""The training loop: epochs of multi-task training, validation per task, early stopping on the
+mean of the per-task scores, the best model kept, then one test evaluation.
+
+Selection uses the mean over tasks, never one task alone: picking the epoch on one task silently
+trades the others away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipelines.manifest import Manifest
+from recsys_moe.config import RunConfig
+from recsys_moe.data.loader import InMemoryDataset
+from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.tracking.tracker import NullTracker, Tracker
+from recsys_moe.training import checkpoint
+from recsys_moe.training.losses import multitask_loss
+from recsys_moe.training.metrics import task_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, dict[str, float]]  # task → metric → value
+    gate_means: np.ndarray | None  # [T, E] mean gate weight per task and expert
+
+    @property
+    def score(self) -> float:
+        return float(np.mean([m["score"] for m in self.metrics.values()]))
+
+    def flat(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}_{task}_{k}": v for task, m in self.metrics.items() for k, v in m.items() if k != "score"}
+        out[f"{prefix}_mean_score"] = self.score
+        return out
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    tracking_uri: str | None
+    best_epoch: int
+    history: list[dict[str, float]]
+    valid: Evaluation
+    test: Evaluation
+    model_dir: Path
+    train_samples_per_s: float
+    tasks: list[str] = field(default_factory=list)
+
+
+def evaluate(model: MultiTaskRanker, dataset: InMemoryDataset, batch_size: int) -> Evaluation:
+    """Per-task metrics on a dataset. Restores the model's train/eval mode on the way out, so a
+    validation pass in the middle of training never leaves dropout switched off."""
+    was_training = model.training
+    model.eval()
+    try:
+        scores, gate_sum = [], None
+        with torch.no_grad():
+            for batch in dataset.batches(batch_size):
+                out = model(batch.dense, batch.sparse)
+                scores.append(out.logits)
+                if out.gates is not None:
+                    g = out.gates.sum(dim=0)
+                    gate_sum = g if gate_sum is None else gate_sum + g
+        logits = torch.cat(scores) if scores else torch.zeros(0, len(model.task_names))
+    finally:
+        model.train(was_training)
+    metrics = {}
+    for i, (task, kind) in enumerate(zip(model.task_names, model.task_types)):
+        pred = torch.sigmoid(logits[:, i]) if kind == "binary" else logits[:, i]
+        metrics[task] = task_metrics(kind, pred, dataset.labels[:, i])
+    gates = (gate_sum / max(len(dataset), 1)).numpy() if gate_sum is not None else None
+    return Evaluation(metrics=metrics, gate_means=gates)
+
+
+def _model_config(manifest: Manifest, config: RunConfig, model: MultiTaskRanker) -> dict[str, Any]:
+    return {
+        "model": config.model.model_dump(mode="json"),
+        "tasks": model.task_names,
+        "task_types": model.task_types,
+        "sparse_keys": model.sparse.keys,
+        "dense_features": manifest.dense_features,
+        "spec_name": manifest.spec.name,
+        "spec_hash": manifest.spec_hash,
+        "dataset_digest": manifest.digest,
+    }
+
+
+def _dense_optimizer(model: MultiTaskRanker, config: RunConfig) -> torch.optim.Optimizer:
+    params = [p for n, p in model.named_parameters() if not n.startswith("sparse.ebc.")]
+    return torch.optim.Adam(params, lr=config.train.lr, weight_decay=config.train.weight_decay, foreach=True)
+
+
+def train(
+    manifest: Manifest,
+    config: RunConfig,
+    tracker: Tracker | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> TrainResult:
+    tc = config.train
+    tracker = tracker or NullTracker()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    run_dir = tc.checkpoint_dir or Path("runs") / f"{manifest.spec.name}-{config.model.arch}"
+    last_dir, best_dir = run_dir / "last", run_dir / "best"
+
+    fused = (tc.embedding_optimizer, {"lr": tc.embedding_lr})
+    model = MultiTaskRanker(manifest, config.model, tc.tasks, fused_optimizer=fused)
+    tasks = model.task_names
+    optimizer = _dense_optimizer(model, config)
+    model_config = {**_model_config(manifest, config, model), "run_id": tracker.run_id}
+    is_binary = torch.tensor([t == "binary" for t in model.task_types])
+    task_weights = torch.tensor([next(t.weight for t in manifest.tasks if t.name == n) for n in tasks])
+
+    load = tqdm(total=3, desc="load data", disable=not progress, leave=False)
+    data = {}
+    for split in ("train", "valid", "test"):
+        data[split] = InMemoryDataset.from_split(manifest, split, model.sparse.keys, tasks)
+        load.update(1)
+    load.close()
+
+    generator = torch.Generator().manual_seed(tc.seed)
+    start_epoch, best_score, best_epoch, bad_epochs = 0, -math.inf, -1, 0
+    history: list[dict[str, float]] = []
+    if resume and (last_dir / checkpoint.TRAIN_STATE).exists():
+        weights, state = checkpoint.load_train_state(last_dir)
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        model.sparse.ebc.fused_optimizer().load_state_dict(state["embedding_optimizer"])  # type: ignore[union-attr]
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
+        bad_epochs, history = state["bad_epochs"], json.loads(state["history"])
+        log.info("resumed from %s at epoch %d", last_dir, start_epoch)
+
+    if start_epoch == 0:
+        tracker.log_params({**config.flat(), "tasks": ",".join(tasks), "spec": manifest.spec.name,
+                            "spec_hash": manifest.spec_hash, "train_rows": len(data["train"]),
+                            "parameters": sum(p.numel() for p in model.parameters())})  # fmt: skip
+        tracker.set_tags({"spec": manifest.spec.name, "arch": config.model.arch, "dataset_digest": manifest.digest})
+        if manifest.root is not None:
+            tracker.log_file(manifest.root / "manifest.json", "dataset")
+            for split in ("train", "valid", "test"):
+                tracker.log_dataset(f"{manifest.spec.name}-{split}", manifest.digest, str(manifest.root), split)
+
+    steps_per_epoch = data["train"].num_batches(tc.batch_size)
+    if tc.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
+    samples_per_s: list[float] = []
+    model.train()
+    for epoch in range(start_epoch, tc.epochs):
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, unit="batch")
+        loss_sum, n_seen, t0 = torch.zeros(len(tasks)), 0, time.perf_counter()
+        for step, batch in enumerate(data["train"].batches(tc.batch_size, shuffle=True, generator=generator)):
+            if step >= steps_per_epoch:
+                break
+            out = model(batch.dense, batch.sparse)
+            loss, per_task = multitask_loss(out.logits, batch.labels, is_binary, task_weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # embedding rows are updated inside this call (fused optimizer)
+            optimizer.step()
+            loss_sum += per_task * len(batch)
+            n_seen += len(batch)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update(1)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        samples_per_s.append(n_seen / seconds)
+
+        val = evaluate(model, data["valid"], tc.eval_batch_size)
+        record = {"epoch": epoch + 1, "train_samples_per_s": n_seen / seconds, "val_mean_score": val.score}
+        record.update({f"train_{t}_loss": float(v) for t, v in zip(tasks, loss_sum / max(n_seen, 1))})
+        record.update(val.flat("val"))
+        history.append(record)
+        tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+        summary = "  ".join(f"{t} {m.get('auc', m.get('r2', float('nan'))):.4f}" for t, m in val.metrics.items())
+        log.info("epoch %d: val %s (mean score %.4f), %.0f samples/s", epoch + 1, summary, val.score, n_seen / seconds)
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}: validation {summary} | mean {val.score:.4f} | {n_seen / seconds:,.0f} samples/s")
+
+        if val.score > best_score:
+            best_score, best_epoch, bad_epochs = val.score, epoch + 1, 0
+            checkpoint.save_model(best_dir, model, model_config)
+        else:
+            bad_epochs += 1
+        checkpoint.save_train_state(last_dir, model, model_config, {
+            "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+            "history": json.dumps(history), "optimizer": optimizer.state_dict(),
+            "embedding_optimizer": model.sparse.ebc.fused_optimizer().state_dict(),  # type: ignore[union-attr]
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        })  # fmt: skip
+        if bad_epochs >= tc.patience:
+            log.info("early stop: no improvement of the mean validation score for %d epochs", bad_epochs)
+            break
+
+    weights, _ = checkpoint.load_weights(best_dir)
+    model.load_state_dict(weights)
+    valid = evaluate(model, data["valid"], tc.eval_batch_size)
+    test = evaluate(model, data["test"], tc.eval_batch_size)
+    if manifest.root is not None:
+        (best_dir / "manifest.json").write_text((manifest.root / "manifest.json").read_text())
+    _log_results(tracker, history, valid, test, tasks, model.task_types, best_dir, best_epoch)
+    throughput = float(np.median(samples_per_s)) if samples_per_s else math.nan
+    return TrainResult(
+        run_id=tracker.run_id, tracking_uri=tracker.uri, best_epoch=best_epoch, history=history,
+        valid=valid, test=test, model_dir=best_dir, train_samples_per_s=throughput, tasks=tasks,
+    )  # fmt: skip
+
+
+def _log_results(
+    tracker: Tracker,
+    history: list[dict[str, float]],
+    valid: Evaluation,
+    test: Evaluation,
+    tasks: list[str],
+    task_types: list[str],
+    best_dir: Path,
+    best_epoch: int,
+) -> None:
+    from recsys_moe.tracking import plots
+
+    tracker.log_metrics({**test.flat("test"), "best_epoch": best_epoch})
+    for name in (checkpoint.WEIGHTS, checkpoint.MODEL_CONFIG, "manifest.json"):
+        if (best_dir / name).exists():
+            tracker.log_file(best_dir / name, "model")
+    if history:
+        metric = {t: "auc" if k == "binary" else "mse" for t, k in zip(tasks, task_types)}
+        tracker.log_figure(plots.validation_curves(history, tasks, metric), "validation_curves.png")
+    if valid.gate_means is not None:
+        tracker.log_figure(plots.gate_heatmap(valid.gate_means, tasks), "gate_heatmap.png")

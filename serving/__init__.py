@@ -1,0 +1,1 @@
+"""Batch and online scoring of registered models (see the registry/serving issue)."""

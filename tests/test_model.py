@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipelines.manifest import Manifest
+from recsys_moe.config import ModelConfig
+from recsys_moe.data.loader import InMemoryDataset
+from recsys_moe.model.embeddings import plan_tables
+from recsys_moe.model.gates import SoftmaxGates, combine
+from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.model.stacked import StackedMLP
+
+
+def _data(manifest: Manifest, model: MultiTaskRanker, split: str = "train") -> InMemoryDataset:
+    return InMemoryDataset.from_split(manifest, split, model.sparse.keys, model.task_names)
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "shared_bottom"])
+@pytest.mark.parametrize("batch_size", [1, 1024])
+def test_forward_shapes(synthetic_manifest: Manifest, arch: str, batch_size: int) -> None:
+    model = MultiTaskRanker(synthetic_manifest, ModelConfig(arch=arch))
+    batch = _data(synthetic_manifest, model).batch(torch.arange(batch_size))
+    out = model(batch.dense, batch.sparse)
+    assert out.logits.shape == (batch_size, 2)  # a batch of one keeps its batch dimension
+    if arch == "mmoe":
+        assert out.gates is not None and out.gates.shape == (batch_size, 2, 8)
+    scores = model.predict(batch.dense, batch.sparse)
+    assert ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_single_task_keeps_task_dimension(synthetic_manifest: Manifest) -> None:
+    model = MultiTaskRanker(synthetic_manifest, ModelConfig(arch="single_task"), tasks=["conversion"])
+    batch = _data(synthetic_manifest, model).batch(torch.arange(1))
+    assert model(batch.dense, batch.sparse).logits.shape == (1, 1)
+    with pytest.raises(ValueError, match="single_task trains exactly one task"):
+        MultiTaskRanker(synthetic_manifest, ModelConfig(arch="single_task"))
+
+
+def test_gates_sum_to_one_and_have_no_batchnorm() -> None:
+    gates = SoftmaxGates(d_in=12, num_experts=5, num_gates=3)
+    w = gates(torch.randn(7, 12))
+    assert w.shape == (7, 3, 5)
+    torch.testing.assert_close(w.sum(-1), torch.ones(7, 3))
+    assert (w > 0).all()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gates.modules())
+    # Routing of one sample does not depend on the rest of the batch (it would with BatchNorm).
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(gates(x)[:1], gates(x[:1]))
+
+
+def test_model_gates_have_no_batchnorm(synthetic_manifest: Manifest) -> None:
+    model = MultiTaskRanker(synthetic_manifest, ModelConfig(arch="mmoe"))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_stacked_mlp_matches_a_loop_of_linears(shared_input: bool) -> None:
+    torch.manual_seed(0)
+    num, d_in, hidden, batch = 4, 6, [5, 3], 9
+    stacked = StackedMLP(num, d_in, hidden).double()
+    x = torch.randn(batch, d_in, dtype=torch.float64) if shared_input else torch.randn(num, batch, d_in, dtype=torch.float64)
+    x.requires_grad_(True)
+    loops = []
+    for e in range(num):
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip([d_in, *hidden], hidden)):
+            lin = nn.Linear(a, b).double()
+            with torch.no_grad():
+                lin.weight.copy_(stacked.weights[i][e].T)
+                lin.bias.copy_(stacked.biases[i][e, 0])
+            layers += [lin, nn.ReLU()]
+        loops.append(nn.Sequential(*layers))
+    ref = torch.stack([loops[e](x if shared_input else x[e]) for e in range(num)])
+    out = stacked(x)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g, retain_graph=True)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(gx, gx_ref)
+    grads = torch.autograd.grad((stacked(x) * g).sum(), list(stacked.weights))
+    for e in range(num):
+        ref_grads = torch.autograd.grad((loops[e](x if shared_input else x[e]) * g[e]).sum(), [l.weight for l in loops[e] if isinstance(l, nn.Linear)])
+        for i, rg in enumerate(ref_grads):
+            torch.testing.assert_close(grads[i][e], rg.T)
+
+
+def test_combine_is_the_gate_weighted_sum() -> None:
+    experts, gates = torch.randn(3, 5, 4), torch.softmax(torch.randn(5, 2, 3), -1)
+    ref = torch.stack([sum(gates[:, g, e, None] * experts[e] for e in range(3)) for g in range(2)])
+    torch.testing.assert_close(combine(experts, gates), ref)
+
+
+def test_small_tables_are_packed(synthetic_manifest: Manifest) -> None:
+    plan = plan_tables(synthetic_manifest.sparse_features, pack_below=100_000)
+    assert len(plan.tables) < len(synthetic_manifest.sparse_features)
+    assert sorted(plan.keys) == sorted(f.name for f in synthetic_manifest.sparse_features)
+    unpacked = plan_tables(synthetic_manifest.sparse_features, pack_below=0)
+    assert len(unpacked.tables) == len(synthetic_manifest.sparse_features) and not any(unpacked.offsets)
+
+
+def test_packed_and_unpacked_models_agree(synthetic_manifest: Manifest) -> None:
+    """Packing is a layout choice only: copy each feature's rows over and every feature's pooled
+    embedding matches."""
+    packed = MultiTaskRanker(synthetic_manifest, ModelConfig(pack_tables_below=100_000))
+    plain = MultiTaskRanker(synthetic_manifest, ModelConfig(pack_tables_below=0))
+    plan = plan_tables(synthetic_manifest.sparse_features, 100_000)
+    rows = {f.name: f.num_embeddings for f in synthetic_manifest.sparse_features}
+    with torch.no_grad():
+        for table in plan.tables:
+            src = packed.sparse.ebc.embedding_bags[table.name].weight
+            for name in table.feature_names:
+                start = plan.offsets[plan.keys.index(name)]
+                plain.sparse.ebc.embedding_bags[f"t_{name}"].weight.copy_(src[start : start + rows[name]])
+    batch_p = _data(synthetic_manifest, packed).batch(torch.arange(64))
+    batch_u = _data(synthetic_manifest, plain).batch(torch.arange(64))
+    got, want = packed.sparse.lookup(batch_p.sparse).to_dict(), plain.sparse.lookup(batch_u.sparse).to_dict()
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+
+
+def test_fused_training_weights_load_into_a_plain_ebc(synthetic_manifest: Manifest) -> None:
+    """Training uses FBGEMM's fused TBE; export and serving use a plain EmbeddingBagCollection."""
+    fused = MultiTaskRanker(synthetic_manifest, ModelConfig(), fused_optimizer=("adagrad", {"lr": 0.1}))
+    batch = _data(synthetic_manifest, fused).batch(torch.arange(256))
+    fused(batch.dense, batch.sparse).logits.sum().backward()  # one fused embedding update
+    plain = MultiTaskRanker(synthetic_manifest, ModelConfig())
+    plain.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(batch.dense, batch.sparse).logits, plain(batch.dense, batch.sparse).logits)

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.manifest import Manifest
+from recsys_moe.config import ConfigError, ModelConfig, load_config
+from recsys_moe.data.loader import InMemoryDataset
+from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.training import checkpoint
+from recsys_moe.training.metrics import auc
+from recsys_moe.training.trainer import evaluate, train
+
+
+def _config(tmp_path: Path, *extra: str):
+    return load_config(None, ["train.epochs=3", "train.batch_size=256", "train.patience=10",
+                              f"train.checkpoint_dir={tmp_path / 'run'}", "model.num_experts=4", *extra])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_manifest: Manifest, tmp_path_factory: pytest.TempPathFactory):
+    return train(synthetic_manifest, _config(tmp_path_factory.mktemp("t")), progress=False)
+
+
+def test_training_lowers_the_loss_and_learns(trained) -> None:
+    h = trained.history
+    for task in ("click", "conversion"):
+        assert h[-1][f"train_{task}_loss"] < h[0][f"train_{task}_loss"]
+    assert trained.test.metrics["click"]["auc"] > 0.6
+
+
+def test_best_epoch_is_chosen_on_the_mean_of_all_tasks(trained) -> None:
+    means = [r["val_mean_score"] for r in trained.history]
+    assert trained.best_epoch == int(np.argmax(means)) + 1
+    for r in trained.history:
+        assert r["val_mean_score"] == pytest.approx((r["val_click_auc"] + r["val_conversion_auc"]) / 2)
+
+
+def test_metrics_are_per_task_never_pooled(synthetic_manifest: Manifest, trained) -> None:
+    model = MultiTaskRanker(synthetic_manifest, ModelConfig(num_experts=4))
+    weights, _ = checkpoint.load_weights(trained.model_dir)
+    model.load_state_dict(weights)
+    data = InMemoryDataset.from_split(synthetic_manifest, "test", model.sparse.keys, model.task_names)
+    ev = evaluate(model, data, 1000)
+    batch = data.batch(torch.arange(len(data)))
+    with torch.no_grad():
+        scores = model.predict(batch.dense, batch.sparse)
+    for i, task in enumerate(model.task_names):
+        assert ev.metrics[task]["auc"] == pytest.approx(auc(scores[:, i], data.labels[:, i]))
+    pooled = auc(scores.reshape(-1), data.labels.reshape(-1))
+    assert all(abs(m["auc"] - pooled) > 1e-3 for m in ev.metrics.values())
+
+
+def test_evaluate_restores_the_mode(synthetic_manifest: Manifest) -> None:
+    model = MultiTaskRanker(synthetic_manifest, ModelConfig(dropout=0.2))
+    data = InMemoryDataset.from_split(synthetic_manifest, "valid", model.sparse.keys, model.task_names)
+    model.train()
+    evaluate(model, data, 512)
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    evaluate(model, data, 512)
+    assert not model.training
+
+
+def test_regression_tasks_train(synthetic_raw: Path, tmp_path: Path) -> None:
+    from features import load_spec
+    from features.spec import parse_spec
+    from pipelines.build import build
+
+    raw = load_spec("synthetic").model_dump(mode="json")
+    raw["tasks"].append({"name": "dwell", "label": "log1p(dwell_seconds)", "type": "regression"})
+    manifest = build(parse_spec(raw), synthetic_raw, tmp_path / "ds", progress=False)
+    result = train(manifest, _config(tmp_path, "train.epochs=2"), progress=False)
+    dwell = result.test.metrics["dwell"]
+    assert set(dwell) == {"mse", "r2", "score"} and dwell["r2"] > 0.05
+
+
+def test_resume_continues_exactly(synthetic_manifest: Manifest, tmp_path: Path) -> None:
+    """A run stopped after epoch 2 and resumed to epoch 3 ends where an uninterrupted run ends."""
+    full = train(synthetic_manifest, _config(tmp_path / "a"), progress=False)
+    train(synthetic_manifest, _config(tmp_path / "b", "train.epochs=2"), progress=False)
+    resumed = train(synthetic_manifest, _config(tmp_path / "b"), progress=False, resume=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    w_full, _ = checkpoint.load_weights(tmp_path / "a" / "run" / "last")
+    w_resumed, _ = checkpoint.load_weights(tmp_path / "b" / "run" / "last")
+    for k in w_full:
+        torch.testing.assert_close(w_resumed[k], w_full[k], rtol=1e-5, atol=1e-6)
+    assert resumed.test.metrics["click"]["auc"] == pytest.approx(full.test.metrics["click"]["auc"], abs=1e-6)
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="model.arch"):
+        load_config(None, ["model.arch=transformer"])
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(None, ["epochs"])
+    with pytest.raises(ConfigError, match="model.expert_hidden: layer sizes must be positive"):
+        load_config(None, ["model.expert_hidden=[8, 0]"])
