@@ -68,7 +68,7 @@ def test_stacked_mlp_matches_a_loop_of_linears(shared_input: bool) -> None:
         for i, (a, b) in enumerate(zip([d_in, *hidden], hidden)):
             lin = nn.Linear(a, b).double()
             with torch.no_grad():
-                lin.weight.copy_(stacked.weights[i][e].T)
+                lin.weight.copy_(stacked.layer_weight(i)[e].T)
                 lin.bias.copy_(stacked.biases[i][e, 0])
             layers += [lin, nn.ReLU()]
         loops.append(nn.Sequential(*layers))
@@ -80,6 +80,7 @@ def test_stacked_mlp_matches_a_loop_of_linears(shared_input: bool) -> None:
     (gx_ref,) = torch.autograd.grad(ref, x, g)
     torch.testing.assert_close(gx, gx_ref)
     grads = torch.autograd.grad((stacked(x) * g).sum(), list(stacked.weights))
+    grads = [grads[0].permute(1, 0, 2), *grads[1:]]  # layer 0 is stored [d_in, num, h]
     for e in range(num):
         ref_grads = torch.autograd.grad((loops[e](x if shared_input else x[e]) * g[e]).sum(), [l.weight for l in loops[e] if isinstance(l, nn.Linear)])
         for i, rg in enumerate(ref_grads):

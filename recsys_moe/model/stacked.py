@@ -30,14 +30,22 @@ class StackedMLP(nn.Module):
         self.num, self.d_in = num, d_in
         self.activate_last = activate_last
         self.dropout = dropout
+        # Layer 0 is stored [d_in, num, h] so that on a shared input it is one [d_in, num*h]
+        # matrix with no copy; deeper layers are [num, h_in, h_out] for baddbmm.
         self.weights = nn.ParameterList(
-            nn.Parameter(torch.empty(num, dims[i], dims[i + 1])) for i in range(len(hidden))
+            [nn.Parameter(torch.empty(d_in, num, dims[1]))]
+            + [nn.Parameter(torch.empty(num, dims[i], dims[i + 1])) for i in range(1, len(hidden))]
         )
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(num, 1, dims[i + 1])) for i in range(len(hidden)))
         self.reset_parameters()
 
+    def layer_weight(self, i: int) -> torch.Tensor:
+        """Layer i's weights as [num, d_in, d_out] (a view)."""
+        return self.weights[0].permute(1, 0, 2) if i == 0 else self.weights[i]
+
     def reset_parameters(self) -> None:
-        for w, b in zip(self.weights, self.biases):
+        for i, b in enumerate(self.biases):
+            w = self.layer_weight(i)
             bound = 1.0 / math.sqrt(w.shape[1])  # nn.Linear's default init, per MLP
             nn.init.uniform_(w, -math.sqrt(3.0) * bound, math.sqrt(3.0) * bound)  # kaiming_uniform(a=sqrt(5))
             nn.init.uniform_(b, -bound, bound)
@@ -51,13 +59,13 @@ class StackedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_layers = len(self.weights)
-        w0, b0 = self.weights[0], self.biases[0]
+        b0 = self.biases[0]
         if x.dim() == 2:  # shared input: all MLPs' first layers in one GEMM
-            batch, h_out = x.shape[0], w0.shape[2]
-            flat_w = w0.permute(1, 0, 2).reshape(self.d_in, self.num * h_out)
-            h = torch.addmm(b0.reshape(1, -1), x, flat_w).view(batch, self.num, h_out).transpose(0, 1)
+            batch, h_out = x.shape[0], b0.shape[2]
+            flat_w = self.weights[0].view(self.d_in, self.num * h_out)
+            h = torch.addmm(b0.view(1, -1), x, flat_w).view(batch, self.num, h_out).transpose(0, 1)
         else:
-            h = torch.baddbmm(b0, x, w0)
+            h = torch.baddbmm(b0, x, self.layer_weight(0))
         h = self._act(h, n_layers == 1)
         for i in range(1, n_layers):
             h = self._act(torch.baddbmm(self.biases[i], h, self.weights[i]), i == n_layers - 1)
