@@ -32,8 +32,8 @@ def _typed_feature(f: Feature) -> pl.Expr:
         lst = raw.cast(pl.String).str.split(f.separator)
     else:
         lst = raw.cast(pl.List(pl.String))
-    # Sources list the most recent or most relevant values first; keep the first max_length.
-    return lst.list.head(f.max_length).alias(f.name)
+    # Null elements carry nothing; sources list the most recent or relevant values first.
+    return lst.list.drop_nulls().list.head(f.max_length).alias(f.name)
 
 
 def typed(frame: pl.LazyFrame | pl.DataFrame, spec: FeatureSpec, with_labels: bool = True) -> pl.LazyFrame:

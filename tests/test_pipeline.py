@@ -164,3 +164,16 @@ def test_census_follows_the_paper_split(tmp_path: Path) -> None:
     rates = {t.name: t.train_mean for t in manifest.tasks}
     assert rates["income"] == pytest.approx(12_382 / 199_523)
     assert rates["never_married"] == pytest.approx(86_485 / 199_523)
+
+
+def test_list_columns_with_null_elements(tmp_path: Path) -> None:
+    raw = SPEC.model_dump(mode="json")
+    raw["features"][2].pop("separator")  # tags arrive as a real list column
+    spec = parse_spec(raw)
+    train = pl.DataFrame(_rows(6)).with_columns(
+        tags=pl.Series([["a", None, "b"], [None], None, ["a"], ["b", "a"], []], dtype=pl.List(pl.String))
+    )
+    manifest = build_frames({"train": train}, spec, tmp_path / "ds", "t", progress=False)
+    tags = pl.read_parquet(manifest.shard_paths("train")[0]).sort("key:event_id")["tags"].to_list()
+    assert [len(t) for t in tags] == [2, 0, 0, 1, 2, 0]
+    assert all(v is not None and v > 0 for t in tags for v in t)

@@ -12,19 +12,24 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def validation_curves(history: Sequence[dict[str, float]], tasks: Sequence[str], metric: dict[str, str]) -> Figure:
-    """One panel per task: its validation metric per epoch, best epoch marked."""
+def validation_curves(
+    history: Sequence[dict[str, float]], tasks: Sequence[str], metric: dict[str, str], selected_epoch: int
+) -> Figure:
+    """One panel per task: its validation metric per epoch, with the epoch the model was selected
+    at (on the mean over tasks) marked, so a task that peaked elsewhere is visible."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.2), squeeze=False)
-    epochs = [h["epoch"] for h in history]
+    epochs = [int(h["epoch"]) for h in history]
     for ax, task in zip(axes[0], tasks):
         name = metric[task]
         values = [h[f"val_{task}_{name}"] for h in history]
         ax.plot(epochs, values, marker="o")
-        best = int(np.nanargmin(values) if name in ("mse", "logloss") else np.nanargmax(values))
-        ax.axvline(epochs[best], color="grey", linestyle=":", label=f"best {values[best]:.4f}")
+        if selected_epoch in epochs:
+            value = values[epochs.index(selected_epoch)]
+            ax.axvline(selected_epoch, color="grey", linestyle=":", label=f"selected epoch: {value:.4f}")
+            ax.legend(loc="best")
         ax.set_title(f"{task}: validation {name}")
         ax.set_xlabel("epoch")
-        ax.legend(loc="best")
+        ax.set_xticks(epochs)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

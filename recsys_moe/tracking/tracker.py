@@ -53,7 +53,6 @@ class MlflowTracker:
     ) -> None:
         import mlflow
 
-        self._mlflow = mlflow
         self.uri = uri or tracking_uri()
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
@@ -102,19 +101,20 @@ class MlflowTracker:
             path = Path(tmp) / name
             figure.savefig(path, dpi=110)
             self.client.log_artifact(self.run_id, str(path), "plots")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
 
     def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
         from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         # MetaDataset records name + digest without MLflow reading the data itself.
         dataset = MetaDataset(source=HTTPDatasetSource(url=Path(source).resolve().as_uri()), name=name, digest=digest[:36])
-        with self._active():
-            self._mlflow.log_input(dataset, context=context)
-
-    def _active(self):  # type: ignore[no-untyped-def]
-        self._mlflow.set_tracking_uri(self.uri)
-        return self._mlflow.start_run(run_id=self.run_id, nested=False)
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        self.client.log_inputs(self.run_id, datasets=[entity])
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

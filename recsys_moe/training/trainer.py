@@ -235,14 +235,16 @@ def _log_results(
     best_dir: Path,
     best_epoch: int,
 ) -> None:
+    tracker.log_metrics({**test.flat("test"), "best_epoch": best_epoch})
+    if tracker.run_id is None:  # not tracking: skip rendering plots nobody will see
+        return
     from recsys_moe.tracking import plots
 
-    tracker.log_metrics({**test.flat("test"), "best_epoch": best_epoch})
     for name in (checkpoint.WEIGHTS, checkpoint.MODEL_CONFIG, "manifest.json"):
         if (best_dir / name).exists():
             tracker.log_file(best_dir / name, "model")
     if history:
         metric = {t: "auc" if k == "binary" else "mse" for t, k in zip(tasks, task_types)}
-        tracker.log_figure(plots.validation_curves(history, tasks, metric), "validation_curves.png")
+        tracker.log_figure(plots.validation_curves(history, tasks, metric, best_epoch), "validation_curves.png")
     if valid.gate_means is not None:
         tracker.log_figure(plots.gate_heatmap(valid.gate_means, tasks), "gate_heatmap.png")
