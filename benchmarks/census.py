@@ -47,7 +47,12 @@ PAPER = {
 }
 ARCH_NAMES = {"single_task": "Single-Task", "shared_bottom": "Shared-Bottom", "mmoe": "MMoE"}
 # The model: 8 experts of [64, 32], towers [16], embedding dim 8 (the spec), batch 1024.
-MODEL = ["model.num_experts=8", "model.expert_hidden=[64,32]", "model.tower_hidden=[16]", "model.bottom_hidden=[128,64]"]
+MODEL = [
+    "model.num_experts=8",
+    "model.expert_hidden=[64,32]",
+    "model.tower_hidden=[16]",
+    "model.bottom_hidden=[128,64]",
+]
 
 
 @dataclass
@@ -105,7 +110,9 @@ def inference_rate(manifest: Manifest, config: RunConfig, model_dir: Path, tasks
     return len(data) / (time.perf_counter() - start)
 
 
-def run_one(manifest: Manifest, group: str, arch: str, tasks: list[str], seed: int, epochs: int, workdir: Path) -> RunRecord:
+def run_one(
+    manifest: Manifest, group: str, arch: str, tasks: list[str], seed: int, epochs: int, workdir: Path
+) -> RunRecord:
     overrides = [*MODEL, f"model.arch={arch}", f"train.seed={seed}", f"train.epochs={epochs}",
                  "train.patience=3", f"train.checkpoint_dir={workdir}", "tracking.enabled=false",
                  f"train.tasks=[{','.join(tasks)}]"]  # fmt: skip
@@ -148,7 +155,11 @@ def write_report(records: list[RunRecord], meta: dict, manifests: dict[str, Mani
     for group, manifest in manifests.items():
         tasks = manifest.task_names
         lines += [f"## {group}: tasks {', '.join(tasks)}", ""]
-        header = "| model | " + " | ".join(f"{t} test AUC mean ± sd | {t} best" for t in tasks) + " | paper (best) | train samples/s | infer samples/s |"
+        header = (
+            "| model | "
+            + " | ".join(f"{t} test AUC mean ± sd | {t} best" for t in tasks)
+            + " | paper (best) | train samples/s | infer samples/s |"
+        )
         lines += [header, "|" + "---|" * (3 + 2 * len(tasks) + 1)]
         for arch in ("single_task", "shared_bottom", "mmoe"):
             rows = [r for r in records if r.group == group and r.arch == arch]
@@ -162,7 +173,11 @@ def write_report(records: list[RunRecord], meta: dict, manifests: dict[str, Mani
             paper_cell = " / ".join(f"{paper[t]:.4f}" for t in tasks) if paper else "–"
             train_rate = statistics.median(r.train_samples_per_s for r in rows)
             infer_rate = statistics.median(r.infer_samples_per_s for r in rows)
-            lines.append(f"| {ARCH_NAMES[arch]} | " + " | ".join(cells) + f" | {paper_cell} | {train_rate:,.0f} | {infer_rate:,.0f} |")
+            lines.append(
+                f"| {ARCH_NAMES[arch]} | "
+                + " | ".join(cells)
+                + f" | {paper_cell} | {train_rate:,.0f} | {infer_rate:,.0f} |"
+            )
         lines.append("")
     mmoe = [r for r in records if r.arch == "mmoe"]
     if mmoe:
@@ -225,16 +240,28 @@ def main() -> int:
     plan = []
     for group in args.groups:
         for arch in args.archs:
-            task_sets = [[t] for t in manifests[group].task_names] if arch == "single_task" else [manifests[group].task_names]
+            task_sets = (
+                [[t] for t in manifests[group].task_names] if arch == "single_task" else [manifests[group].task_names]
+            )
             plan += [(group, arch, tasks, seed) for tasks in task_sets for seed in range(args.seeds)]
     records: list[RunRecord] = []
     args.out.mkdir(parents=True, exist_ok=True)
     for group, arch, tasks, seed in tqdm(plan, desc="census runs", unit="run"):
-        rec = run_one(manifests[group], group, arch, tasks, seed, args.epochs, CACHE / "runs" / f"{group}-{arch}-{'-'.join(tasks)}-{seed}")
+        rec = run_one(
+            manifests[group],
+            group,
+            arch,
+            tasks,
+            seed,
+            args.epochs,
+            CACHE / "runs" / f"{group}-{arch}-{'-'.join(tasks)}-{seed}",
+        )
         records.append(rec)
         tqdm.write(f"{group} {arch:<13} seed {seed} {rec.test_auc} best epoch {rec.best_epoch} "
                    f"{rec.train_samples_per_s:,.0f} train / {rec.infer_samples_per_s:,.0f} infer samples/s")  # fmt: skip
-        (args.out / "census.json").write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in records]}, indent=1))
+        (args.out / "census.json").write_text(
+            json.dumps({"meta": meta, "runs": [asdict(r) for r in records]}, indent=1)
+        )
     report = write_report(records, meta, manifests)
     (args.out / "census.md").write_text(report)
     print(report)

@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -99,7 +99,7 @@ def build_frames(
 
         steps.set_postfix_str("fit vocabularies and statistics on train")
         state = fit(valid["train"], spec)
-        vocab_files = state.save(work)
+        vocab_files = state.save_vocabularies(work)
         steps.update(1)
 
         all_shards: list[Path] = []
@@ -118,22 +118,28 @@ def build_frames(
         manifest = Manifest(
             spec=spec,
             spec_hash=spec.digest(),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             source=source,
             sparse_features=[
                 SparseFeatureInfo(
-                    name=f.name, kind=f.kind, num_embeddings=state.num_embeddings(f),
+                    name=f.name,
+                    kind=f.kind,
+                    num_embeddings=state.num_embeddings(f),
                     embedding_dim=int(f.embedding_dim),  # type: ignore[arg-type]
-                    pooling=f.pooling, max_length=f.max_length if f.kind == "multi_hot" else 1,
+                    pooling=f.pooling,
+                    max_length=f.max_length if f.kind == "multi_hot" else 1,
                 )  # fmt: skip
                 for f in spec.sparse_features
             ],
             dense_features=[f.name for f in spec.dense_features],
             tasks=[
-                TaskInfo(name=t.name, type=t.type, weight=t.weight, train_mean=float(train[label_column(t.name)].mean()))
+                TaskInfo(
+                    name=t.name, type=t.type, weight=t.weight, train_mean=float(train[label_column(t.name)].mean())
+                )
                 for t in spec.tasks
             ],
             vocab_files=vocab_files,
+            statistics=state.statistics(),
             splits=splits,
             digest=_digest(all_shards),
         )
@@ -170,12 +176,13 @@ def build(
     if spec.dataset is None:
         raise ValueError(f"spec '{spec.name}' has no 'dataset' section: use build_frames() with your own splits")
     raw = load_splits(spec.dataset, Path(data_dir))
-    return build_frames(raw, spec, out_dir, f"{spec.dataset.source}:{data_dir}", rows_per_shard, max_reject_rate, progress)
+    return build_frames(
+        raw, spec, out_dir, f"{spec.dataset.source}:{data_dir}", rows_per_shard, max_reject_rate, progress
+    )
 
 
 def load_state(manifest: Manifest) -> FittedState:
     """The fitted vocabularies and statistics a manifest's dataset was transformed with."""
     if manifest.root is None:
         raise ValueError("manifest was not loaded from disk")
-    return FittedState.load(manifest.root, manifest.vocab_files)
-
+    return FittedState.load(manifest.root, manifest.vocab_files, manifest.statistics)

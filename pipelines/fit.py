@@ -8,10 +8,10 @@ serving transform raw rows with the same state.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -46,8 +46,8 @@ class FittedState:
             return int(f.vocab_policy.buckets) + 1  # type: ignore[arg-type]
         return len(self.vocabularies[f.name]) + 1
 
-    def save(self, directory: Path) -> dict[str, str]:
-        """Write vocabularies (one parquet each) and statistics; returns the vocab files by feature."""
+    def save_vocabularies(self, directory: Path) -> dict[str, str]:
+        """One parquet file per fitted vocabulary (they can be large); returns the files by feature."""
         (directory / "vocab").mkdir(parents=True, exist_ok=True)
         files = {}
         for name, values in self.vocabularies.items():
@@ -56,18 +56,17 @@ class FittedState:
                 directory / rel
             )
             files[name] = rel
-        (directory / "statistics.json").write_text(
-            json.dumps({k: asdict(v) for k, v in self.dense.items()}, indent=1)
-        )
         return files
 
+    def statistics(self) -> dict[str, dict[str, Any]]:
+        return {name: asdict(stats) for name, stats in self.dense.items()}
+
     @classmethod
-    def load(cls, directory: Path, vocab_files: dict[str, str]) -> FittedState:
+    def load(cls, directory: Path, vocab_files: dict[str, str], statistics: dict[str, dict[str, Any]]) -> FittedState:
         vocabularies = {
             name: pl.read_parquet(directory / rel).sort("id")["value"].to_list() for name, rel in vocab_files.items()
         }
-        stats = json.loads((directory / "statistics.json").read_text())
-        return cls(vocabularies=vocabularies, dense={k: DenseStats(**v) for k, v in stats.items()})
+        return cls(vocabularies=vocabularies, dense={k: DenseStats(**v) for k, v in statistics.items()})
 
 
 def stable_hash_ids(values: pl.Series, buckets: int) -> pl.Series:
@@ -99,7 +98,9 @@ def _fit_dense(values: pl.Series, f: Feature) -> DenseStats:
     raw = values.cast(pl.Float64)
     mean = float(raw.mean()) if raw.drop_nulls().len() else 0.0
     filled = raw.fill_null(mean)
-    transformed = filled.to_frame().select(signed_log1p(pl.col(raw.name))).to_series() if f.transform == "log1p" else filled
+    transformed = (
+        filled.to_frame().select(signed_log1p(pl.col(raw.name))).to_series() if f.transform == "log1p" else filled
+    )
     std = float(transformed.std() or 0.0)
     boundaries: list[float] = []
     if f.transform == "bucketize":

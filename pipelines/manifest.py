@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from features.spec import FeatureSpec
 
 FORMAT_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, from another format version, or malformed."""
 
 
 class SparseFeatureInfo(BaseModel):
@@ -54,6 +58,7 @@ class Manifest(BaseModel):
     dense_features: list[str]
     tasks: list[TaskInfo]
     vocab_files: dict[str, str]
+    statistics: dict[str, dict[str, Any]]  # per dense feature: fill mean, transform mean/std, range, buckets
     splits: dict[str, SplitInfo]
     digest: str  # sha256 over the shards' bytes
     root: Path | None = Field(default=None, exclude=True)
@@ -79,11 +84,17 @@ class Manifest(BaseModel):
         if path.is_dir():
             path = path / "manifest.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no manifest (build one with `recsys-moe pipeline`)")
+            raise ManifestError(f"{path}: no manifest (build one with `recsys-moe pipeline`)")
         raw = json.loads(path.read_text())
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"{path}: manifest format_version {version}, this recsys-moe reads {FORMAT_VERSION}")
-        manifest = cls.model_validate(raw)
+            raise ManifestError(f"{path}: manifest format_version {version}, this recsys-moe reads {FORMAT_VERSION}")
+        try:
+            manifest = cls.model_validate(raw)
+        except ValidationError as exc:
+            fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+            raise ManifestError(
+                f"{path}: not a manifest this recsys-moe can read ({fields}); rebuild it with `recsys-moe pipeline`"
+            ) from None
         manifest.root = path.parent
         return manifest

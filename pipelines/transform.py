@@ -41,9 +41,7 @@ def typed(frame: pl.LazyFrame | pl.DataFrame, spec: FeatureSpec, with_labels: bo
     exprs = [pl.col(k).alias(key_column(k)) for k in spec.keys]
     exprs += [_typed_feature(f) for f in spec.features]
     if with_labels:
-        exprs += [
-            compile_expression(t.label).expr.cast(pl.Float32).alias(label_column(t.name)) for t in spec.tasks
-        ]
+        exprs += [compile_expression(t.label).expr.cast(pl.Float32).alias(label_column(t.name)) for t in spec.tasks]
     return frame.lazy().select(exprs)
 
 
@@ -88,5 +86,7 @@ def encode(typed_frame: pl.LazyFrame, spec: FeatureSpec, state: FittedState) -> 
     return typed_frame.with_columns([_encode(f, state) for f in spec.features])
 
 
-def transform(raw: pl.LazyFrame | pl.DataFrame, spec: FeatureSpec, state: FittedState, with_labels: bool = True) -> pl.LazyFrame:
+def transform(
+    raw: pl.LazyFrame | pl.DataFrame, spec: FeatureSpec, state: FittedState, with_labels: bool = True
+) -> pl.LazyFrame:
     return encode(typed(raw, spec, with_labels), spec, state)

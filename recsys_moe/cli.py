@@ -109,7 +109,9 @@ def _cmd_specs(args: argparse.Namespace) -> int:
 
     for path in sorted(BUNDLED_SPECS.glob("*.yaml")):
         spec = load_spec(path)
-        print(f"{path.stem:<16} {len(spec.features):>3} features, tasks {[t.name for t in spec.tasks]}: {spec.description}")
+        print(
+            f"{path.stem:<16} {len(spec.features):>3} features, tasks {[t.name for t in spec.tasks]}: {spec.description}"
+        )
     return 0
 
 
@@ -199,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     expected: tuple[type[BaseException], ...] = (SpecError, ConfigError, ExpressionError, FileNotFoundError)
     try:
         from pipelines.build import RejectRateError
+        from pipelines.manifest import ManifestError
         from pipelines.validate import SchemaError
 
-        expected += (RejectRateError, SchemaError)
+        expected += (RejectRateError, SchemaError, ManifestError)
         return int(args.func(args))
     except expected as exc:
         print(f"error: {exc}", file=sys.stderr)

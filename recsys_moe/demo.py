@@ -14,8 +14,8 @@ from pipelines.build import build
 from pipelines.sources import synthetic
 from recsys_moe.config import load_config
 from recsys_moe.report import print_result
-from recsys_moe.training.trainer import TrainResult, train
 from recsys_moe.tracking.tracker import MlflowTracker
+from recsys_moe.training.trainer import TrainResult, train
 
 EXPERIMENT = "recsys-moe/demo"
 
@@ -34,7 +34,9 @@ def run_demo(workdir: Path, impressions: int = 400_000, epochs: int = 4, seed: i
         print(f"      {split:>5}: {info.rows_out:,} rows ({info.rows_rejected} rejected)")
 
     print("[3/4] training MMoE on tasks click + conversion")
-    run_config = load_config(None, [f"train.epochs={epochs}", f"train.seed={seed}", f"train.checkpoint_dir={workdir / 'runs'}"])
+    run_config = load_config(
+        None, [f"train.epochs={epochs}", f"train.seed={seed}", f"train.checkpoint_dir={workdir / 'runs'}"]
+    )
     tracker = MlflowTracker(EXPERIMENT, run_name=f"demo-mmoe-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         result = train(manifest, run_config, tracker=tracker)

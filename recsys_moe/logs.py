@@ -8,7 +8,9 @@ import warnings
 
 
 def setup(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for name in ("recsys_moe", "pipelines", "features"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)

@@ -60,7 +60,11 @@ def test_stacked_mlp_matches_a_loop_of_linears(shared_input: bool) -> None:
     torch.manual_seed(0)
     num, d_in, hidden, batch = 4, 6, [5, 3], 9
     stacked = StackedMLP(num, d_in, hidden).double()
-    x = torch.randn(batch, d_in, dtype=torch.float64) if shared_input else torch.randn(num, batch, d_in, dtype=torch.float64)
+    x = (
+        torch.randn(batch, d_in, dtype=torch.float64)
+        if shared_input
+        else torch.randn(num, batch, d_in, dtype=torch.float64)
+    )
     x.requires_grad_(True)
     loops = []
     for e in range(num):
@@ -82,7 +86,10 @@ def test_stacked_mlp_matches_a_loop_of_linears(shared_input: bool) -> None:
     grads = torch.autograd.grad((stacked(x) * g).sum(), list(stacked.weights))
     grads = [grads[0].permute(1, 0, 2), *grads[1:]]  # layer 0 is stored [d_in, num, h]
     for e in range(num):
-        ref_grads = torch.autograd.grad((loops[e](x if shared_input else x[e]) * g[e]).sum(), [l.weight for l in loops[e] if isinstance(l, nn.Linear)])
+        ref_grads = torch.autograd.grad(
+            (loops[e](x if shared_input else x[e]) * g[e]).sum(),
+            [m.weight for m in loops[e] if isinstance(m, nn.Linear)],
+        )
         for i, rg in enumerate(ref_grads):
             torch.testing.assert_close(grads[i][e], rg.T)
 

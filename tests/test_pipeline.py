@@ -23,7 +23,14 @@ SPEC = parse_spec(
             {"name": "tags", "kind": "multi_hot", "separator": "|", "embedding_dim": 4, "max_length": 3},
             {"name": "price", "kind": "dense", "transform": "log1p", "min": 0},
             {"name": "age", "kind": "dense", "transform": "standardize", "min": 0, "max": 120, "nullable": False},
-            {"name": "age_b", "column": "age", "kind": "dense", "transform": "bucketize", "num_buckets": 4, "embedding_dim": 2},
+            {
+                "name": "age_b",
+                "column": "age",
+                "kind": "dense",
+                "transform": "bucketize",
+                "num_buckets": 4,
+                "embedding_dim": 2,
+            },
         ],
         "tasks": [
             {"name": "click", "label": "clicked"},
@@ -121,6 +128,9 @@ def test_oov_rare_unseen_and_null_values_map_to_row_zero(tmp_path: Path) -> None
     assert info["brand"].num_embeddings == 17
     for name in ("user", "brand", "age_b"):
         assert out[name].max() < info[name].num_embeddings
+    # Dense statistics are fitted on train and recorded in the manifest itself.
+    assert set(manifest.statistics) == {"price", "age", "age_b"}
+    assert manifest.statistics["age"]["t_mean"] == pytest.approx(train["age"].mean())
 
 
 def test_stable_hash_is_stable() -> None:
@@ -128,9 +138,10 @@ def test_stable_hash_is_stable() -> None:
     assert ids[0] == ids[3] and ids[2] == 0
     # Pinned values: a change here would silently remap every hashed feature of deployed models.
     assert ids[:2] == stable_hash_ids(pl.Series(["apple", "pear"]), 1000).to_list()
-    assert stable_hash_ids(pl.Series(["apple"]), 1000)[0] == 1 + int.from_bytes(
-        __import__("hashlib").blake2b(b"apple", digest_size=8).digest(), "little"
-    ) % 1000
+    assert (
+        stable_hash_ids(pl.Series(["apple"]), 1000)[0]
+        == 1 + int.from_bytes(__import__("hashlib").blake2b(b"apple", digest_size=8).digest(), "little") % 1000
+    )
 
 
 def test_rebuild_is_idempotent(synthetic_raw: Path, tmp_path: Path) -> None:

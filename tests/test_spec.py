@@ -29,10 +29,18 @@ def _with(**changes) -> dict:
         (_with(features=[{"name": "x", "kind": "dense", "transform": "zscore"}]), "features[0] ('x').transform"),
         (_with(features=[{"name": "x", "kind": "dense", "embedding_dim": 4}]), "embedding_dim: only valid"),
         (_with(features=[{"name": "x", "kind": "dense", "min": 3, "max": 1}]), "min (3.0) is greater than max"),
-        (_with(features=[{"name": "u", "kind": "categorical", "embedding_dim": 4, "vocab": {"kind": "hash"}}]),
-         "buckets: required when kind is 'hash'"),
-        (_with(features=[{"name": "u", "kind": "categorical", "embedding_dim": 0}]), "embedding_dim: Input should be greater"),
-        (_with(features=[{"name": "u", "kind": "categorical", "embedding_dim": 4, "colour": 1}]), "features[0] ('u').colour"),
+        (
+            _with(features=[{"name": "u", "kind": "categorical", "embedding_dim": 4, "vocab": {"kind": "hash"}}]),
+            "buckets: required when kind is 'hash'",
+        ),
+        (
+            _with(features=[{"name": "u", "kind": "categorical", "embedding_dim": 0}]),
+            "embedding_dim: Input should be greater",
+        ),
+        (
+            _with(features=[{"name": "u", "kind": "categorical", "embedding_dim": 4, "colour": 1}]),
+            "features[0] ('u').colour",
+        ),
         (_with(tasks=[{"name": "click", "label": "click", "type": "ranking"}]), "tasks[0] ('click').type"),
         (_with(tasks=[{"name": "click", "label": "__import__('os')"}]), "tasks[0] ('click').label: unsupported syntax"),
         (_with(tasks=[{"name": "click", "label": "click", "weight": 0}]), "tasks[0] ('click').weight"),

@@ -21,9 +21,7 @@ from pipelines.sources.synthetic import (
     write,
 )
 
-SMALL = SyntheticConfig(
-    n_users=800, n_items=400, n_impressions=40_000, n_days=7, n_brands=60, seed=7
-)
+SMALL = SyntheticConfig(n_users=800, n_items=400, n_impressions=40_000, n_days=7, n_brands=60, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +202,7 @@ def test_config_validation_names_field(field: str, value: object) -> None:
 
 def test_tiny_config_edge_cases() -> None:
     """Degenerate sizes (fewer categories than max interests, one brand) still work."""
-    cfg = SyntheticConfig(
-        n_users=1, n_items=1, n_impressions=10, n_days=1, n_categories=2, n_brands=1, latent_dim=1
-    )
+    cfg = SyntheticConfig(n_users=1, n_items=1, n_impressions=10, n_days=1, n_categories=2, n_brands=1, latent_dim=1)
     t = generate(cfg)
     assert t.users["interests"].list.len().max() <= 2
     assert t.impressions.height == 10

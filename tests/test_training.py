@@ -100,3 +100,10 @@ def test_config_errors_name_the_field() -> None:
         load_config(None, ["epochs"])
     with pytest.raises(ConfigError, match="model.expert_hidden: layer sizes must be positive"):
         load_config(None, ["model.expert_hidden=[8, 0]"])
+
+
+def test_example_config_loads_and_matches_defaults() -> None:
+    from pathlib import Path
+
+    example = load_config(Path(__file__).resolve().parents[1] / "configs" / "mmoe.yaml")
+    assert example == load_config(None)

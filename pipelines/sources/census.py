@@ -33,9 +33,7 @@ def _find(data_dir: Path, name: str) -> Path:
 
 def read_raw(path: Path) -> pl.DataFrame:
     """Read one census file as strings; values lose their leading space and the label its '.'."""
-    df = pl.read_csv(
-        path, has_header=False, new_columns=COLUMNS, separator=",", infer_schema=False, quote_char=None
-    )
+    df = pl.read_csv(path, has_header=False, new_columns=COLUMNS, separator=",", infer_schema=False, quote_char=None)
     return df.with_columns(pl.all().str.strip_chars()).with_columns(pl.col("income_50k").str.strip_suffix("."))
 
 

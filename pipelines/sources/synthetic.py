@@ -130,9 +130,7 @@ class SyntheticConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed!r}")
         # datetime is a date subclass; a time component would silently shift partitions.
-        if not isinstance(self.start_date, datetime.date) or isinstance(
-            self.start_date, datetime.datetime
-        ):
+        if not isinstance(self.start_date, datetime.date) or isinstance(self.start_date, datetime.datetime):
             raise ValueError(f"start_date must be a datetime.date, got {self.start_date!r}")
 
 
@@ -246,9 +244,7 @@ def _make_users(
     # Fixed-width name matrix -> Array -> List, cut to each user's k: no per-user Python work.
     top_names = _names("cat_", n_cat, 2).gather(top.ravel()).reshape((n, k_max))
     interests = (
-        pl.DataFrame({"top": top_names, "k": k})
-        .select(pl.col("top").arr.to_list().list.head(pl.col("k")))
-        .to_series()
+        pl.DataFrame({"top": top_names, "k": k}).select(pl.col("top").arr.to_list().list.head(pl.col("k"))).to_series()
     )
 
     users = pl.DataFrame(
@@ -328,9 +324,7 @@ _POSITION_PROBS /= _POSITION_PROBS.sum()
 _POSITION_EFFECT = (-0.6 * np.log(np.arange(1, MAX_POSITION + 1))).astype(np.float32)
 _DEVICE_CLICK = np.array([0.15, 0.0, -0.25], dtype=np.float32)  # ios, android, web
 _DEVICE_CONV = np.array([0.1, 0.0, 0.3], dtype=np.float32)
-_HOUR_WEIGHTS = np.array(
-    [0.3 + np.exp(-((h - 20) ** 2) / 18) + 0.6 * np.exp(-((h - 12) ** 2) / 8) for h in range(24)]
-)
+_HOUR_WEIGHTS = np.array([0.3 + np.exp(-((h - 20) ** 2) / 18) + 0.6 * np.exp(-((h - 12) ** 2) / 8) for h in range(24)])
 _HOUR_WEIGHTS /= _HOUR_WEIGHTS.sum()
 
 
@@ -364,13 +358,7 @@ def _logits(
         + _DEVICE_CLICK[device]
         + w.item_click_bias[iid]
     )
-    conv = (
-        0.7 * conv_affinity
-        + 0.5 * interest
-        + w.item_conv_bias[iid]
-        + w.user_conv_bias[uid]
-        + _DEVICE_CONV[device]
-    )
+    conv = 0.7 * conv_affinity + 0.5 * interest + w.item_conv_bias[iid] + w.user_conv_bias[uid] + _DEVICE_CONV[device]
     return click, conv, affinity, interest
 
 
@@ -394,9 +382,7 @@ def generate(config: SyntheticConfig) -> SyntheticTables:
     """
     cfg = config
     streams = np.random.SeedSequence(cfg.seed).spawn(6)
-    rng_world, rng_users, rng_items, rng_cal, rng_time, rng_imp = (
-        np.random.default_rng(s) for s in streams
-    )
+    rng_world, rng_users, rng_items, rng_cal, rng_time, rng_imp = (np.random.default_rng(s) for s in streams)
 
     cat_latent = rng_world.normal(0.0, 1.0, (cfg.n_categories, cfg.latent_dim))
     cc_bias = rng_world.normal(0.0, 0.4, (N_COUNTRIES, cfg.n_categories)).astype(np.float32)

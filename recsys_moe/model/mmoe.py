@@ -1,7 +1,7 @@
 """MMoE (Ma et al., KDD 2018): shared experts, one softmax gate per task, one tower per task.
 
-    x ──► experts (E stacked MLPs) ──► [E, B, H] ─┐
-    x ──► gates (softmax per task)  ──► [B, T, E] ─┴─► combine ──► [T, B, H] ──► towers ──► [B, T]
+x ──► experts (E stacked MLPs) ──► [E, B, H] ─┐
+x ──► gates (softmax per task)  ──► [B, T, E] ─┴─► combine ──► [T, B, H] ──► towers ──► [B, T]
 """
 
 from __future__ import annotations

@@ -112,7 +112,9 @@ class MlflowTracker:
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         # MetaDataset records name + digest without MLflow reading the data itself.
-        dataset = MetaDataset(source=HTTPDatasetSource(url=Path(source).resolve().as_uri()), name=name, digest=digest[:36])
+        dataset = MetaDataset(
+            source=HTTPDatasetSource(url=Path(source).resolve().as_uri()), name=name, digest=digest[:36]
+        )
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         self.client.log_inputs(self.run_id, datasets=[entity])
 

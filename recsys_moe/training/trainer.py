@@ -164,33 +164,22 @@ def train(
     samples_per_s: list[float] = []
     model.train()
     for epoch in range(start_epoch, tc.epochs):
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, unit="batch")
-        loss_sum, n_seen, t0 = torch.zeros(len(tasks)), 0, time.perf_counter()
-        for step, batch in enumerate(data["train"].batches(tc.batch_size, shuffle=True, generator=generator)):
-            if step >= steps_per_epoch:
-                break
-            out = model(batch.dense, batch.sparse)
-            loss, per_task = multitask_loss(out.logits, batch.labels, is_binary, task_weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # embedding rows are updated inside this call (fused optimizer)
-            optimizer.step()
-            loss_sum += per_task * len(batch)
-            n_seen += len(batch)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            bar.update(1)
-        bar.close()
-        seconds = time.perf_counter() - t0
-        samples_per_s.append(n_seen / seconds)
+        if bad_epochs >= tc.patience:  # a resumed run that had already stopped early
+            break
+        train_loss, rate = _train_epoch(
+            model, optimizer, data["train"], tc.batch_size, steps_per_epoch, generator, is_binary, task_weights,
+            desc=f"epoch {epoch + 1}/{tc.epochs}", progress=progress,
+        )  # fmt: skip
+        samples_per_s.append(rate)
 
         val = evaluate(model, data["valid"], tc.eval_batch_size)
-        record = {"epoch": epoch + 1, "train_samples_per_s": n_seen / seconds, "val_mean_score": val.score}
-        record.update({f"train_{t}_loss": float(v) for t, v in zip(tasks, loss_sum / max(n_seen, 1))})
+        record = {"epoch": epoch + 1, "train_samples_per_s": rate, "val_mean_score": val.score}
+        record.update({f"train_{t}_loss": float(v) for t, v in zip(tasks, train_loss)})
         record.update(val.flat("val"))
         history.append(record)
         tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
         summary = "  ".join(f"{t} {m.get('auc', m.get('r2', float('nan'))):.4f}" for t, m in val.metrics.items())
-        line = f"epoch {epoch + 1}: validation {summary} | mean {val.score:.4f} | {n_seen / seconds:,.0f} samples/s"
+        line = f"epoch {epoch + 1}: validation {summary} | mean {val.score:.4f} | {rate:,.0f} samples/s"
         if progress:
             tqdm.write(line)
         else:
@@ -209,7 +198,6 @@ def train(
         })  # fmt: skip
         if bad_epochs >= tc.patience:
             log.info("early stop: no improvement of the mean validation score for %d epochs", bad_epochs)
-            break
 
     weights, _ = checkpoint.load_weights(best_dir)
     model.load_state_dict(weights)
@@ -223,6 +211,38 @@ def train(
         run_id=tracker.run_id, tracking_uri=tracker.uri, best_epoch=best_epoch, history=history,
         valid=valid, test=test, model_dir=best_dir, train_samples_per_s=throughput, tasks=tasks,
     )  # fmt: skip
+
+
+def _train_epoch(
+    model: MultiTaskRanker,
+    optimizer: torch.optim.Optimizer,
+    data: InMemoryDataset,
+    batch_size: int,
+    steps: int,
+    generator: torch.Generator,
+    is_binary: torch.Tensor,
+    task_weights: torch.Tensor,
+    desc: str,
+    progress: bool,
+) -> tuple[torch.Tensor, float]:
+    """One pass over shuffled training data; returns (mean loss per task, samples/s)."""
+    bar = tqdm(total=steps, desc=desc, disable=not progress, unit="batch")
+    loss_sum, n_seen, start = torch.zeros(len(task_weights)), 0, time.perf_counter()
+    for step, batch in enumerate(data.batches(batch_size, shuffle=True, generator=generator)):
+        if step >= steps:
+            break
+        out = model(batch.dense, batch.sparse)
+        loss, per_task = multitask_loss(out.logits, batch.labels, is_binary, task_weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # embedding rows are updated inside this call (fused optimizer)
+        optimizer.step()
+        loss_sum += per_task * len(batch)
+        n_seen += len(batch)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update(1)
+    bar.close()
+    return loss_sum / max(n_seen, 1), n_seen / (time.perf_counter() - start)
 
 
 def _log_results(
