@@ -1,0 +1,1 @@
+"""Model-ready shards → batches of (dense, KeyedJaggedTensor, labels)."""

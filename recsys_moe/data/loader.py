@@ -1,0 +1,104 @@
+"""Batches of (dense, KJT, labels) from a manifest's parquet shards.
+
+A split is decoded once into contiguous tensors; a batch is then a gather by index. Decoding
+parquet per batch would cost more than the model's forward and backward at census scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from torchrec import KeyedJaggedTensor
+
+from pipelines.manifest import Manifest
+from pipelines.transform import label_column
+
+
+@dataclass
+class Batch:
+    dense: torch.Tensor  # [B, n_dense] float32
+    sparse: KeyedJaggedTensor  # keys in the model's order
+    labels: torch.Tensor  # [B, T] float32
+
+    def __len__(self) -> int:
+        return self.dense.shape[0]
+
+
+class InMemoryDataset:
+    def __init__(
+        self, frame: pl.DataFrame, manifest: Manifest, sparse_keys: Sequence[str], tasks: Sequence[str] | None
+    ) -> None:
+        self.sparse_keys = list(sparse_keys)
+        self.tasks = list(tasks) if tasks is not None else []
+        info = {f.name: f for f in manifest.sparse_features}
+        missing = [k for k in self.sparse_keys if k not in info]
+        if missing:
+            raise ValueError(f"sparse keys {missing} are not in the manifest")
+        n = self.num_rows = frame.height
+        dense = frame.select(manifest.dense_features).to_numpy().astype(np.float32, copy=False)
+        self.dense = torch.from_numpy(np.array(dense.reshape(n, len(manifest.dense_features)), order="C"))
+        self.multi_hot = {k for k in self.sparse_keys if info[k].kind == "multi_hot"}
+        single = [k for k in self.sparse_keys if k not in self.multi_hot]
+        self.single_rows = {k: i for i, k in enumerate(single)}
+        # Row-major [N, F]: a batch gathers whole rows (one cache line each), not F strided reads.
+        ids = frame.select(single).to_numpy() if single else np.zeros((n, 0))
+        self.ids = torch.from_numpy(np.array(ids, dtype=np.int64, order="C"))
+        self.padded = {k: self._pad(frame[k], info[k].max_length) for k in self.multi_hot}
+        labels = frame.select([label_column(t) for t in self.tasks]).to_numpy() if self.tasks else np.zeros((n, 0))
+        self.labels = torch.from_numpy(np.array(labels, dtype=np.float32, order="C"))
+        self._ones = torch.ones(len(single), 1, dtype=torch.int32)
+
+    @staticmethod
+    def _pad(column: pl.Series, max_length: int) -> torch.Tensor:
+        """A List(Int64) column → [N, max_length] with -1 padding."""
+        lengths = column.list.len().fill_null(0).to_numpy().astype(np.int64)
+        flat = column.explode().drop_nulls().to_numpy().astype(np.int64)
+        out = np.full((len(column), max_length), -1, dtype=np.int64)
+        rows = np.repeat(np.arange(len(column)), lengths)
+        cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[rows, cols] = flat
+        return torch.from_numpy(out)
+
+    @classmethod
+    def from_split(
+        cls, manifest: Manifest, split: str, sparse_keys: Sequence[str], tasks: Sequence[str]
+    ) -> InMemoryDataset:
+        frame = pl.concat([pl.read_parquet(p) for p in manifest.shard_paths(split)])
+        return cls(frame, manifest, sparse_keys, tasks)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        n = idx.shape[0]
+        if not self.multi_hot:  # fast path: one gather for all features
+            values = self.ids[idx].t().reshape(-1)
+            lengths = self._ones.expand(-1, n).reshape(-1)
+        else:
+            vals, lens = [], []
+            for k in self.sparse_keys:
+                if k in self.multi_hot:
+                    p = self.padded[k][idx]
+                    mask = p >= 0
+                    vals.append(p[mask])
+                    lens.append(mask.sum(dim=1, dtype=torch.int32))
+                else:
+                    vals.append(self.ids[idx, self.single_rows[k]])
+                    lens.append(torch.ones(n, dtype=torch.int32))
+            values, lengths = torch.cat(vals), torch.cat(lens)
+        sparse = KeyedJaggedTensor(keys=self.sparse_keys, values=values, lengths=lengths)
+        return Batch(dense=self.dense[idx], sparse=sparse, labels=self.labels[idx])
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
+        order = torch.randperm(self.num_rows, generator=generator) if shuffle else torch.arange(self.num_rows)
+        for start in range(0, self.num_rows, batch_size):
+            yield self.batch(order[start : start + batch_size])
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-self.num_rows // batch_size)
