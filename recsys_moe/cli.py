@@ -8,6 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
+
+from recsys_moe.config import Arch
+
+ARCHS = list(get_args(Arch))
 
 EPILOG = """\
 the flow, step by step:
@@ -161,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a multi-task model on a built dataset, tracked in MLflow")
     p.add_argument("--data", required=True, help="dataset directory (or its manifest.json)")
     p.add_argument("--config", help="run config YAML (model/train/tracking sections); defaults otherwise")
-    p.add_argument("--arch", choices=["mmoe", "shared_bottom", "single_task"])
+    p.add_argument("--arch", choices=ARCHS, help="multi-task architecture (default mmoe)")
     p.add_argument("--tasks", nargs="+", help="train only these tasks (single_task takes one)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-Arch = Literal["mmoe", "shared_bottom", "single_task"]
+Arch = Literal["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple"]
 
 
 class _Strict(BaseModel):
@@ -21,7 +21,13 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     arch: Arch = "mmoe"
-    num_experts: int = Field(8, ge=1)
+    num_experts: int = Field(8, ge=1, description="omoe/mmoe: experts shared by all tasks")
+    num_task_experts: int = Field(2, ge=1, description="cgc/ple: experts owned by each task")
+    num_shared_experts: int = Field(2, ge=1, description="cgc/ple: shared experts in every layer")
+    ple_levels: int = Field(2, ge=1, description="ple: stacked extraction layers")
+    gate: Literal["softmax", "topk", "noisy_topk"] = "softmax"
+    gate_temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(2, ge=1, description="topk/noisy_topk: experts each sample is routed to")
     expert_hidden: list[int] = Field(default_factory=lambda: [64, 32], min_length=1)
     tower_hidden: list[int] = Field(default_factory=lambda: [16])
     bottom_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
@@ -49,6 +55,13 @@ class TrainConfig(_Strict):
     )
     embedding_lr: float = Field(0.05, gt=0)
     patience: int = Field(2, ge=1, description="epochs without improvement before stopping")
+    task_weighting: Literal["fixed", "uncertainty"] = Field(
+        "fixed", description="fixed: the spec's task weights; uncertainty: learned (Kendall et al., 2018)"
+    )
+    balance_loss_weight: float = Field(0.0, ge=0, description="weight of the gates' load-balancing loss")
+    collapse_threshold: float = Field(
+        0.02, ge=0, lt=1, description="warn when an expert's mean gate weight (or routed share) falls below this"
+    )
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
     tasks: list[str] | None = Field(None, description="train only these tasks (single_task needs one)")

@@ -66,6 +66,8 @@ def test_generate_pipeline_train_from_the_command_line(tmp_path: Path) -> None:
 
 def test_ui_prints_the_command_for_the_default_store(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = subprocess.run([*CLI, "ui", "--print-only"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [*CLI, "ui", "--print-only"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60
+    )
     assert out.returncode == 0
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve()}/mlruns.db" in out.stdout

@@ -8,7 +8,7 @@ from pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.embeddings import plan_tables
-from recsys_moe.model.gates import SoftmaxGates, combine
+from recsys_moe.model.gates import Gates, combine
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.model.stacked import StackedMLP
 
@@ -25,7 +25,7 @@ def test_forward_shapes(synthetic_manifest: Manifest, arch: str, batch_size: int
     out = model(batch.dense, batch.sparse)
     assert out.logits.shape == (batch_size, 2)  # a batch of one keeps its batch dimension
     if arch == "mmoe":
-        assert out.gates is not None and out.gates.shape == (batch_size, 2, 8)
+        assert out.gate_weights is not None and out.gate_weights.shape == (batch_size, 2, 8)
     scores = model.predict(batch.dense, batch.sparse)
     assert ((scores >= 0) & (scores <= 1)).all()
 
@@ -39,15 +39,15 @@ def test_single_task_keeps_task_dimension(synthetic_manifest: Manifest) -> None:
 
 
 def test_gates_sum_to_one_and_have_no_batchnorm() -> None:
-    gates = SoftmaxGates(d_in=12, num_experts=5, num_gates=3)
-    w = gates(torch.randn(7, 12))
+    gates = Gates(d_in=12, num_experts=5, num_gates=3)
+    w = gates(torch.randn(7, 12)).weights
     assert w.shape == (7, 3, 5)
     torch.testing.assert_close(w.sum(-1), torch.ones(7, 3))
     assert (w > 0).all()
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gates.modules())
     # Routing of one sample does not depend on the rest of the batch (it would with BatchNorm).
     x = torch.randn(4, 12)
-    torch.testing.assert_close(gates(x)[:1], gates(x[:1]))
+    torch.testing.assert_close(gates(x).weights[:1], gates(x[:1]).weights)
 
 
 def test_model_gates_have_no_batchnorm(synthetic_manifest: Manifest) -> None:

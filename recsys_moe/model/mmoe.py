@@ -1,7 +1,9 @@
-"""MMoE (Ma et al., KDD 2018): shared experts, one softmax gate per task, one tower per task.
+"""MMoE (Ma et al., KDD 2018): shared experts, one gate per task, one tower per task.
 
-x ──► experts (E stacked MLPs) ──► [E, B, H] ─┐
-x ──► gates (softmax per task)  ──► [B, T, E] ─┴─► combine ──► [T, B, H] ──► towers ──► [B, T]
+    x ──► experts (E stacked MLPs) ──► [E, B, H] ─┐
+    x ──► gates (one per task)      ──► [B, T, E] ─┴─► combine ──► [T, B, H] ──► towers ──► [B, T]
+
+With `num_gates=1` the one gate is shared by all tasks: that is OMoE (see omoe.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from recsys_moe.model.gates import SoftmaxGates, combine
+from recsys_moe.model.gates import GateKind, Gates, combine
+from recsys_moe.model.outputs import ArchOutput
 from recsys_moe.model.stacked import StackedMLP
 from recsys_moe.model.towers import TaskTowers
 
@@ -25,13 +28,22 @@ class MMoE(nn.Module):
         expert_hidden: Sequence[int] = (64, 32),
         tower_hidden: Sequence[int] = (16,),
         dropout: float = 0.0,
+        gate: GateKind = "softmax",
+        temperature: float = 1.0,
+        top_k: int = 2,
+        num_gates: int | None = None,
     ) -> None:
         super().__init__()
+        self.num_tasks = num_tasks
         self.experts = StackedMLP(num_experts, d_in, expert_hidden, dropout=dropout)
-        self.gates = SoftmaxGates(d_in, num_experts, num_gates=num_tasks)
+        self.gates = Gates(d_in, num_experts, num_gates or num_tasks, gate, temperature, top_k)
         self.towers = TaskTowers(num_tasks, expert_hidden[-1], tower_hidden, dropout=dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gates = self.gates(x)  # [B, T, E]
-        mixed = combine(self.experts(x), gates)  # [T, B, H]
-        return self.towers(mixed), gates
+    def forward(self, x: torch.Tensor) -> ArchOutput:
+        gates = self.gates(x)  # weights [B, G, E]
+        mixed = combine(self.experts(x), gates.weights)  # [G, B, H]
+        weights = gates.weights
+        if mixed.shape[0] != self.num_tasks:  # one shared gate: every tower reads the same mixture
+            mixed = mixed.expand(self.num_tasks, -1, -1)
+            weights = weights.expand(-1, self.num_tasks, -1)
+        return ArchOutput(logits=self.towers(mixed), gate_weights=weights, gates=[gates])

@@ -6,8 +6,6 @@ trains any architecture with a one-word config change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
@@ -16,13 +14,25 @@ from pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig
 from recsys_moe.model.embeddings import SparseArch
 from recsys_moe.model.mmoe import MMoE
+from recsys_moe.model.omoe import OMoE
+from recsys_moe.model.outputs import ArchOutput
+from recsys_moe.model.ple import PLE
 from recsys_moe.model.shared_bottom import SharedBottom
 
 
-@dataclass
-class RankerOutput:
-    logits: torch.Tensor  # [B, T]
-    gates: torch.Tensor | None  # [B, T, E] for gated architectures
+def build_arch(config: ModelConfig, d_in: int, num_tasks: int) -> nn.Module:
+    """The multi-task part of the model, by name: every architecture maps [B, d_in] → ArchOutput."""
+    c = config
+    gating = {"gate": c.gate, "temperature": c.gate_temperature, "top_k": c.top_k, "dropout": c.dropout}
+    if c.arch in ("single_task", "shared_bottom"):
+        return SharedBottom(d_in, num_tasks, c.bottom_hidden, c.tower_hidden, c.dropout)
+    if c.arch in ("mmoe", "omoe"):
+        make = MMoE if c.arch == "mmoe" else OMoE
+        return make(d_in, num_tasks, num_experts=c.num_experts, expert_hidden=c.expert_hidden,
+                    tower_hidden=c.tower_hidden, **gating)  # fmt: skip
+    levels = 1 if c.arch == "cgc" else c.ple_levels  # CGC is PLE with one extraction layer
+    return PLE(d_in, num_tasks, c.num_task_experts, c.num_shared_experts, c.expert_hidden, c.tower_hidden,
+               levels=levels, **gating)  # fmt: skip
 
 
 class MultiTaskRanker(nn.Module):
@@ -46,13 +56,7 @@ class MultiTaskRanker(nn.Module):
         self.sparse = SparseArch(manifest.sparse_features, config.pack_tables_below, fused_optimizer)
         self.num_dense = len(manifest.dense_features)
         d_in = self.sparse.output_dim + self.num_dense
-        n_tasks = len(self.task_names)
-        if config.arch == "mmoe":
-            self.arch: nn.Module = MMoE(
-                d_in, n_tasks, config.num_experts, config.expert_hidden, config.tower_hidden, config.dropout
-            )
-        else:
-            self.arch = SharedBottom(d_in, n_tasks, config.bottom_hidden, config.tower_hidden, config.dropout)
+        self.arch = build_arch(config, d_in, len(self.task_names))
         self._init_output_bias(manifest)
 
     def _init_output_bias(self, manifest: Manifest) -> None:
@@ -68,10 +72,9 @@ class MultiTaskRanker(nn.Module):
                 else:
                     bias[i].fill_(task.train_mean)
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> RankerOutput:
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> ArchOutput:
         x = torch.cat([self.sparse(sparse), dense], dim=1) if self.num_dense else self.sparse(sparse)
-        logits, gates = self.arch(x)
-        return RankerOutput(logits=logits, gates=gates)
+        return self.arch(x)
 
     def predict(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """Per-task scores [B, T]: probabilities for binary tasks, values for regression."""

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from recsys_moe.model.outputs import ArchOutput
 from recsys_moe.model.stacked import StackedMLP
 from recsys_moe.model.towers import TaskTowers
 
@@ -29,5 +30,5 @@ class SharedBottom(nn.Module):
         self.bottom = StackedMLP(1, d_in, bottom_hidden, dropout=dropout)
         self.towers = TaskTowers(num_tasks, bottom_hidden[-1], tower_hidden, dropout=dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.towers(self.bottom(x)[0]), None
+    def forward(self, x: torch.Tensor) -> ArchOutput:
+        return ArchOutput(logits=self.towers(self.bottom(x)[0]))

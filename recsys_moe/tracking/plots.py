@@ -35,8 +35,9 @@ def validation_curves(
     return fig
 
 
-def gate_heatmap(weights: np.ndarray, tasks: Sequence[str]) -> Figure:
-    """Mean gate weight per expert (columns) for each task (rows) on validation data."""
+def gate_heatmap(weights: np.ndarray, tasks: Sequence[str], title: str = "mean gate weight per expert") -> Figure:
+    """Per expert (columns) for each task (rows) on validation data: mean gate weight, or the
+    share of samples routed to it under top-k."""
     n_tasks, n_experts = weights.shape
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n_experts, 1.2 + 0.5 * n_tasks))
     im = ax.imshow(weights, cmap="viridis", vmin=0, vmax=max(float(weights.max()), 1e-6), aspect="auto")
@@ -45,7 +46,7 @@ def gate_heatmap(weights: np.ndarray, tasks: Sequence[str]) -> Figure:
     for t in range(n_tasks):
         for e in range(n_experts):
             ax.text(e, t, f"{weights[t, e]:.2f}", ha="center", va="center", color="w", fontsize=8)
-    ax.set_title("mean gate weight per expert")
+    ax.set_title(title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig

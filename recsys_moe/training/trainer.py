@@ -17,15 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from pipelines.manifest import Manifest
 from recsys_moe.config import RunConfig
 from recsys_moe.data.loader import InMemoryDataset
+from recsys_moe.model.gates import balance_loss
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.tracking.tracker import NullTracker, Tracker
 from recsys_moe.training import checkpoint
-from recsys_moe.training.losses import multitask_loss
+from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses
 from recsys_moe.training.metrics import task_metrics
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Evaluation:
     metrics: dict[str, dict[str, float]]  # task → metric → value
-    gate_means: np.ndarray | None  # [T, E] mean gate weight per task and expert
+    gate_means: np.ndarray | None = None  # [T, E] mean gate weight per task and expert
+    gate_routed: np.ndarray | None = None  # [T, E] share of samples with a non-zero weight on the expert
+    gate_entropy: np.ndarray | None = None  # [T] mean entropy of each task's gate (nats)
 
     @property
     def score(self) -> float:
@@ -44,6 +48,26 @@ class Evaluation:
         out = {f"{prefix}_{task}_{k}": v for task, m in self.metrics.items() for k, v in m.items() if k != "score"}
         out[f"{prefix}_mean_score"] = self.score
         return out
+
+    def gate_metrics(self, tasks: list[str], sparse_routing: bool) -> dict[str, float]:
+        """Per task: gate entropy, mean weight per expert, and (top-k) routed share per expert."""
+        if self.gate_means is None or self.gate_entropy is None or self.gate_routed is None:
+            return {}
+        out = {}
+        for t, task in enumerate(tasks):
+            out[f"gate_{task}_entropy"] = float(self.gate_entropy[t])
+            for e in range(self.gate_means.shape[1]):
+                out[f"gate_{task}_e{e}_weight"] = float(self.gate_means[t, e])
+                if sparse_routing:
+                    out[f"gate_{task}_e{e}_routed"] = float(self.gate_routed[t, e])
+        return out
+
+    def collapsed_experts(self, threshold: float, sparse_routing: bool) -> list[int]:
+        """Experts no task uses: every task's mean weight (top-k: routed share) is under threshold."""
+        usage = self.gate_routed if sparse_routing else self.gate_means
+        if usage is None:
+            return []
+        return [int(e) for e in np.flatnonzero(usage.max(axis=0) < threshold)]
 
 
 @dataclass
@@ -65,14 +89,16 @@ def evaluate(model: MultiTaskRanker, dataset: InMemoryDataset, batch_size: int) 
     was_training = model.training
     model.eval()
     try:
-        scores, gate_sum = [], None
+        scores, sums = [], None
         with torch.no_grad():
             for batch in dataset.batches(batch_size):
                 out = model(batch.dense, batch.sparse)
                 scores.append(out.logits)
-                if out.gates is not None:
-                    g = out.gates.sum(dim=0)
-                    gate_sum = g if gate_sum is None else gate_sum + g
+                if out.gate_weights is not None:
+                    w = out.gate_weights  # [B, T, E]
+                    entropy = -(w * w.clamp_min(1e-12).log()).sum(dim=-1)  # [B, T]
+                    step = (w.sum(0), (w > 0).sum(0).double(), entropy.sum(0))
+                    sums = step if sums is None else tuple(a + b for a, b in zip(sums, step))
         logits = torch.cat(scores) if scores else torch.zeros(0, len(model.task_names))
     finally:
         model.train(was_training)
@@ -80,8 +106,11 @@ def evaluate(model: MultiTaskRanker, dataset: InMemoryDataset, batch_size: int) 
     for i, (task, kind) in enumerate(zip(model.task_names, model.task_types)):
         pred = torch.sigmoid(logits[:, i]) if kind == "binary" else logits[:, i]
         metrics[task] = task_metrics(kind, pred, dataset.labels[:, i])
-    gates = (gate_sum / max(len(dataset), 1)).numpy() if gate_sum is not None else None
-    return Evaluation(metrics=metrics, gate_means=gates)
+    if sums is None:
+        return Evaluation(metrics=metrics)
+    n = max(len(dataset), 1)
+    means, routed, entropy = (x.double().numpy() / n for x in sums)
+    return Evaluation(metrics=metrics, gate_means=means, gate_routed=routed, gate_entropy=entropy)
 
 
 def _model_config(manifest: Manifest, config: RunConfig, model: MultiTaskRanker) -> dict[str, Any]:
@@ -97,8 +126,8 @@ def _model_config(manifest: Manifest, config: RunConfig, model: MultiTaskRanker)
     }
 
 
-def _dense_optimizer(model: MultiTaskRanker, config: RunConfig) -> torch.optim.Optimizer:
-    params = [p for n, p in model.named_parameters() if not n.startswith("sparse.ebc.")]
+def _dense_optimizer(model: MultiTaskRanker, config: RunConfig, extra: list[nn.Parameter]) -> torch.optim.Optimizer:
+    params = [p for n, p in model.named_parameters() if not n.startswith("sparse.ebc.")] + extra
     # fused=True: one kernel over all parameters (3x faster than foreach on CPU here).
     return torch.optim.Adam(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True)
 
@@ -122,7 +151,8 @@ def train(
     fused = (tc.embedding_optimizer, {"lr": tc.embedding_lr})
     model = MultiTaskRanker(manifest, config.model, tc.tasks, fused_optimizer=fused)
     tasks = model.task_names
-    optimizer = _dense_optimizer(model, config)
+    weighting = UncertaintyWeighting(len(tasks)) if tc.task_weighting == "uncertainty" else None
+    optimizer = _dense_optimizer(model, config, list(weighting.parameters()) if weighting else [])
     model_config = {**_model_config(manifest, config, model), "run_id": tracker.run_id}
     is_binary = torch.tensor([t == "binary" for t in model.task_types])
     task_weights = torch.tensor([next(t.weight for t in manifest.tasks if t.name == n) for n in tasks])
@@ -142,6 +172,8 @@ def train(
         model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         model.sparse.ebc.fused_optimizer().load_state_dict(state["embedding_optimizer"])  # type: ignore[union-attr]
+        if weighting is not None:
+            weighting.load_state_dict(state["task_weighting"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
@@ -168,7 +200,7 @@ def train(
             break
         train_loss, rate = _train_epoch(
             model, optimizer, data["train"], tc.batch_size, steps_per_epoch, generator, is_binary, task_weights,
-            desc=f"epoch {epoch + 1}/{tc.epochs}", progress=progress,
+            weighting, tc.balance_loss_weight, desc=f"epoch {epoch + 1}/{tc.epochs}", progress=progress,
         )  # fmt: skip
         samples_per_s.append(rate)
 
@@ -176,7 +208,18 @@ def train(
         record = {"epoch": epoch + 1, "train_samples_per_s": rate, "val_mean_score": val.score}
         record.update({f"train_{t}_loss": float(v) for t, v in zip(tasks, train_loss)})
         record.update(val.flat("val"))
+        if weighting is not None:
+            record.update({f"task_weight_{t}": float(w) for t, w in zip(tasks, weighting.weights())})
         history.append(record)
+        sparse_routing = config.model.gate != "softmax"
+        tracker.log_metrics(val.gate_metrics(tasks, sparse_routing), step=epoch + 1)
+        collapsed = val.collapsed_experts(tc.collapse_threshold, sparse_routing)
+        if collapsed:
+            log.warning(
+                "epoch %d: experts %s are nearly unused by every task (below %.3f); consider "
+                "train.balance_loss_weight > 0, a higher model.gate_temperature or fewer experts",
+                epoch + 1, collapsed, tc.collapse_threshold,
+            )  # fmt: skip
         tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
         summary = "  ".join(f"{t} {m.get('auc', m.get('r2', float('nan'))):.4f}" for t, m in val.metrics.items())
         line = f"epoch {epoch + 1}: validation {summary} | mean {val.score:.4f} | {rate:,.0f} samples/s"
@@ -195,6 +238,7 @@ def train(
             "history": json.dumps(history), "optimizer": optimizer.state_dict(),
             "embedding_optimizer": model.sparse.ebc.fused_optimizer().state_dict(),  # type: ignore[union-attr]
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "task_weighting": weighting.state_dict() if weighting is not None else {},
         })  # fmt: skip
         if bad_epochs >= tc.patience:
             log.info("early stop: no improvement of the mean validation score for %d epochs", bad_epochs)
@@ -205,7 +249,9 @@ def train(
     test = evaluate(model, data["test"], tc.eval_batch_size)
     if manifest.root is not None:
         (best_dir / "manifest.json").write_text((manifest.root / "manifest.json").read_text())
-    _log_results(tracker, history, valid, test, tasks, model.task_types, best_dir, best_epoch)
+    _log_results(
+        tracker, history, valid, test, tasks, model.task_types, best_dir, best_epoch, config.model.gate != "softmax"
+    )
     throughput = float(np.median(samples_per_s)) if samples_per_s else math.nan
     return TrainResult(
         run_id=tracker.run_id, tracking_uri=tracker.uri, best_epoch=best_epoch, history=history,
@@ -222,6 +268,8 @@ def _train_epoch(
     generator: torch.Generator,
     is_binary: torch.Tensor,
     task_weights: torch.Tensor,
+    weighting: UncertaintyWeighting | None,
+    balance_weight: float,
     desc: str,
     progress: bool,
 ) -> tuple[torch.Tensor, float]:
@@ -232,11 +280,14 @@ def _train_epoch(
         if step >= steps:
             break
         out = model(batch.dense, batch.sparse)
-        loss, per_task = multitask_loss(out.logits, batch.labels, is_binary, task_weights)
+        per_task = per_task_losses(out.logits, batch.labels, is_binary)
+        loss = weighting(per_task) if weighting is not None else (per_task * task_weights).sum()
+        if balance_weight > 0 and out.gates:
+            loss = loss + balance_weight * sum(balance_loss(g) for g in out.gates)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # embedding rows are updated inside this call (fused optimizer)
         optimizer.step()
-        loss_sum += per_task * len(batch)
+        loss_sum += per_task.detach() * len(batch)
         n_seen += len(batch)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -254,6 +305,7 @@ def _log_results(
     task_types: list[str],
     best_dir: Path,
     best_epoch: int,
+    sparse_routing: bool,
 ) -> None:
     tracker.log_metrics({**test.flat("test"), "best_epoch": best_epoch})
     if tracker.run_id is None:  # not tracking: skip rendering plots nobody will see
@@ -268,3 +320,6 @@ def _log_results(
         tracker.log_figure(plots.validation_curves(history, tasks, metric, best_epoch), "validation_curves.png")
     if valid.gate_means is not None:
         tracker.log_figure(plots.gate_heatmap(valid.gate_means, tasks), "gate_heatmap.png")
+    if valid.gate_routed is not None and sparse_routing:
+        title = "share of samples routed to each expert"
+        tracker.log_figure(plots.gate_heatmap(valid.gate_routed, tasks, title), "gate_routing_heatmap.png")
