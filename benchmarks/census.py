@@ -149,7 +149,8 @@ def write_report(records: list[RunRecord], meta: dict, manifests: dict[str, Mani
         "",
         "Model: MMoE with 8 experts of [64, 32], one softmax gate per task, towers [16], embedding dim 8, "
         "batch 1024, Adam (lr 2e-3) for dense weights and fused Adagrad (lr 0.05) for embeddings. "
-        "Shared-Bottom and Single-Task: bottom [128, 64], towers [16].",
+        "Shared-Bottom and Single-Task: bottom [128, 64], towers [16]. OMoE: MMoE's experts with one gate "
+        "shared by both tasks. CGC: 3 experts per task + 2 shared, each [64, 32]; PLE: two such layers.",
         "",
     ]
     for group, manifest in manifests.items():
@@ -161,7 +162,7 @@ def write_report(records: list[RunRecord], meta: dict, manifests: dict[str, Mani
             + " | paper (best) | train samples/s | infer samples/s |"
         )
         lines += [header, "|" + "---|" * (3 + 2 * len(tasks) + 1)]
-        for arch in ("single_task", "shared_bottom", "mmoe"):
+        for arch in ARCH_NAMES:
             rows = [r for r in records if r.group == group and r.arch == arch]
             if not rows:
                 continue
@@ -213,7 +214,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--groups", nargs="+", default=["census_group1", "census_group2"])
-    parser.add_argument("--archs", nargs="+", default=["single_task", "shared_bottom", "mmoe"])
+    parser.add_argument("--archs", nargs="+", default=list(ARCH_NAMES), choices=list(ARCH_NAMES))
+    parser.add_argument("--fresh", action="store_true", help="drop earlier runs in census.json instead of merging")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -244,8 +246,16 @@ def main() -> int:
                 [[t] for t in manifests[group].task_names] if arch == "single_task" else [manifests[group].task_names]
             )
             plan += [(group, arch, tasks, seed) for tasks in task_sets for seed in range(args.seeds)]
-    records: list[RunRecord] = []
     args.out.mkdir(parents=True, exist_ok=True)
+    # Runs of (group, arch) pairs not in this plan are kept from earlier invocations, so the
+    # table can grow one architecture at a time.
+    records: list[RunRecord] = []
+    previous = args.out / "census.json"
+    if previous.exists() and not args.fresh:
+        planned = {(g, a) for g, a, _, _ in plan}
+        records = [
+            RunRecord(**r) for r in json.loads(previous.read_text())["runs"] if (r["group"], r["arch"]) not in planned
+        ]
     for group, arch, tasks, seed in tqdm(plan, desc="census runs", unit="run"):
         rec = run_one(
             manifests[group],
