@@ -38,20 +38,33 @@ DATA = ROOT.parent / "shared" / "data" / "census-income"
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache"
 
-# Ma et al., KDD 2018, Table 1 (group 1, best of 200 runs). Table 2 (group 2) was not at hand.
+# Group 1: Ma et al., KDD 2018, Table 1 (MMoE, Shared-Bottom; best of 200 runs) and Tang et al.,
+# RecSys 2020, Table 5 (PLE). The MMoE paper's Table 2 (group 2) was not at hand.
 PAPER = {
     "census_group1": {
         "mmoe": {"income": 0.9410, "never_married": 0.9926},
         "shared_bottom": {"income": 0.9361, "never_married": 0.9915},
+        "ple": {"income": 0.9522, "never_married": 0.9945},
     }
 }
-ARCH_NAMES = {"single_task": "Single-Task", "shared_bottom": "Shared-Bottom", "mmoe": "MMoE"}
+ARCH_NAMES = {
+    "single_task": "Single-Task",
+    "shared_bottom": "Shared-Bottom",
+    "omoe": "OMoE",
+    "mmoe": "MMoE",
+    "cgc": "CGC",
+    "ple": "PLE",
+}
 # The model: 8 experts of [64, 32], towers [16], embedding dim 8 (the spec), batch 1024.
+# CGC/PLE keep 8 experts per layer too: 3 per task + 2 shared; PLE stacks 2 layers.
 MODEL = [
     "model.num_experts=8",
     "model.expert_hidden=[64,32]",
     "model.tower_hidden=[16]",
     "model.bottom_hidden=[128,64]",
+    "model.num_task_experts=3",
+    "model.num_shared_experts=2",
+    "model.ple_levels=2",
 ]
 
 
