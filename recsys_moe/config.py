@@ -28,6 +28,9 @@ class ModelConfig(_Strict):
     gate: Literal["softmax", "topk", "noisy_topk"] = "softmax"
     gate_temperature: float = Field(1.0, gt=0)
     top_k: int = Field(2, ge=1, description="topk/noisy_topk: experts each sample is routed to")
+    expert_compute: Literal["auto", "dense", "routed"] = Field(
+        "auto", description="omoe/mmoe: routed runs experts only on their top-k rows; auto = routed for top-k gates"
+    )
     expert_hidden: list[int] = Field(default_factory=lambda: [64, 32], min_length=1)
     tower_hidden: list[int] = Field(default_factory=lambda: [16])
     bottom_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)

@@ -174,3 +174,23 @@ def test_every_architecture_trains_from_the_cli_and_logs_gates(synthetic_raw: Pa
             assert "gate_click_e0_routed" in metrics and "plots/gate_routing_heatmap.png" in artifacts
         if arch == "cgc":
             assert "task_weight_click" in metrics
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "omoe"])
+def test_routed_experts_match_dense_experts(synthetic_manifest: Manifest, arch: str) -> None:
+    """Top-k MMoE computing experts only on routed rows gives the dense path's outputs and grads."""
+    torch.manual_seed(0)
+    config = {"arch": arch, "gate": "topk", "top_k": 2, "num_experts": 6}
+    routed = MultiTaskRanker(synthetic_manifest, ModelConfig(**config, expert_compute="routed"))
+    dense = MultiTaskRanker(synthetic_manifest, ModelConfig(**config, expert_compute="dense"))
+    assert routed.arch.routed and not dense.arch.routed
+    assert ModelConfig(**config).expert_compute == "auto" and MultiTaskRanker(synthetic_manifest, ModelConfig(**config)).arch.routed
+    dense.load_state_dict(routed.state_dict())
+    data = InMemoryDataset.from_split(synthetic_manifest, "train", routed.sparse.keys, routed.task_names)
+    batch = data.batch(torch.arange(300))
+    out_r, out_d = routed(batch.dense, batch.sparse).logits, dense(batch.dense, batch.sparse).logits
+    torch.testing.assert_close(out_r, out_d, rtol=1e-5, atol=1e-6)
+    out_r.square().sum().backward()
+    out_d.square().sum().backward()
+    for (name, p_r), (_, p_d) in zip(routed.arch.named_parameters(), dense.arch.named_parameters()):
+        torch.testing.assert_close(p_r.grad, p_d.grad, rtol=1e-4, atol=1e-6, msg=name)

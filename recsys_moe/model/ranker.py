@@ -28,8 +28,10 @@ def build_arch(config: ModelConfig, d_in: int, num_tasks: int) -> nn.Module:
         return SharedBottom(d_in, num_tasks, c.bottom_hidden, c.tower_hidden, c.dropout)
     if c.arch in ("mmoe", "omoe"):
         make = MMoE if c.arch == "mmoe" else OMoE
+        sparse_gate = c.gate != "softmax" and c.dropout == 0
+        routed = c.expert_compute == "routed" or (c.expert_compute == "auto" and sparse_gate)
         return make(d_in, num_tasks, num_experts=c.num_experts, expert_hidden=c.expert_hidden,
-                    tower_hidden=c.tower_hidden, **gating)  # fmt: skip
+                    tower_hidden=c.tower_hidden, routed=routed, **gating)  # fmt: skip
     levels = 1 if c.arch == "cgc" else c.ple_levels  # CGC is PLE with one extraction layer
     return PLE(d_in, num_tasks, c.num_task_experts, c.num_shared_experts, c.expert_hidden, c.tower_hidden,
                levels=levels, **gating)  # fmt: skip

@@ -1,0 +1,271 @@
+"""Expert-block kernels against a plain loop over nn.Linear experts.
+
+The torch paths (recsys_moe.kernels.grouped) are checked in float64, forward and backward. The
+Triton kernels run under the interpreter in a subprocess (TRITON_INTERPRET must be set before
+triton is imported, which this process may already have done), and on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from recsys_moe.kernels import grouped
+from recsys_moe.kernels.grouped import dense_experts_combine, route, topk_experts_combine
+from recsys_moe.model.gates import combine
+from recsys_moe.model.stacked import StackedMLP
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# (batch, d_in, hidden, experts, gates, k)
+SHAPES = [
+    (32, 12, [16, 8], 4, 2, 2),
+    (1, 8, [8], 3, 1, 1),  # batch of one
+    (50, 10, [12, 6], 16, 3, 2),
+    (40, 6, [5], 6, 2, 1),
+    (64, 9, [7, 7, 4], 8, 2, 2),  # three layers
+    (300, 8, [6], 3, 1, 1),  # larger groups
+]
+
+
+def make_experts(d_in: int, hidden: list[int], num_experts: int, dtype: torch.dtype, seed: int):
+    """A StackedMLP's tensors (weights, biases) with fresh random values."""
+    torch.manual_seed(seed)
+    mlp = StackedMLP(num_experts, d_in, hidden).to(dtype)
+    with torch.no_grad():
+        for b in mlp.biases:
+            b.normal_(0, 0.3)  # biases of both signs, so some ReLUs are off
+    return [w.detach() for w in mlp.weights], [b.detach() for b in mlp.biases]
+
+
+def topk_gates(batch: int, num_gates: int, num_experts: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Top-k renormalised gate weights, skewed so groups are ragged, and the last expert never picked."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, num_gates, num_experts, generator=gen, dtype=dtype)
+    logits = logits + torch.linspace(1.5, -1.5, num_experts, dtype=dtype)  # popular and rare experts
+    logits[..., -1] = float("-inf")
+    return _scatter_topk(logits, k)
+
+
+def _scatter_topk(logits: torch.Tensor, k: int) -> torch.Tensor:
+    top, idx = logits.topk(k, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, dim=-1))
+
+
+def loop_reference(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], gate_weights: torch.Tensor
+) -> tuple[torch.Tensor, list[nn.Sequential]]:
+    """One nn.Sequential of nn.Linear + ReLU per expert, combined by a loop over gates and experts.
+
+    Returns the output and the experts, whose parameter gradients `stacked_grads` maps back.
+    """
+    num_experts = weights[0].shape[1]
+    experts = []
+    for e in range(num_experts):
+        layers: list[nn.Module] = []
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            w_e = w[:, e] if i == 0 else w[e]
+            linear = nn.Linear(*w_e.shape, dtype=w.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(w_e.t())
+                linear.bias.copy_(b[e, 0])
+            layers += [linear, nn.ReLU()]
+        experts.append(nn.Sequential(*layers))
+    outs = [expert(x) for expert in experts]
+    gates = []
+    for g in range(gate_weights.shape[1]):
+        gates.append(sum(gate_weights[:, g, e : e + 1] * outs[e] for e in range(num_experts)))
+    return torch.stack(gates), experts
+
+
+def stacked_grads(experts: list[nn.Sequential]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The loop experts' parameter gradients in StackedMLP's layout."""
+    linears = [[m for m in expert if isinstance(m, nn.Linear)] for expert in experts]
+    grad_w, grad_b = [], []
+    for i in range(len(linears[0])):
+        w = torch.stack([layers[i].weight.grad.t() for layers in linears])  # [E, in, out]
+        grad_w.append(w.transpose(0, 1) if i == 0 else w)
+        grad_b.append(torch.stack([layers[i].bias.grad for layers in linears]).unsqueeze(1))
+    return grad_w, grad_b
+
+
+def run_with_grads(fn, x, weights, biases, gate_weights, grad_out):
+    """fn's output and the gradients of <output, grad_out> w.r.t. x, gate weights, weights, biases."""
+    leaves = [t.clone().requires_grad_() for t in (x, gate_weights, *weights, *biases)]
+    n = len(weights)
+    out = fn(leaves[0], leaves[2 : 2 + n], leaves[2 + n :], leaves[1])
+    (out * grad_out).sum().backward()
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize(("batch", "d_in", "hidden", "num_experts", "num_gates", "k"), SHAPES)
+@pytest.mark.parametrize("path", ["topk-padded", "topk-loop", "dense"])
+def test_matches_linear_loop(batch, d_in, hidden, num_experts, num_gates, k, path: str, monkeypatch) -> None:
+    monkeypatch.setattr(grouped, "_pads", lambda routing: path == "topk-padded")  # both strategies, every shape
+    dtype = torch.float64
+    weights, biases = make_experts(d_in, hidden, num_experts, dtype, seed=batch + num_experts)
+    x = torch.randn(batch, d_in, dtype=dtype)
+    gate_weights = topk_gates(batch, num_gates, num_experts, k, dtype, seed=batch)
+    grad_out = torch.randn(num_gates, batch, hidden[-1], dtype=dtype)
+
+    x_ref, gw_ref = x.clone().requires_grad_(), gate_weights.clone().requires_grad_()
+    ref, experts = loop_reference(x_ref, weights, biases, gw_ref)
+    (ref * grad_out).sum().backward()
+    ref_grad_w, ref_grad_b = stacked_grads(experts)
+
+    fn = dense_experts_combine if path == "dense" else topk_experts_combine
+    out, (grad_x, grad_gw, *grad_params) = run_with_grads(fn, x, weights, biases, gate_weights, grad_out)
+    torch.testing.assert_close(out, ref.detach())
+    torch.testing.assert_close(grad_x, x_ref.grad)
+    for got, want in zip(grad_params, ref_grad_w + ref_grad_b):
+        torch.testing.assert_close(got, want)
+    if path == "dense":
+        torch.testing.assert_close(grad_gw, gw_ref.grad)
+    else:  # exact where some gate routed the (row, expert) pair; zero where no gate did (not computed)
+        routed = (gate_weights != 0).any(dim=1, keepdim=True).expand_as(gate_weights)
+        assert not routed.all()
+        torch.testing.assert_close(grad_gw[routed], gw_ref.grad[routed])
+        assert (grad_gw[~routed] == 0).all()
+
+
+def test_topk_gradient_through_the_router_matches() -> None:
+    """Through a real top-k producer, the gradient w.r.t. the logits is the dense one exactly."""
+    dtype = torch.float64
+    weights, biases = make_experts(10, [12, 6], 8, dtype, seed=0)
+    x = torch.randn(48, 10, dtype=dtype)
+    logits = torch.randn(48, 2, 8, dtype=dtype)
+    grads = []
+    for fn in (topk_experts_combine, dense_experts_combine):
+        leaf = logits.clone().requires_grad_()
+        fn(x, weights, biases, _scatter_topk(leaf, 2)).square().sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+
+
+def test_route_groups_union_of_gates_by_expert() -> None:
+    gate_weights = torch.zeros(4, 2, 5)
+    gate_weights[0, 0, 3] = 0.7  # row 0: expert 3 from gate 0, expert 1 from gate 1
+    gate_weights[0, 1, 1] = 0.2
+    gate_weights[2, 0, 1] = 1.0  # row 2: expert 1 from both gates (one pair)
+    gate_weights[2, 1, 1] = 0.5
+    gate_weights[3, 1, 0] = 0.4  # row 1 routes nowhere; experts 2 and 4 get nothing
+    r = route(gate_weights)
+    assert r.experts.tolist() == [0, 1, 1, 3]
+    assert r.rows.tolist() == [3, 0, 2, 0]
+    assert r.counts == [1, 2, 0, 1, 0]
+    assert r.offsets.tolist() == [0, 1, 3, 3, 4, 4]
+    torch.testing.assert_close(r.pair_weights, torch.tensor([[0.0, 0.4], [0.0, 0.2], [1.0, 0.5], [0.7, 0.0]]))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_topk_computes_routed_rows_only(padded: bool, monkeypatch) -> None:
+    """The expert GEMMs cost the routed (row, expert) pairs, or with padding every expert at the
+    largest group's size, not B x E."""
+    monkeypatch.setattr(grouped, "_pads", lambda routing: padded)
+    batch, d_in, hidden, num_experts = 64, 16, [32, 8], 16
+    weights, biases = make_experts(d_in, hidden, num_experts, torch.float32, seed=1)
+    gate_weights = topk_gates(batch, 2, num_experts, 2, torch.float32, seed=1)
+    counts = (gate_weights != 0).any(dim=1).sum(dim=0)
+    rows = num_experts * int(counts.max()) if padded else int(counts.sum())
+    assert rows < batch * num_experts
+    with FlopCounterMode(display=False) as counter:
+        topk_experts_combine(torch.randn(batch, d_in), weights, biases, gate_weights)
+    assert counter.get_total_flops() == 2 * rows * (d_in * 32 + 32 * 8)
+
+
+def test_no_routed_rows_gives_zeros() -> None:
+    weights, biases = make_experts(6, [4], 3, torch.float32, seed=2)
+    x = torch.randn(5, 6, requires_grad=True)
+    out = topk_experts_combine(x, weights, biases, torch.zeros(5, 2, 3))
+    assert out.shape == (2, 5, 4) and (out == 0).all()
+
+
+def test_dense_path_is_stacked_mlp_plus_combine() -> None:
+    mlp = StackedMLP(6, 10, [12, 5])
+    x = torch.randn(20, 10)
+    gate_weights = torch.softmax(torch.randn(20, 3, 6), dim=-1)
+    torch.testing.assert_close(
+        dense_experts_combine(x, list(mlp.weights), list(mlp.biases), gate_weights), combine(mlp(x), gate_weights)
+    )
+
+
+# ---- Triton -------------------------------------------------------------------------------------
+
+# (batch, d_in, hidden, experts, gates, k): small, the interpreter runs every program in Python.
+TRITON_SHAPES = [(19, 24, [20, 12], 5, 2, 2), (7, 16, [16], 3, 1, 1), (1, 20, [18, 16], 4, 3, 2)]
+
+
+def triton_errors(device: str) -> dict[str, float]:
+    """Largest error of the Triton paths against the torch ones (output and every gradient),
+    relative to the largest reference value, in float32."""
+    from recsys_moe.kernels import triton_experts
+
+    assert triton_experts.triton_available()
+    pairs = [
+        ("dense", dense_experts_combine, triton_experts.triton_dense_experts_combine),
+        ("topk", topk_experts_combine, triton_experts.triton_topk_experts_combine),
+    ]
+    errors = {}
+    for batch, d_in, hidden, num_experts, num_gates, k in TRITON_SHAPES:
+        weights, biases = make_experts(d_in, hidden, num_experts, torch.float32, seed=batch)
+        gate_weights = topk_gates(batch, num_gates, num_experts, k, torch.float32, seed=batch)
+        x, gate_weights = torch.randn(batch, d_in, device=device), gate_weights.to(device)
+        weights, biases = [w.to(device) for w in weights], [b.to(device) for b in biases]
+        grad_out = torch.randn(num_gates, batch, hidden[-1], device=device)
+        for name, ref_fn, fn in pairs:
+            ref = run_with_grads(ref_fn, x, weights, biases, gate_weights, grad_out)
+            got = run_with_grads(fn, x, weights, biases, gate_weights, grad_out)
+            for i, (a, b) in enumerate(zip([got[0], *got[1]], [ref[0], *ref[1]])):
+                err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+                key = f"{name}/{batch}x{d_in}/{'out' if i == 0 else f'grad{i - 1}'}"
+                errors[key] = err
+    return errors
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_kernels_under_interpreter() -> None:
+    code = "import json, tests.test_kernels as t; print(json.dumps(t.triton_errors('cpu')))"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(errors) == 2 * sum(1 + 2 + 2 * len(s[2]) for s in TRITON_SHAPES)  # out, x, gates, W, b
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-5, (worst, errors[worst])
+
+
+def test_triton_module_imports_without_triton() -> None:
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from recsys_moe.kernels import triton_experts as te\n"
+        "assert not te.triton_available()\n"
+        "try:\n"
+        "    w, b = [torch.randn(3, 2, 4)], [torch.randn(2, 1, 4)]\n"
+        "    te.triton_topk_experts_combine(torch.randn(2, 3), w, b, torch.ones(2, 1, 2))\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused:" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA GPU and triton")
+def test_triton_kernels_on_gpu() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1: the interpreter test covers this")
+    errors = triton_errors("cuda")
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-3, (worst, errors[worst])  # TF32 is allowed when torch allows it
