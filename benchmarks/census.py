@@ -1,5 +1,5 @@
-"""Census-income, the MMoE paper's benchmark: Single-Task, Shared-Bottom and MMoE on both task
-groups, several seeds each, beside the paper's numbers, with training and inference speed.
+"""Census-income, the MMoE paper's benchmark: Single-Task, Shared-Bottom, OMoE, MMoE, CGC and PLE
+on both task groups, several seeds each, beside the paper's numbers, with training and inference speed.
 
     make bench-census            # or: python benchmarks/census.py --seeds 5
 

@@ -1,9 +1,9 @@
 """Expert block speed on CPU: E expert MLPs plus the gate-weighted combine for G = 2 gates,
-forward + backward, four ways:
+forward + backward, three ways:
 
 - loop:    a Python loop over E `nn.Sequential(nn.Linear, ReLU, ...)` experts, then `gates.combine`
-- stacked: the project's `StackedMLP` + `gates.combine` (fused: one GEMM, then batched GEMMs)
-- dense:   `kernels.grouped.dense_experts_combine` (stacked, in-place ReLU, bmm combine when large)
+- stacked: the project's `StackedMLP` + `gates.combine` (fused: one GEMM, then batched GEMMs,
+           in-place ReLUs; the combine switches to a per-sample bmm when its temporary is large)
 - top2:    `kernels.grouped.topk_experts_combine` with each gate's top-2 experts (renormalised)
 
     python benchmarks/experts.py            # the full grid, ~6 min on 2 cores
@@ -41,7 +41,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recsys_moe.kernels.grouped import dense_experts_combine, topk_experts_combine  # noqa: E402
+from recsys_moe.kernels.grouped import topk_experts_combine  # noqa: E402
 from recsys_moe.model.gates import combine  # noqa: E402
 from recsys_moe.model.stacked import StackedMLP  # noqa: E402
 
@@ -49,8 +49,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 HIDDEN = (256, 128)
 SMALL_HIDDEN = (64, 32)  # the census benchmark's experts
 GATES, TOP_K = 2, 2
-METHODS = ["loop", "stacked", "dense", "top2"]
-DENSE = ["loop", "stacked", "dense"]
+METHODS = ["loop", "stacked", "top2"]
+DENSE = ["loop", "stacked"]
 MM_K = 1024  # reference GEMM: [B, 1024] x [1024, n], n <= MM_MAX_N per call
 MM_MAX_N = 4096
 
@@ -134,7 +134,6 @@ def make_methods(
     methods = {
         "loop": lambda: combine(torch.stack([expert(x) for expert in loop]), gate_weights),
         "stacked": lambda: combine(stacked(x), gate_weights),
-        "dense": lambda: dense_experts_combine(x, weights, biases, gate_weights),
         "top2": lambda: topk_experts_combine(x, weights, biases, gate_weights),
     }
     leaves = [x, gate_weights, *stacked.parameters(), *loop.parameters()]
@@ -184,10 +183,10 @@ def _verdict(values: list[float], target: float) -> str:
 
 def _table(records: list[Record]) -> list[str]:
     lines = [
-        "| E | batch | d_in | experts/row (top2) | loop ms | stacked ms | dense ms | top2 ms "
+        "| E | batch | d_in | experts/row (top2) | loop ms | stacked ms | top2 ms "
         "| stacked speedup vs loop | top2 speedup vs fastest dense "
-        "| loop GFLOP/s (vs mm) | stacked GFLOP/s (vs mm) | dense GFLOP/s (vs mm) | top2 GFLOP/s (vs mm) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| loop GFLOP/s (vs mm) | stacked GFLOP/s (vs mm) | top2 GFLOP/s (vs mm) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e, b, d in sorted({(r.experts, r.batch, r.d_in) for r in records}):
         rec = {m: _get(records, m, experts=e, batch=b, d_in=d) for m in METHODS}
@@ -206,7 +205,7 @@ def write_report(records: list[Record], meta: dict) -> str:
     main = [r for r in records if r.hidden == HIDDEN]
     small = [r for r in records if r.hidden == SMALL_HIDDEN]
     lines = [
-        "# Expert block: loop vs stacked vs dense vs top-2 routed (CPU)",
+        "# Expert block: loop vs stacked vs top-2 routed (CPU)",
         "",
         f"Measured {meta['date']} on {meta['machine']} by `python benchmarks/experts.py`. {GATES} gates, "
         "forward + backward (gradients w.r.t. the input, the gate weights and every parameter), best of the "
@@ -215,8 +214,8 @@ def write_report(records: list[Record], meta: dict) -> str:
         "FLOPs (dense: all experts on every row; top2: the routed (row, expert) pairs, the union over both gates, "
         "listed as experts/row); backward = 2x forward. **vs mm**: the rate as a fraction of fp32 `torch.mm` "
         f"([B, {MM_K}] x [{MM_K}, n], same total FLOPs) timed right after each measurement. loop: a Python loop "
-        "over `nn.Linear` experts; stacked: the project's `StackedMLP` + `gates.combine`; dense: "
-        "`grouped.dense_experts_combine`; top2: `grouped.topk_experts_combine`.",
+        "over `nn.Linear` experts; stacked (the fused dense path): the project's `StackedMLP` + `gates.combine`; "
+        "top2: `grouped.topk_experts_combine`.",
         "",
         f"## Experts d_in → {' → '.join(map(str, HIDDEN))}",
         "",
@@ -240,7 +239,7 @@ def write_report(records: list[Record], meta: dict) -> str:
                 f"- Fused (stacked) ≥ 3x the loop at E = 16{label}: {min(speedups):.2f}x–{max(speedups):.2f}x "
                 f"over the batch/d_in cases, **{_verdict(speedups, 3)}**."
             )
-    for method in ("stacked", "dense"):
+    for method in ("stacked",):
         ratios = [r.gflops / r.mm_gflops for r in main if r.batch == 8192 and r.method == method]
         if ratios:
             lines.append(
@@ -256,7 +255,7 @@ def write_report(records: list[Record], meta: dict) -> str:
             speedups.append(best.ms / top2)
             cells.append(f"B={b}, d_in={d}: {best.ms / top2:.1f}x (vs {best.method})")
         lines.append(
-            f"- Top-2 of 64 experts ≥ 10x faster than dense all-64 (the fastest of loop, stacked and dense): "
+            f"- Top-2 of 64 experts ≥ 10x faster than dense all-64 (the faster of loop and stacked): "
             f"{'; '.join(cells)}; **{_verdict(speedups, 10)}**."
         )
     mm = [r.mm_gflops for r in records]

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from recsys_moe.model.gates import combine
+from recsys_moe.model.stacked import stacked_mlp
 
 
 @dataclass(frozen=True)
@@ -109,27 +110,6 @@ def topk_experts_combine(x: Tensor, weights: list[Tensor], biases: list[Tensor],
     return out.index_add(1, r.rows, r.pair_weights.t().unsqueeze(-1) * y.unsqueeze(0))
 
 
-def dense_experts(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
-    """All experts on all rows, x [B, d] → [E, B, H]: StackedMLP.forward with in-place ReLUs
-    (addmm/baddbmm keep their inputs, not their outputs, for backward, so nothing is lost)."""
-    d_in, num_experts, h1 = weights[0].shape
-    h = torch.addmm(biases[0].reshape(1, -1), x, weights[0].reshape(d_in, num_experts * h1)).relu_()
-    h = h.view(x.shape[0], num_experts, h1).transpose(0, 1)
-    for w, b in zip(weights[1:], biases[1:]):
-        h = torch.baddbmm(b, h, w).relu_()
-    return h
-
-
-def _combine(expert_out: Tensor, gate_weights: Tensor) -> Tensor:
-    """`gates.combine`, or the same contraction as a per-sample bmm (einsum) once combine's
-    [G, E, B, H] temporary is large: measured on a 2-core AVX2 CPU (forward + backward), the bmm
-    is 3x faster at E = 64, B = 8192, G = 2 and slower for E < 16 or a small temporary."""
-    num_experts, batch, hidden = expert_out.shape
-    if num_experts >= 16 and gate_weights.shape[1] * num_experts * batch * hidden >= 1 << 23:
-        return torch.einsum("ebh,bge->gbh", expert_out, gate_weights)
-    return combine(expert_out, gate_weights)
-
-
 def dense_experts_combine(x: Tensor, weights: list[Tensor], biases: list[Tensor], gate_weights: Tensor) -> Tensor:
     """The dense reference: every expert on every row, then the gate-weighted sum → [G, B, H]."""
-    return _combine(dense_experts(x, weights, biases), gate_weights)
+    return combine(stacked_mlp(x, weights, biases), gate_weights)

@@ -50,23 +50,35 @@ class StackedMLP(nn.Module):
             nn.init.uniform_(w, -math.sqrt(3.0) * bound, math.sqrt(3.0) * bound)  # kaiming_uniform(a=sqrt(5))
             nn.init.uniform_(b, -bound, bound)
 
-    def _act(self, h: torch.Tensor, last: bool) -> torch.Tensor:
-        if not last or self.activate_last:
-            h = F.relu(h)
-            if self.dropout > 0:
-                h = F.dropout(h, self.dropout, self.training)
-        return h
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n_layers = len(self.weights)
-        b0 = self.biases[0]
-        if x.dim() == 2:  # shared input: all MLPs' first layers in one GEMM
-            batch, h_out = x.shape[0], b0.shape[2]
-            flat_w = self.weights[0].view(self.d_in, self.num * h_out)
-            h = torch.addmm(b0.view(1, -1), x, flat_w).view(batch, self.num, h_out).transpose(0, 1)
-        else:
-            h = torch.baddbmm(b0, x, self.layer_weight(0))
-        h = self._act(h, n_layers == 1)
-        for i in range(1, n_layers):
-            h = self._act(torch.baddbmm(self.biases[i], h, self.weights[i]), i == n_layers - 1)
-        return h
+        return stacked_mlp(
+            x, list(self.weights), list(self.biases), self.activate_last, self.dropout if self.training else 0.0
+        )
+
+
+def stacked_mlp(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    activate_last: bool = True,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """StackedMLP's forward on its raw parameters (the routed kernels take the same layout).
+
+    x [B, d_in] (shared) or [num, B, d_in] → [num, B, h_last]. ReLUs run in place: addmm/baddbmm
+    keep their inputs, not their outputs, for backward, so nothing autograd needs is overwritten.
+    """
+    d_in, num, h0 = weights[0].shape
+    if x.dim() == 2:  # shared input: all MLPs' first layers in one [B, d] x [d, num*h] GEMM
+        h = torch.addmm(biases[0].view(1, -1), x, weights[0].view(d_in, num * h0)).view(-1, num, h0).transpose(0, 1)
+    else:
+        h = torch.baddbmm(biases[0], x, weights[0].permute(1, 0, 2))
+    last = len(weights) - 1
+    for i in range(len(weights)):
+        if i > 0:
+            h = torch.baddbmm(biases[i], h, weights[i])
+        if i < last or activate_last:
+            h = h.relu_()
+            if dropout > 0:
+                h = F.dropout(h, dropout)
+    return h
