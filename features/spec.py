@@ -165,6 +165,11 @@ class FeatureSpec(_Strict):
             cols += sorted(t.label_columns)
         return list(dict.fromkeys(cols))
 
+    @property
+    def input_columns(self) -> list[str]:
+        """The raw columns a model scores from: every feature's source, no keys and no labels."""
+        return list(dict.fromkeys(f.source_column for f in self.features))
+
     def digest(self) -> str:
         """A stable hash of the spec's content, recorded in manifests and runs."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -90,9 +90,14 @@ def build_frames(
                     f"max_reject_rate {max_reject_rate:.1%}); top reasons: {reasons}"
                 )
             valid[split] = typed(ok, spec).collect()
+            raw_rel = None
+            if split != "train":
+                raw_rel = f"raw/{split}.parquet"
+                (work / "raw").mkdir(exist_ok=True)
+                ok.select(spec.raw_columns).write_parquet(work / raw_rel)
             splits[split] = SplitInfo(
                 shards=[], rows_in=frame.height, rows_out=ok.height, rows_rejected=rejected.height,
-                rejects=rejects_rel, reject_reasons=reasons,
+                rejects=rejects_rel, reject_reasons=reasons, raw=raw_rel,
             )  # fmt: skip
             assert splits[split].rows_in == splits[split].rows_out + splits[split].rows_rejected
             steps.update(1)

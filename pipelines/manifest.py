@@ -43,6 +43,9 @@ class SplitInfo(BaseModel):
     rows_out: int
     rows_rejected: int
     rejects: str | None = None
+    # The valid raw rows of an evaluation split, in shard order: the holdout that a promotion gate
+    # scores every model on through its own preprocessing (models may differ in vocabularies).
+    raw: str | None = None
     reject_reasons: dict[str, int] = Field(default_factory=dict)
 
 
@@ -72,6 +75,12 @@ class Manifest(BaseModel):
             raise KeyError(f"manifest has no split {split!r} (has {sorted(self.splits)})")
         base = self.root or Path(".")
         return [base / s for s in self.splits[split].shards]
+
+    def raw_path(self, split: str) -> Path:
+        info = self.splits.get(split)
+        if info is None or info.raw is None:
+            raise ManifestError(f"manifest has no raw rows for split {split!r}; rebuild it with `recsys-moe pipeline`")
+        return (self.root or Path(".")) / info.raw
 
     def save(self, directory: Path) -> Path:
         path = directory / "manifest.json"

@@ -81,9 +81,17 @@ def _encode(f: Feature, state: FittedState) -> pl.Expr:
     return col.list.eval(element).fill_null(pl.lit([], pl.List(pl.Int64))).alias(f.name)
 
 
-def encode(typed_frame: pl.LazyFrame, spec: FeatureSpec, state: FittedState) -> pl.LazyFrame:
+def encoders(spec: FeatureSpec, state: FittedState) -> list[pl.Expr]:
+    """The encoding expressions, built once: a scorer reuses them for every request rather than
+    rebuilding its vocabulary lookups each time."""
+    return [_encode(f, state) for f in spec.features]
+
+
+def encode(
+    typed_frame: pl.LazyFrame, spec: FeatureSpec, state: FittedState, exprs: list[pl.Expr] | None = None
+) -> pl.LazyFrame:
     """Typed columns → table row ids and normalized dense values."""
-    return typed_frame.with_columns([_encode(f, state) for f in spec.features])
+    return typed_frame.with_columns(exprs if exprs is not None else encoders(spec, state))
 
 
 def transform(

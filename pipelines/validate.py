@@ -18,8 +18,11 @@ class SchemaError(ValueError):
     """The raw data lacks columns the spec needs: a whole-run failure, not a row reject."""
 
 
-def check_columns(schema: pl.Schema, spec: FeatureSpec, where: str) -> None:
-    missing = [c for c in spec.raw_columns if c not in schema]
+def check_columns(schema: pl.Schema, spec: FeatureSpec, where: str, with_labels: bool = True) -> None:
+    """Raise SchemaError naming the missing columns. Scoring (`with_labels=False`) needs only the
+    features' columns."""
+    needed = spec.raw_columns if with_labels else spec.input_columns
+    missing = [c for c in needed if c not in schema]
     if missing:
         raise SchemaError(f"{where}: columns required by spec '{spec.name}' are missing: {missing}")
 
@@ -56,24 +59,27 @@ def _label_checks(t: Task, schema: pl.Schema) -> list[tuple[pl.Expr, pl.Expr]]:
     return checks
 
 
-def reject_reason(spec: FeatureSpec, schema: pl.Schema) -> pl.Expr:
-    """The first failing check of a row, as text; null when the row is valid."""
+def reject_reason(spec: FeatureSpec, schema: pl.Schema, with_labels: bool = True) -> pl.Expr:
+    """The first failing check of a row, as text; null when the row is valid. Scoring checks the
+    features only (`with_labels=False`): the same checks training applied, so no skew."""
     checks: list[tuple[pl.Expr, pl.Expr]] = []
     for f in spec.features:
         if f.kind == "dense":
             checks += _dense_checks(f)
         elif not f.nullable:
             checks.append((pl.col(f.source_column).is_null(), pl.lit(f"{f.name}: null in a non-nullable feature")))
-    for t in spec.tasks:
+    for t in spec.tasks if with_labels else []:
         checks += _label_checks(t, schema)
     whens = [pl.when(cond.fill_null(False)).then(reason) for cond, reason in checks]
     return pl.coalesce(whens).alias(REASON)
 
 
-def validate(frame: pl.DataFrame, spec: FeatureSpec, where: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def validate(
+    frame: pl.DataFrame, spec: FeatureSpec, where: str, with_labels: bool = True
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split raw rows into (valid rows, rejected rows with their reason)."""
-    check_columns(frame.schema, spec, where)
-    marked = frame.with_columns(reject_reason(spec, frame.schema))
+    check_columns(frame.schema, spec, where, with_labels)
+    marked = frame.with_columns(reject_reason(spec, frame.schema, with_labels))
     rejected = marked.filter(pl.col(REASON).is_not_null())
     valid = marked.filter(pl.col(REASON).is_null()).drop(REASON)
     return valid, rejected

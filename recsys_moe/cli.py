@@ -18,7 +18,11 @@ EPILOG = """\
 the flow, step by step:
   recsys-moe generate data/raw/synthetic                  # a synthetic event log
   recsys-moe pipeline --spec synthetic --data data/raw/synthetic --out data/synthetic
-  recsys-moe train --data data/synthetic --arch mmoe      # tracked in ./mlruns.db
+  recsys-moe train --data data/synthetic --arch mmoe --register ranker   # tracked in ./mlruns.db, gated
+  recsys-moe models ranker                                # versions, aliases, holdout metrics
+  recsys-moe score --model models:/ranker@champion --input data/synthetic/raw/test.parquet --out scores.parquet
+  recsys-moe serve --model models:/ranker@champion        # HTTP: /v1/score, /v1/rank, /docs
+  recsys-moe rollback ranker                              # champion back to the previous version
   recsys-moe ui                                           # open the MLflow UI on that store
 
 or all at once:  recsys-moe demo
@@ -99,6 +103,103 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from recsys_moe.report import print_result
 
     print_result(result)
+    if result.run_id is None:
+        if args.register:
+            print("error: --register needs tracking (drop --no-tracking)", file=sys.stderr)
+            return 2
+        return 0
+    from recsys_moe.registry.publish import publish
+
+    published = publish(result, manifest, args.register, _promotion(args), tracker.uri)
+    print(f"model: {published.model_uri}")
+    if published.decision is not None:
+        _print_decision(published.name, published.version, published.decision)
+    return 0
+
+
+def _promotion(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from recsys_moe.registry.promotion import PromotionConfig
+
+    return PromotionConfig(metrics=args.metrics or [], margin=args.margin, tolerance=args.tolerance)
+
+
+def _print_decision(name, version, decision) -> None:  # type: ignore[no-untyped-def]
+    verdict = "PROMOTED to champion" if decision.promote else "kept as challenger"
+    print(f"{name} v{version}: {verdict} — {decision.reason}")
+    for metric, value in decision.candidate.items():
+        champ = decision.champion.get(metric)
+        print(f"  {metric:<24} candidate {value:.4f}" + (f"   champion {champ:.4f}" if champ is not None else ""))
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from recsys_moe.registry.promotion import read_holdout
+    from recsys_moe.registry.versions import Registry
+
+    decision = Registry().gate(args.name, str(args.version), read_holdout(Path(args.holdout)), _promotion(args), args.force)
+    _print_decision(args.name, args.version, decision)
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from recsys_moe.registry.versions import Registry
+
+    old, new = Registry().rollback(args.name)
+    print(f"{args.name}: champion rolled back from v{old} to v{new}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from recsys_moe.registry.versions import Registry
+
+    registry = Registry()
+    if not args.name:
+        for model in registry.client.search_registered_models():
+            aliases = ", ".join(f"{a}=v{v}" for a, v in sorted((model.aliases or {}).items()))
+            print(f"{model.name:<24} {aliases}")
+        return 0
+    rows = registry.versions(args.name)
+    if not rows:
+        print(f"no versions of {args.name!r} in {registry.uri}")
+        return 1
+    print(f"{'version':>7}  {'aliases':<20} {'gate':<13} metrics")
+    for r in rows:
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
+        print(f"{r['version']:>7}  {r['aliases']:<20} {r['decision']:<13} {metrics}")
+    return 0
+
+
+def _scorer(model: str):  # type: ignore[no-untyped-def]
+    """A bundle directory, or a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION)."""
+    from recsys_moe.scoring import Scorer
+
+    if model.startswith("models:/"):
+        from recsys_moe.registry.versions import Registry
+
+        registry = Registry()
+        name, version = registry.resolve(model)
+        print(f"model: {name} v{version}")
+        return registry.scorer(name, version)
+    return Scorer(Path(model))
+
+
+def _ranking(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from recsys_moe.scoring import RankingConfig
+
+    weights = {}
+    for item in args.weight or []:
+        task, _, value = item.partition("=")
+        weights[task] = float(value)
+    return RankingConfig(kind=args.ranking, weights=weights)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from serving.batch import score_parquet
+
+    report = score_parquet(_scorer(args.model), Path(args.input), Path(args.output), _ranking(args), args.chunk_rows)
+    print(f"{report.rows_in:,} rows in, {report.rows_out:,} scored → {report.output}"
+          f" ({report.rows_per_s:,.0f} rows/s)")  # fmt: skip
+    if report.rejects is not None:
+        print(f"{report.rows_rejected:,} rows rejected → {report.rejects}")
     return 0
 
 
@@ -134,6 +235,19 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     argv = shlex.split(command)
     os.execv(str(mlflow), [str(mlflow), *argv[1:]])
     return 0
+
+
+def _gate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", nargs="+", metavar="TASK.METRIC",
+                   help="metrics the gate compares (default: auc of every binary task, r2 of every regression task)")
+    p.add_argument("--margin", type=float, default=0.0, help="required mean improvement over the champion")
+    p.add_argument("--tolerance", type=float, default=0.002, help="largest allowed regression on any one metric")
+
+
+def _ranking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ranking", choices=["weighted_sum", "weighted_product"], default="weighted_sum",
+                   help="how task scores combine into the ranking score")
+    p.add_argument("--weight", action="append", metavar="TASK=W", help="a task's weight in the ranking score (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +290,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config field")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint dir's last/ checkpoint")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--register", metavar="NAME", help="register the model as a new version of NAME and run the gate")
+    _gate_args(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("promote", help="gate a registered version against the champion; promote it if better")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--version", required=True, help="the candidate version")
+    p.add_argument("--holdout", required=True, help="raw labeled rows (parquet file or directory), e.g. "
+                   "<dataset>/raw/test.parquet")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="promote even if the gate says no (recorded as forced)")
+    _gate_args(p)
+    p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser("rollback", help="point champion back at the version it replaced")
+    p.add_argument("name", help="registered model name")
+    p.set_defaults(func=_cmd_rollback)
+
+    p = sub.add_parser("models", help="list registered models, or one model's versions, aliases and metrics")
+    p.add_argument("name", nargs="?", help="registered model name")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("score", help="batch scoring: parquet of raw rows in → keys + per-task scores out")
+    p.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION or a model directory")
+    p.add_argument("--input", required=True, help="parquet file or directory of raw rows")
+    p.add_argument("--output", required=True, help="output parquet file (rejects go beside it)")
+    p.add_argument("--chunk-rows", type=int, default=65_536, help="rows per chunk (bounds memory)")
+    _ranking_args(p)
+    p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("demo", help="generate → pipeline → train MMoE → MLflow, end to end (a few minutes)")
     p.add_argument("--workdir", default="demo", help="where data and checkpoints go")
@@ -209,9 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.manifest import ManifestError
         from pipelines.validate import SchemaError
 
-        expected += (RejectRateError, SchemaError, ManifestError)
+        from recsys_moe.registry.versions import RegistryError
+
+        expected += (RejectRateError, SchemaError, ManifestError, RegistryError, ValueError)
         return int(args.func(args))
     except expected as exc:
+        if args.verbose:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

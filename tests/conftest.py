@@ -35,3 +35,31 @@ def _quiet_logs() -> None:
 
 def census_dir() -> Path:
     return SHARED_DATA / "census-income"
+
+
+@pytest.fixture(scope="session")
+def registry_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An empty MLflow tracking store + registry (SQLite) for the session's registry tests."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlruns.db'}"
+
+
+def train_logged_model(manifest, store: str, workdir: Path, *overrides: str):  # type: ignore[no-untyped-def]
+    """Train on `manifest`, tracked in `store`, and log the pyfunc → (TrainResult, model URI)."""
+    from recsys_moe.config import load_config
+    from recsys_moe.registry.package import log_model
+    from recsys_moe.registry.promotion import read_holdout
+    from recsys_moe.tracking.tracker import MlflowTracker
+    from recsys_moe.training.trainer import train
+
+    config = load_config(None, ["train.epochs=2", "model.num_experts=4", f"train.checkpoint_dir={workdir}", *overrides])
+    tracker = MlflowTracker("registry-tests", uri=store)
+    result = train(manifest, config, tracker=tracker, progress=False)
+    tracker.close()
+    example = read_holdout(manifest.raw_path("test")).head(5)
+    return result, log_model(result.model_dir, result.run_id, example, tracking_uri=store)
+
+
+@pytest.fixture(scope="session")
+def logged_model(synthetic_manifest, registry_store: str, tmp_path_factory: pytest.TempPathFactory):
+    """A model trained for two epochs on the synthetic set and logged as a pyfunc."""
+    return train_logged_model(synthetic_manifest, registry_store, tmp_path_factory.mktemp("run"))

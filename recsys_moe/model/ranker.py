@@ -78,8 +78,10 @@ class MultiTaskRanker(nn.Module):
         x = torch.cat([self.sparse(sparse), dense], dim=1) if self.num_dense else self.sparse(sparse)
         return self.arch(x)
 
-    def predict(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """Per-task scores [B, T]: probabilities for binary tasks, values for regression."""
-        logits = self.forward(dense, sparse).logits
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T] → per-task scores: probabilities for binary tasks, values for regression."""
         binary = torch.tensor([t == "binary" for t in self.task_types])
         return torch.where(binary, torch.sigmoid(logits), logits)
+
+    def predict(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.scores(self.forward(dense, sparse).logits)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class Evaluation:
     gate_means: np.ndarray | None = None  # [T, E] mean gate weight per task and expert
     gate_routed: np.ndarray | None = None  # [T, E] share of samples with a non-zero weight on the expert
     gate_entropy: np.ndarray | None = None  # [T] mean entropy of each task's gate (nats)
+    scores: torch.Tensor | None = None  # [N, T] probabilities (binary) or values (regression), in row order
 
     @property
     def score(self) -> float:
@@ -102,15 +104,16 @@ def evaluate(model: MultiTaskRanker, dataset: InMemoryDataset, batch_size: int) 
         logits = torch.cat(scores) if scores else torch.zeros(0, len(model.task_names))
     finally:
         model.train(was_training)
-    metrics = {}
-    for i, (task, kind) in enumerate(zip(model.task_names, model.task_types)):
-        pred = torch.sigmoid(logits[:, i]) if kind == "binary" else logits[:, i]
-        metrics[task] = task_metrics(kind, pred, dataset.labels[:, i])
+    scores = model.scores(logits)
+    metrics = {
+        task: task_metrics(kind, scores[:, i], dataset.labels[:, i])
+        for i, (task, kind) in enumerate(zip(model.task_names, model.task_types))
+    }
     if sums is None:
-        return Evaluation(metrics=metrics)
+        return Evaluation(metrics=metrics, scores=scores)
     n = max(len(dataset), 1)
     means, routed, entropy = (x.double().numpy() / n for x in sums)
-    return Evaluation(metrics=metrics, gate_means=means, gate_routed=routed, gate_entropy=entropy)
+    return Evaluation(metrics=metrics, gate_means=means, gate_routed=routed, gate_entropy=entropy, scores=scores)
 
 
 def _model_config(manifest: Manifest, config: RunConfig, model: MultiTaskRanker) -> dict[str, Any]:
@@ -247,10 +250,12 @@ def train(
     model.load_state_dict(weights)
     valid = evaluate(model, data["valid"], tc.eval_batch_size)
     test = evaluate(model, data["test"], tc.eval_batch_size)
-    if manifest.root is not None:
-        (best_dir / "manifest.json").write_text((manifest.root / "manifest.json").read_text())
+    if manifest.root is not None:  # make best/ a self-contained bundle: weights, config, manifest, vocabularies
+        for rel in ["manifest.json", *manifest.vocab_files.values()]:
+            (best_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(manifest.root / rel, best_dir / rel)
     _log_results(
-        tracker, history, valid, test, tasks, model.task_types, best_dir, best_epoch, config.model.gate != "softmax"
+        tracker, history, valid, test, tasks, model.task_types, best_epoch, config.model.gate != "softmax"
     )
     throughput = float(np.median(samples_per_s)) if samples_per_s else math.nan
     return TrainResult(
@@ -303,7 +308,6 @@ def _log_results(
     test: Evaluation,
     tasks: list[str],
     task_types: list[str],
-    best_dir: Path,
     best_epoch: int,
     sparse_routing: bool,
 ) -> None:
@@ -312,9 +316,6 @@ def _log_results(
         return
     from recsys_moe.tracking import plots
 
-    for name in (checkpoint.WEIGHTS, checkpoint.MODEL_CONFIG, "manifest.json"):
-        if (best_dir / name).exists():
-            tracker.log_file(best_dir / name, "model")
     if history:
         metric = {t: "auc" if k == "binary" else "mse" for t, k in zip(tasks, task_types)}
         tracker.log_figure(plots.validation_curves(history, tasks, metric, best_epoch), "validation_curves.png")

@@ -1,0 +1,2 @@
+"""From a trained run to a registered, gated, aliased model: packaging as an MLflow pyfunc,
+the promotion gate (`champion` / `challenger`), rollback and listing."""

@@ -1,0 +1,111 @@
+"""Log a trained model bundle as an MLflow pyfunc, and get a bundle back from a model URI.
+
+The logged model carries the bundle (weights, model config, manifest, vocabularies) as an
+artifact, a signature over the raw feature columns, and an input example of real rows. Loading
+needs only JSON, parquet and safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from recsys_moe.scoring import Scorer
+from recsys_moe.tracking.store import tracking_uri as default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model"  # the logged model's name within its run
+CODE = Path(__file__).with_name("pyfunc_model.py")
+REQUIREMENTS = ("torch", "torchrec", "fbgemm-gpu-cpu", "polars", "safetensors", "pydantic", "pandas", "recsys-moe")
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for name in REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={metadata.version(name).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            pass
+    return pins
+
+
+def log_model(
+    bundle_dir: Path,
+    run_id: str,
+    example: pl.DataFrame | None = None,
+    registered_name: str | None = None,
+    tracking_uri: str | None = None,
+) -> str:
+    """Log `bundle_dir` as run `run_id`'s pyfunc model; returns its model URI (`models:/<id>`).
+
+    `example`: a few raw rows (holdout rows are ideal); the signature is inferred from them and
+    from the scores the bundle gives them. With `registered_name` a new registry version is
+    created too (the promotion gate decides on aliases separately).
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    scorer = Scorer(bundle_dir)
+    inputs = None
+    signature = None
+    if example is not None:
+        # Dense columns as floats: an integer column in a signature rejects the nulls dense features allow.
+        dense = {f.source_column for f in scorer.spec.dense_features}
+        inputs = example.head(5).select(
+            pl.col(c).cast(pl.Float64) if c in dense and example.schema[c].is_integer() else pl.col(c)
+            for c in scorer.input_columns
+        )
+        outputs = scorer.score(inputs).scores
+        with warnings.catch_warnings():  # integer id columns are fine: the scorer reads ids as text
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+            signature = infer_signature(inputs.to_pandas(), pl.DataFrame(outputs, schema=scorer.tasks).to_pandas())
+    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=str(CODE),
+            artifacts={"bundle": str(bundle_dir)},
+            signature=signature,
+            input_example=inputs.to_pandas() if inputs is not None else None,
+            pip_requirements=_requirements(),
+            registered_model_name=registered_name,
+            tags={"spec": scorer.spec.name, "arch": scorer.config["model"]["arch"], "tasks": ",".join(scorer.tasks)},
+        )
+    log.info("logged model %s for run %s", info.model_uri, run_id)
+    return info.model_uri
+
+
+def bundle_path(model_dir: Path) -> Path:
+    """The bundle inside a downloaded pyfunc model directory (read from its MLmodel file)."""
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    artifacts = mlmodel["flavors"]["python_function"].get("artifacts", {})
+    if "bundle" not in artifacts:
+        raise ValueError(f"{model_dir}: not a recsys-moe model (its MLmodel has no 'bundle' artifact)")
+    return model_dir / artifacts["bundle"]["path"]
+
+
+def download_bundle(model_uri: str, cache_dir: Path, tracking_uri: str | None = None) -> Path:
+    """Download a model (e.g. `models:/ranker/3`) once into `cache_dir` and return its bundle.
+
+    Resolve aliases to versions before calling (`registry.versions.resolve`): a cache keyed by an
+    alias would keep serving the old model after the alias moves.
+    """
+    import mlflow
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / model_uri.replace(":/", "/").replace("/", "_").replace("@", "_")
+    if not (target / "MLmodel").exists():
+        mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))
+        shutil.rmtree(target, ignore_errors=True)  # a partial download from an earlier crash
+        tmp.replace(target)
+    return bundle_path(target)

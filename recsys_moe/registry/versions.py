@@ -1,0 +1,145 @@
+"""Registry verbs on a registered model: gate a version, roll back, list, resolve an alias.
+
+Aliases are the contract with serving: `champion` is what `recsys-moe serve` and batch scoring
+load; `challenger` marks the latest version that lost the gate. A champion version records the
+version it replaced in its `previous_champion` tag, so rollback walks back one step at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from recsys_moe.registry.package import download_bundle
+from recsys_moe.registry.promotion import CHALLENGER, CHAMPION, PREVIOUS, Decision, PromotionConfig, evaluate_candidate
+from recsys_moe.scoring import Scorer
+from recsys_moe.tracking.store import tracking_uri as default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RECSYS_MOE_CACHE", Path.home() / ".cache" / "recsys-moe")) / "models"
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+@dataclass
+class Registry:
+    """A thin handle on MLflow's model registry for one tracking store."""
+
+    uri: str | None = None
+
+    def __post_init__(self) -> None:
+        import mlflow
+
+        self.uri = self.uri or default_tracking_uri()
+        self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    # -- lookups ---------------------------------------------------------------------------
+    def alias_version(self, name: str, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            return None
+
+    def resolve(self, model_uri: str) -> tuple[str, str]:
+        """`models:/NAME@alias`, `models:/NAME/3` or `models:/NAME` (the champion) → (name, version)."""
+        if not model_uri.startswith("models:/"):
+            raise RegistryError(f"{model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        rest = model_uri.removeprefix("models:/")
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+        elif "/" in rest:
+            name, version = rest.split("/", 1)
+            return name, version
+        else:
+            name, alias = rest, CHAMPION
+        version = self.alias_version(name, alias)
+        if version is None:
+            raise RegistryError(f"registered model {name!r} has no alias {alias!r} (see `recsys-moe models {name}`)")
+        return name, version
+
+    def bundle(self, name: str, version: str) -> Path:
+        return download_bundle(f"models:/{name}/{version}", cache_dir(), self.uri)
+
+    def scorer(self, name: str, version: str) -> Scorer:
+        return Scorer(self.bundle(name, version))
+
+    # -- the gate --------------------------------------------------------------------------
+    def gate(
+        self, name: str, version: str, holdout: pl.DataFrame, config: PromotionConfig, force: bool = False
+    ) -> Decision:
+        """Compare `version` with the champion on `holdout`; move `champion` only if it wins."""
+        champion = self.alias_version(name, CHAMPION)
+        if champion == version:
+            raise RegistryError(f"{name} version {version} is already the champion")
+        candidate = self.scorer(name, version)
+        champion_scorer = self.scorer(name, champion) if champion is not None else None
+        decision = evaluate_candidate(candidate, champion_scorer, holdout, config, champion)
+        if force and not decision.promote:
+            decision.promote, decision.reason = True, f"forced (the gate said: {decision.reason})"
+        for key, value in decision.tags().items():
+            self.client.set_model_version_tag(name, version, key, value)
+        if decision.promote:
+            self._make_champion(name, version, champion)
+            if self.alias_version(name, CHALLENGER) == version:
+                self.client.delete_registered_model_alias(name, CHALLENGER)
+        else:
+            self.client.set_registered_model_alias(name, CHALLENGER, version)
+        log.info("%s v%s: %s — %s", name, version, decision.tags()["gate.decision"], decision.reason)
+        return decision
+
+    def _make_champion(self, name: str, version: str, previous: str | None) -> None:
+        if previous is not None:
+            self.client.set_model_version_tag(name, version, PREVIOUS, previous)
+        self.client.set_registered_model_alias(name, CHAMPION, version)
+
+    def rollback(self, name: str) -> tuple[str, str]:
+        """Point `champion` back at the version the current champion replaced → (from, to)."""
+        current = self.alias_version(name, CHAMPION)
+        if current is None:
+            raise RegistryError(f"registered model {name!r} has no champion to roll back")
+        previous = self.client.get_model_version(name, current).tags.get(PREVIOUS)
+        if previous is None:
+            raise RegistryError(f"{name} v{current} is the first champion: there is nothing to roll back to")
+        self.client.set_registered_model_alias(name, CHAMPION, previous)
+        self.client.set_model_version_tag(name, current, "rolled_back", "true")
+        log.info("%s: champion rolled back from v%s to v%s", name, current, previous)
+        return current, previous
+
+    # -- listing ---------------------------------------------------------------------------
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """One row per version, newest first: aliases, run, gate decision and holdout metrics."""
+        rows = []
+        for mv in self.client.search_model_versions(f"name='{name}'"):
+            full = self.client.get_model_version(name, mv.version)
+            tags = full.tags or {}
+            rows.append({
+                "version": int(mv.version),
+                "aliases": ",".join(getattr(full, "aliases", []) or []),
+                "run_id": mv.run_id,
+                "decision": tags.get("gate.decision", ""),
+                "metrics": {k.removeprefix("gate.candidate."): float(v) for k, v in tags.items()
+                            if k.startswith("gate.candidate.")},
+                "reason": tags.get("gate.reason", ""),
+            })  # fmt: skip
+        return sorted(rows, key=lambda r: -r["version"])
+
+    def register(self, model_uri: str, name: str, tags: dict[str, str] | None = None) -> str:
+        """A new version of `name` from a logged model URI → its version number."""
+        import mlflow
+
+        mlflow.set_registry_uri(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        mv = mlflow.register_model(model_uri, name, tags=tags)
+        return str(mv.version)

@@ -1,0 +1,126 @@
+"""Raw feature rows → per-task scores, through exactly the preprocessing training used.
+
+A model directory (a "bundle", what training writes to `best/` and the MLflow model carries)
+holds everything scoring needs and nothing executable:
+
+    model.safetensors   weights
+    model_config.json   architecture, tasks, sparse keys (JSON)
+    manifest.json       the feature spec, statistics and vocabulary index of the training data
+    vocab/*.parquet     the fitted vocabularies
+
+Rows are validated with the pipeline's own checks (features only, no labels), cast and encoded
+with the pipeline's own expressions, batched with the trainer's loader and run through the
+model in eval mode: the same code as training evaluation, so there is no training/serving skew.
+An unseen categorical value is not an error: it maps to the OOV row, as it did in training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from pipelines.build import load_state
+from pipelines.manifest import Manifest
+from pipelines.transform import encode, encoders, key_column, typed
+from pipelines.validate import REASON, validate
+from recsys_moe.config import ModelConfig
+from recsys_moe.data.loader import InMemoryDataset
+from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.training import checkpoint
+
+log = logging.getLogger(__name__)
+
+ROW = "_row"  # the input row number, carried into rejects so a caller can find the bad row
+
+
+@dataclass
+class Scored:
+    """Scores of the valid rows, in input order, and the rejected rows with their reason."""
+
+    scores: np.ndarray  # [N_valid, T] float32: probabilities (binary tasks) or values (regression)
+    rows: np.ndarray  # [N_valid] int64: each scored row's position in the input
+    keys: pl.DataFrame  # the spec's key columns of the valid rows (those present in the input)
+    rejects: pl.DataFrame  # the rejected input rows + `_row` + `_reject_reason`
+
+
+class Scorer:
+    """A loaded model bundle. Thread-safe for scoring: inference touches no module state."""
+
+    def __init__(self, directory: str | Path, batch_size: int = 4096) -> None:
+        self.directory = Path(directory)
+        if not (self.directory / checkpoint.WEIGHTS).is_file():
+            raise FileNotFoundError(f"{self.directory}: not a model directory (no {checkpoint.WEIGHTS})")
+        self.manifest = Manifest.load(self.directory)
+        self.spec = self.manifest.spec
+        weights, self.config = checkpoint.load_weights(self.directory)
+        self.tasks: list[str] = list(self.config["tasks"])
+        self.task_types: list[str] = list(self.config["task_types"])
+        model = MultiTaskRanker(self.manifest, ModelConfig.model_validate(self.config["model"]), self.tasks)
+        model.load_state_dict(weights)
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self._state = load_state(self.manifest)
+        self._encoders = encoders(self.spec, self._state)
+
+    @property
+    def input_columns(self) -> list[str]:
+        return self.spec.input_columns
+
+    def validate(self, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(valid rows, rejected rows), both with `_row`. Missing feature columns raise
+        `pipelines.validate.SchemaError` naming them: that is the caller's bug, not a bad row."""
+        frame = frame.with_row_index(ROW)
+        valid, rejected = validate(frame, self.spec, where="scoring input", with_labels=False)
+        return valid, rejected
+
+    def encode(self, valid: pl.DataFrame) -> pl.DataFrame:
+        missing_keys = [pl.lit(None).alias(k) for k in self.spec.keys if k not in valid.columns]
+        frame = valid.with_columns(missing_keys) if missing_keys else valid
+        return encode(typed(frame, self.spec, with_labels=False), self.spec, self._state, self._encoders).collect()
+
+    def predict_encoded(self, encoded: pl.DataFrame) -> np.ndarray:
+        """Encoded rows → [N, T] scores, batched like training evaluation."""
+        if encoded.height == 0:
+            return np.zeros((0, len(self.tasks)), dtype=np.float32)
+        dataset = InMemoryDataset(encoded, self.manifest, self.model.sparse.keys, tasks=None)
+        out = []
+        with torch.inference_mode():
+            for batch in dataset.batches(self.batch_size):
+                out.append(self.model.predict(batch.dense, batch.sparse))
+        return torch.cat(out).numpy()
+
+    def score(self, frame: pl.DataFrame) -> Scored:
+        valid, rejects = self.validate(frame)
+        encoded = self.encode(valid)
+        keys = encoded.select([key_column(k) for k in self.spec.keys if k in frame.columns])
+        keys = keys.rename({c: c.removeprefix("key:") for c in keys.columns})
+        return Scored(
+            scores=self.predict_encoded(encoded),
+            rows=valid[ROW].to_numpy().astype(np.int64),
+            keys=keys,
+            rejects=rejects,
+        )
+
+    def describe(self) -> dict[str, object]:
+        """What a health check or a log line should say about this model."""
+        return {
+            "tasks": self.tasks,
+            "task_types": self.task_types,
+            "arch": self.config["model"]["arch"],
+            "spec": self.spec.name,
+            "run_id": self.config.get("run_id"),
+            "input_columns": self.input_columns,
+        }
+
+
+def first_reject(scored: Scored) -> str | None:
+    """'row 3: age: not a number (abc)', for errors that must name the row and the field."""
+    if scored.rejects.height == 0:
+        return None
+    row = scored.rejects.row(0, named=True)
+    return f"row {row[ROW]}: {row[REASON]}"

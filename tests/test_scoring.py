@@ -1,0 +1,65 @@
+"""One scoring path: the trainer's evaluation, the bundle scorer and the MLflow pyfunc agree."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+
+from pipelines.manifest import Manifest
+from pipelines.validate import SchemaError
+from recsys_moe.registry.promotion import read_holdout
+from recsys_moe.scoring import RankingConfig, Scorer, ranking_score
+
+
+def test_bundle_scores_raw_rows_like_trainer_evaluation(synthetic_manifest: Manifest, logged_model) -> None:
+    result, _ = logged_model
+    holdout = read_holdout(synthetic_manifest.raw_path("test"))
+    scored = Scorer(result.model_dir).score(holdout)
+    assert scored.rejects.height == 0 and len(scored.rows) == holdout.height
+    np.testing.assert_allclose(scored.scores, result.test.scores.numpy(), rtol=0, atol=1e-5)
+    assert scored.keys.columns == ["impression_id", "user_id", "item_id"]
+
+
+def test_bad_rows_are_rejected_with_field_and_row_not_raised(synthetic_manifest: Manifest, logged_model) -> None:
+    result, _ = logged_model
+    rows = read_holdout(synthetic_manifest.raw_path("test")).head(4)
+    rows = rows.with_columns(pl.Series("age", [30.0, -5.0, 40.0, 200.0]))
+    scored = Scorer(result.model_dir).score(rows)
+    assert scored.rows.tolist() == [0, 2]
+    assert scored.rejects["_row"].to_list() == [1, 3]
+    assert scored.rejects["_reject_reason"][0] == "age: -5.0 is below the minimum 0.0"
+    with pytest.raises(SchemaError, match="price"):
+        Scorer(result.model_dir).score(rows.drop("price"))
+
+
+def test_unseen_categories_score_as_oov(synthetic_manifest: Manifest, logged_model) -> None:
+    result, _ = logged_model
+    rows = read_holdout(synthetic_manifest.raw_path("test")).head(3)
+    unseen = rows.with_columns(pl.lit("never-seen-item").alias("item_id"), pl.lit(None, pl.String).alias("country"))
+    scored = Scorer(result.model_dir).score(unseen)
+    assert scored.rejects.height == 0 and np.isfinite(scored.scores).all()
+
+
+def test_pyfunc_loads_without_pickles_and_matches(synthetic_manifest: Manifest, logged_model, registry_store) -> None:
+    result, model_uri = logged_model
+    mlflow.set_tracking_uri(registry_store)
+    model = mlflow.pyfunc.load_model(model_uri)
+    holdout = read_holdout(synthetic_manifest.raw_path("test")).head(50)
+    out = model.predict(holdout.to_pandas())
+    assert list(out.columns) == ["click", "conversion"]
+    np.testing.assert_allclose(out.to_numpy(), result.test.scores.numpy()[:50], rtol=0, atol=1e-5)
+    local = mlflow.artifacts.download_artifacts(model_uri)
+    from pathlib import Path
+
+    assert not list(Path(local).rglob("*.pkl")) and not list(Path(local).rglob("*.pt"))
+
+
+def test_ranking_score_combines_tasks() -> None:
+    s = np.array([[0.5, 0.1], [0.2, 0.4]])
+    np.testing.assert_allclose(ranking_score(s, ["a", "b"], RankingConfig()), [0.6, 0.6])
+    np.testing.assert_allclose(ranking_score(s, ["a", "b"], RankingConfig(weights={"b": 2})), [0.7, 1.0])
+    np.testing.assert_allclose(ranking_score(s, ["a", "b"], RankingConfig(kind="weighted_product")), [0.05, 0.08])
+    with pytest.raises(ValueError, match="unknown tasks"):
+        ranking_score(s, ["a", "b"], RankingConfig(weights={"c": 1}))
