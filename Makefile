@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed-$(shell cat $(PINS) | sha256sum | cut -c1-16)
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TEST_ARGS ?=
 
-.PHONY: install demo test bench bench-experts bench-census lock clean help
+.PHONY: install demo test bench bench-experts bench-serving bench-census lock clean help
 
 help:
 	@echo "make demo          synthetic data -> pipeline -> MMoE -> MLflow, end to end"
 	@echo "make test          the whole test suite"
 	@echo "make bench         all benchmarks (writes benchmarks/results/)"
 	@echo "make bench-experts the fused/routed expert kernels against a loop and torch.mm"
+	@echo "make bench-serving batch scoring rows/s; online /v1/rank latency vs mlflow models serve"
 	@echo "make bench-census  the MMoE paper's census-income comparison"
 
 install: $(STAMP)
@@ -37,10 +38,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(TEST_ARGS)
 
-bench: bench-experts bench-census
+bench: bench-experts bench-serving bench-census
 
 bench-experts: $(STAMP)
 	$(BIN)/python benchmarks/experts.py
+
+bench-serving: $(STAMP)
+	$(BIN)/python benchmarks/serving_speed.py
 
 bench-census: $(STAMP)
 	$(BIN)/python benchmarks/census.py

@@ -203,6 +203,21 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from serving.app import run
+    from serving.settings import ServingSettings
+
+    source = {"model_uri": args.model} if args.model.startswith("models:/") else {"model_dir": Path(args.model)}
+    settings = ServingSettings(
+        **source, host=args.host, port=args.port, poll_seconds=args.poll_seconds, max_rows=args.max_rows,
+        torch_threads=args.threads, ranking=_ranking(args), wait_for_model=args.wait,
+        **({"token": args.token} if args.token else {}),
+    )  # fmt: skip
+    print(f"serving {args.model} on http://{args.host}:{args.port}  (docs: /docs, metrics: /metrics)")
+    run(settings)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from recsys_moe.demo import run_demo
 
@@ -318,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=65_536, help="rows per chunk (bounds memory)")
     _ranking_args(p)
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("serve", help="online endpoint: POST /v1/score, POST /v1/rank, /healthz, /readyz, /metrics")
+    p.add_argument("--model", required=True, help="models:/NAME@champion (follows the alias), models:/NAME/VERSION "
+                   "or a model directory")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--poll-seconds", type=float, default=30.0, help="how often to check the alias for a new version")
+    p.add_argument("--max-rows", type=int, default=1000, help="most rows or candidates per request")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per request")
+    p.add_argument("--token", help="require this bearer token on /v1/* (default: $RECSYS_MOE_TOKEN if set)")
+    p.add_argument("--wait", action="store_true", help="start even if the alias does not exist yet (503 until then)")
+    _ranking_args(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="generate → pipeline → train MMoE → MLflow, end to end (a few minutes)")
     p.add_argument("--workdir", default="demo", help="where data and checkpoints go")

@@ -1,7 +1,8 @@
 """`make demo`: the whole flow on a generated event log, with nothing to download or start.
 
 generate a synthetic feed log → build features with the Polars pipeline → train an MMoE on
-click and conversion → track it in the embedded MLflow store → print per-task test AUCs.
+click and conversion → track it in the embedded MLflow store → register it and run the
+promotion gate → batch-score the holdout with the champion.
 """
 
 from __future__ import annotations
@@ -13,27 +14,30 @@ from features import load_spec
 from pipelines.build import build
 from pipelines.sources import synthetic
 from recsys_moe.config import load_config
+from recsys_moe.registry.publish import publish
+from recsys_moe.registry.versions import Registry
 from recsys_moe.report import print_result
 from recsys_moe.tracking.tracker import MlflowTracker
 from recsys_moe.training.trainer import TrainResult, train
 
 EXPERIMENT = "recsys-moe/demo"
+MODEL_NAME = "demo-ranker"
 
 
 def run_demo(workdir: Path, impressions: int = 400_000, epochs: int = 4, seed: int = 0) -> TrainResult:
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     config = synthetic.SyntheticConfig(n_impressions=impressions, seed=seed)
-    print(f"[1/4] generating {impressions:,} impressions ({config.n_users:,} users, {config.n_items:,} items, "
+    print(f"[1/6] generating {impressions:,} impressions ({config.n_users:,} users, {config.n_items:,} items, "
           f"{config.n_days} days)")  # fmt: skip
     synthetic.write(synthetic.generate(config), workdir / "raw")
 
-    print("[2/4] building features (Polars pipeline, spec features/specs/synthetic.yaml)")
+    print("[2/6] building features (Polars pipeline, spec features/specs/synthetic.yaml)")
     manifest = build(load_spec("synthetic"), workdir / "raw", workdir / "dataset")
     for split, info in manifest.splits.items():
         print(f"      {split:>5}: {info.rows_out:,} rows ({info.rows_rejected} rejected)")
 
-    print("[3/4] training MMoE on tasks click + conversion")
+    print("[3/6] training MMoE on tasks click + conversion")
     run_config = load_config(
         None, [f"train.epochs={epochs}", f"train.seed={seed}", f"train.checkpoint_dir={workdir / 'runs'}"]
     )
@@ -45,6 +49,25 @@ def run_demo(workdir: Path, impressions: int = 400_000, epochs: int = 4, seed: i
         raise
     tracker.close()
 
-    print("[4/4] done")
-    print_result(result, time.perf_counter() - start)
+    print_result(result)
+
+    print(f"[4/6] registering as {MODEL_NAME!r}; the gate compares it with the champion on the test rows")
+    published = publish(result, manifest, MODEL_NAME, tracking_uri=tracker.uri)
+    decision = published.decision
+    assert decision is not None
+    verdict = "promoted to champion" if decision.promote else "kept as challenger"
+    print(f"      v{published.version}: {verdict} — {decision.reason}")
+
+    print("[5/6] batch scoring the test rows with the champion")
+    from serving.batch import score_parquet
+
+    registry = Registry(tracker.uri)
+    name, version = registry.resolve(f"models:/{MODEL_NAME}@champion")
+    report = score_parquet(registry.scorer(name, version), manifest.raw_path("test"), workdir / "scores.parquet")
+    print(f"      {report.rows_out:,} rows scored by v{version} → {report.output} ({report.rows_per_s:,.0f} rows/s)")
+
+    print("[6/6] done. Next:")
+    print(f"      recsys-moe models {MODEL_NAME}")
+    print(f"      recsys-moe serve --model models:/{MODEL_NAME}@champion")
+    print(f"finished in {time.perf_counter() - start:.0f} s")
     return result

@@ -84,12 +84,12 @@ def score_parquet(
     try:
         for chunk in _chunks(files, chunk_rows):
             scored = scorer.score(chunk)
-            out = scored.keys.with_columns(
+            # Keys identify rows; without key columns in the input, the row number does.
+            ids = scored.keys if scored.keys.width else pl.DataFrame({ROW: scored.rows + rows_in})
+            out = ids.with_columns(
                 [pl.Series(t, scored.scores[:, i]) for i, t in enumerate(scorer.tasks)]
                 + [pl.Series(SCORE, ranking_score(scored.scores, scorer.tasks, ranking))]
             )
-            if not scored.keys.width:  # no key columns in the input: the row number identifies rows
-                out = out.with_columns(pl.Series(ROW, scored.rows + rows_in))
             table = out.to_arrow()
             writer = writer or pq.ParquetWriter(partial, table.schema)
             writer.write_table(table)
