@@ -26,8 +26,8 @@ import torch
 
 from pipelines.build import load_state
 from pipelines.manifest import Manifest
-from pipelines.transform import encode, encoders, key_column, typed
-from pipelines.validate import REASON, validate
+from pipelines.transform import encoders, key_column, typed
+from pipelines.validate import REASON, check_columns, reject_reason
 from recsys_moe.config import ModelConfig
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker
@@ -66,6 +66,7 @@ class Scorer:
         self.batch_size = batch_size
         self._state = load_state(self.manifest)
         self._encoders = encoders(self.spec, self._state)
+        self._reject_reason = reject_reason(self.spec, pl.Schema(), with_labels=False)  # built once
 
     @property
     def input_columns(self) -> list[str]:
@@ -74,14 +75,19 @@ class Scorer:
     def validate(self, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(valid rows, rejected rows), both with `_row`. Missing feature columns raise
         `pipelines.validate.SchemaError` naming them: that is the caller's bug, not a bad row."""
-        frame = frame.with_row_index(ROW)
-        valid, rejected = validate(frame, self.spec, where="scoring input", with_labels=False)
-        return valid, rejected
+        check_columns(frame.schema, self.spec, "scoring input", with_labels=False)
+        marked = frame.with_row_index(ROW).with_columns(self._reject_reason)
+        bad = marked[REASON].is_not_null()
+        if not bad.any():  # the common case: skip two filters
+            return marked.drop(REASON), marked.head(0)
+        return marked.filter(~bad).drop(REASON), marked.filter(bad)
 
     def encode(self, valid: pl.DataFrame) -> pl.DataFrame:
         missing_keys = [pl.lit(None).alias(k) for k in self.spec.keys if k not in valid.columns]
         frame = valid.with_columns(missing_keys) if missing_keys else valid
-        return encode(typed(frame, self.spec, with_labels=False), self.spec, self._state, self._encoders).collect()
+        # Eager, in two steps: for request-sized frames, planning one lazy query costs more than
+        # running it. Same expressions as the training pipeline.
+        return typed(frame, self.spec, with_labels=False).collect().with_columns(self._encoders)
 
     def predict_encoded(self, encoded: pl.DataFrame) -> np.ndarray:
         """Encoded rows → [N, T] scores, batched like training evaluation."""
