@@ -11,7 +11,7 @@
    `recsys-moe serve` (`POST /v1/rank`, one context + 100 candidates) and `mlflow models serve`
    of the same logged model (`POST /invocations` with the same 100 rows, context merged in, as
    MLflow's pyfunc has no notion of a shared context). An open-loop load generator (asyncio +
-   httpx, requests scheduled at a fixed rate; latency counted from the scheduled time, so a
+   aiohttp, requests scheduled at a fixed rate; latency counted from the scheduled time, so a
    slow server cannot hide queueing) runs each rate for `--seconds`; then a closed loop with 8
    concurrent clients measures the peak throughput. The load generator shares the 2 cores.
 
@@ -106,15 +106,14 @@ def _wait_ready(url: str, timeout: float = 120) -> None:
 
 
 async def _open_loop(url: str, body: dict, rate: float, seconds: float) -> dict[str, float]:
-    import httpx
+    import aiohttp
 
     n = int(rate * seconds)
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        payload = json.dumps(body).encode()
-        headers = {"content-type": "application/json"}
+    payload = json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
         start = time.perf_counter() + 0.1
 
         async def one(i: int) -> None:
@@ -122,10 +121,10 @@ async def _open_loop(url: str, body: dict, rate: float, seconds: float) -> dict[
             scheduled = start + i / rate
             await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
             try:
-                r = await client.post(url, content=payload, headers=headers)
-                if r.status_code != 200:
-                    errors += 1
-            except httpx.HTTPError:
+                async with session.post(url, data=payload, headers=headers) as r:
+                    await r.read()
+                    errors += r.status != 200
+            except aiohttp.ClientError:
                 errors += 1
             latencies.append(time.perf_counter() - scheduled)
 
@@ -138,22 +137,24 @@ async def _open_loop(url: str, body: dict, rate: float, seconds: float) -> dict[
 
 
 async def _closed_loop(url: str, body: dict, clients: int, seconds: float) -> dict[str, float]:
-    import httpx
+    import aiohttp
 
     done = errors = 0
     latencies: list[float] = []
     payload = json.dumps(body).encode()
-    async with httpx.AsyncClient(timeout=30) as client:
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession() as session:
         end = time.perf_counter() + seconds
 
         async def worker() -> None:
             nonlocal done, errors
             while time.perf_counter() < end:
                 t = time.perf_counter()
-                r = await client.post(url, content=payload, headers={"content-type": "application/json"})
+                async with session.post(url, data=payload, headers=headers) as r:
+                    await r.read()
+                    errors += r.status != 200
                 latencies.append(time.perf_counter() - t)
                 done += 1
-                errors += r.status_code != 200
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -187,7 +188,8 @@ def bench_online(seconds: float) -> dict[str, Any]:
     ours_body = {"context": context, "candidates": candidates}
     mlflow_body = {"dataframe_records": merged}
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RECSYS_MOE_CACHE": str(store_dir / "cache")}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RECSYS_MOE_CACHE": str(store_dir / "cache"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # mlflow runs `uvicorn`
     out: dict[str, Any] = {"candidates": CANDIDATES, "seconds_per_rate": seconds}
     servers = {
         "recsys-moe": ([sys.executable, "-m", "recsys_moe.cli", "serve", "--model", str(result.model_dir),
@@ -222,6 +224,17 @@ def bench_online(seconds: float) -> dict[str, Any]:
     return out
 
 
+def mm_rate(seconds: float = 1.0) -> float:
+    """fp32 GFLOP/s of torch.mm on this machine right now: this VM's speed drifts by 2x."""
+    a, b = torch.randn(2048, 1024), torch.randn(1024, 1024)
+    a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 2048 * 1024 * 1024 / (time.perf_counter() - start) / 1e9
+
+
 def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, Any]) -> str:
     ours, theirs = online["recsys-moe"], online["mlflow"]
     ratio = ours["peak"]["rps"] / theirs["peak"]["rps"]
@@ -231,7 +244,9 @@ def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, 
         "",
         f"Measured {meta['date']} on {meta['machine']} by `python benchmarks/serving_speed.py` "
         f"({online['seconds_per_rate']:.0f} s per rate). The load generator runs on the same 2 cores as "
-        "the server under test; one server process each.",
+        "the server under test; one server process each. This VM's speed drifts: fp32 `torch.mm` ran at "
+        f"{meta['mm_gflops_before']:.0f} GFLOP/s before and {meta['mm_gflops_after']:.0f} after the run "
+        "(164 is the median seen on this machine).",
         "",
         "## Online: `POST /v1/rank`, 1 context + 100 candidates, vs `mlflow models serve` of the same model",
         "",
@@ -286,9 +301,11 @@ def main() -> int:
     CACHE.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}  # fmt: skip
+    meta["mm_gflops_before"] = mm_rate()
     batch = bench_batch(args.batch_rows)
     print(f"batch scoring: {batch['rows_per_s']:,.0f} rows/s on {batch['rows']:,} {batch['data']} rows", flush=True)
     online = bench_online(args.seconds)
+    meta["mm_gflops_after"] = mm_rate()
     report = write_report(batch, online, meta)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
