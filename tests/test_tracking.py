@@ -10,6 +10,8 @@ from pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig, load_config
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.registry.package import bundle_path, log_model
+from recsys_moe.registry.promotion import read_holdout
 from recsys_moe.tracking.store import ui_command
 from recsys_moe.tracking.tracker import MlflowTracker
 from recsys_moe.training.trainer import train
@@ -32,16 +34,24 @@ def test_run_is_written_to_a_temporary_store(synthetic_manifest: Manifest, tmp_p
     assert abs(run.data.metrics["test_click_auc"] - result.test.metrics["click"]["auc"]) < 1e-9
     assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {synthetic_manifest.digest[:36]}
 
-    artifacts = {a.path for top in ("model", "plots", "dataset") for a in client.list_artifacts(run.info.run_id, top)}
-    assert {"model/model.safetensors", "model/model_config.json", "model/manifest.json", "dataset/manifest.json",
-            "plots/validation_curves.png", "plots/gate_heatmap.png"} <= artifacts  # fmt: skip
+    artifacts = {a.path for top in ("plots", "dataset") for a in client.list_artifacts(run.info.run_id, top)}
+    assert {"dataset/manifest.json", "plots/validation_curves.png", "plots/gate_heatmap.png"} <= artifacts
     # Artifacts live beside the store, not in the working directory.
     assert (tmp_path / "mlartifacts").is_dir()
 
-    # The logged weights are a state dict that loads into a fresh (plain EBC) model.
-    local = client.download_artifacts(run.info.run_id, "model/model.safetensors", str(tmp_path / "dl"))
+    # The model is logged as a pyfunc whose bundle holds weights, config, manifest and vocabularies;
+    # the weights are a state dict that loads into a fresh (plain EBC) model.
+    model_uri = log_model(result.model_dir, result.run_id, read_holdout(synthetic_manifest.raw_path("test")),
+                          tracking_uri=uri)
+    bundle = bundle_path(Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl"),
+                                                                   tracking_uri=uri)))  # fmt: skip
+    assert {"model.safetensors", "model_config.json", "manifest.json"} <= {p.name for p in bundle.iterdir()}
+    assert sorted(p.name for p in (bundle / "vocab").iterdir()) == sorted(
+        Path(v).name for v in synthetic_manifest.vocab_files.values()
+    )
+    local = bundle / "model.safetensors"
     model = MultiTaskRanker(synthetic_manifest, ModelConfig())
-    model.load_state_dict(load_file(local))
+    model.load_state_dict(load_file(str(local)))
     data = InMemoryDataset.from_split(synthetic_manifest, "test", model.sparse.keys, model.task_names)
     model.eval()
     with torch.no_grad():

@@ -41,6 +41,7 @@ def log_model(
     bundle_dir: Path,
     run_id: str,
     example: pl.DataFrame | None = None,
+    *,
     registered_name: str | None = None,
     tracking_uri: str | None = None,
 ) -> str:
