@@ -150,7 +150,7 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def write_report(records: list[RunRecord], meta: dict, manifests: dict[str, Manifest]) -> str:
+def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, list[str]]) -> str:
     lines = [
         "# Census-income (UCI KDD) — MMoE paper benchmark",
         "",
@@ -166,15 +166,14 @@ def write_report(records: list[RunRecord], meta: dict, manifests: dict[str, Mani
         "shared by both tasks. CGC: 3 experts per task + 2 shared, each [64, 32]; PLE: two such layers.",
         "",
     ]
-    for group, manifest in manifests.items():
-        tasks = manifest.task_names
+    for group, tasks in group_tasks.items():
         lines += [f"## {group}: tasks {', '.join(tasks)}", ""]
         header = (
-            "| model | "
+            "| model | runs | "
             + " | ".join(f"{t} test AUC mean ± sd | {t} best" for t in tasks)
             + " | paper (best) | train samples/s | infer samples/s |"
         )
-        lines += [header, "|" + "---|" * (3 + 2 * len(tasks) + 1)]
+        lines += [header, "|" + "---|" * (4 + 2 * len(tasks) + 1)]
         for arch in ARCH_NAMES:
             rows = [r for r in records if r.group == group and r.arch == arch]
             if not rows:
@@ -187,8 +186,10 @@ def write_report(records: list[RunRecord], meta: dict, manifests: dict[str, Mani
             paper_cell = " / ".join(f"{paper[t]:.4f}" for t in tasks) if paper else "–"
             train_rate = statistics.median(r.train_samples_per_s for r in rows)
             infer_rate = statistics.median(r.infer_samples_per_s for r in rows)
+            seeds = len({r.seed for r in rows})
             lines.append(
-                f"| {ARCH_NAMES[arch]} | "
+                f"| {ARCH_NAMES[arch]} | {len(rows) // max(len({tuple(r.tasks) for r in rows}), 1)} seeds"
+                f"{'' if seeds >= meta['seeds'] else ' (incomplete)'} | "
                 + " | ".join(cells)
                 + f" | {paper_cell} | {train_rate:,.0f} | {infer_rate:,.0f} |"
             )
@@ -217,7 +218,14 @@ def write_report(records: list[RunRecord], meta: dict, manifests: dict[str, Mani
             "caps this model below 180k.",
             "",
         ]
-    lines += ["Raw per-run numbers: `census.json`.", ""]
+    lines += [
+        "Speed columns are medians over a row's runs. Each run also records the GEMM rate measured just "
+        "before it (`gemm_gflops` in `census.json`); runs that shared the CPU with other jobs are slower "
+        "than that rate predicts, so compare speeds between rows measured in the same session only.",
+        "",
+        "Raw per-run numbers: `census.json`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -230,7 +238,16 @@ def main() -> int:
     parser.add_argument("--archs", nargs="+", default=list(ARCH_NAMES), choices=list(ARCH_NAMES))
     parser.add_argument("--fresh", action="store_true", help="drop earlier runs in census.json instead of merging")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--report-only", action="store_true", help="rewrite census.md from census.json")
     args = parser.parse_args()
+    if args.report_only:
+        raw = json.loads((args.out / "census.json").read_text())
+        records = [RunRecord(**r) for r in raw["runs"]]
+        group_tasks = {g: load_spec(g).task_names for g in sorted({r.group for r in records})}
+        report = write_report(records, raw["meta"], group_tasks)
+        (args.out / "census.md").write_text(report)
+        print(report)
+        return 0
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     if not (args.data / "census-income.data.gz").exists():
@@ -285,7 +302,7 @@ def main() -> int:
         (args.out / "census.json").write_text(
             json.dumps({"meta": meta, "runs": [asdict(r) for r in records]}, indent=1)
         )
-    report = write_report(records, meta, manifests)
+    report = write_report(records, meta, {g: m.task_names for g, m in manifests.items()})
     (args.out / "census.md").write_text(report)
     print(report)
     return 0

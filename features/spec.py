@@ -166,6 +166,10 @@ class FeatureSpec(_Strict):
         return list(dict.fromkeys(cols))
 
     @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
     def input_columns(self) -> list[str]:
         """The raw columns a model scores from: every feature's source, no keys and no labels."""
         return list(dict.fromkeys(f.source_column for f in self.features))

@@ -32,6 +32,7 @@ from recsys_moe.registry.promotion import read_holdout
 from recsys_moe.registry.versions import Registry
 from recsys_moe.scoring import RankingConfig, Scorer, ranking_score
 from serving.app import create_app
+from serving.batch import score_parquet
 from serving.settings import ServingSettings
 
 MAX_ROWS = 200
@@ -103,17 +104,31 @@ def _ok(client: httpx.Client, rows: list[dict[str, Any]]) -> None:
     assert response.status_code == 200, response.text
 
 
-# -- 1. the same scores as the trainer's evaluation ---------------------------------------------
-def test_score_matches_trainer_evaluation(client: httpx.Client, logged_model, raw_rows, scorer: Scorer) -> None:
+# -- 1. the same scores three ways: trainer evaluation, batch scoring, HTTP -------------------------
+def test_same_scores_three_ways(
+    client: httpx.Client, logged_model, holdout: pl.DataFrame, raw_rows, scorer: Scorer, tmp_path: Path
+) -> None:
     result, _ = logged_model
-    response = client.post("/v1/score", json={"rows": raw_rows[:50]})
+    trainer = result.test.scores.numpy()[:MAX_ROWS]  # the trainer's evaluation of the test split
+
+    source, out = tmp_path / "rows.parquet", tmp_path / "scores.parquet"
+    holdout.head(MAX_ROWS).write_parquet(source)
+    report = score_parquet(scorer, source, out, chunk_rows=64, progress=False)
+    assert report.rows_out == MAX_ROWS and report.rejects is None
+    batch = pl.read_parquet(out).select(scorer.tasks).to_numpy()
+
+    response = client.post("/v1/score", json={"rows": raw_rows})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["tasks"] == scorer.tasks == ["click", "conversion"]
     assert body["model"]["version"] == "local" and body["model"]["run_id"] == result.run_id
-    got = np.array([[s[t] for t in body["tasks"]] for s in body["scores"]])
-    np.testing.assert_allclose(got, result.test.scores.numpy()[:50], rtol=0, atol=1e-5)
     assert response.headers["x-model-version"] == "local"
+    http = np.array([[s[t] for t in body["tasks"]] for s in body["scores"]])
+
+    assert trainer.shape == batch.shape == http.shape == (MAX_ROWS, 2)
+    np.testing.assert_allclose(batch, trainer, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(http, trainer, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(http, batch, rtol=0, atol=1e-5)
 
 
 # -- 2. ranking ----------------------------------------------------------------------------------
