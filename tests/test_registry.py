@@ -100,3 +100,19 @@ def test_batch_scoring_from_the_registry(
     # The same rows through the bundle directly.
     direct = Scorer(result.model_dir).score(rows)
     np.testing.assert_allclose(head.select("click", "conversion").to_numpy(), direct.scores, atol=1e-6)
+
+
+def test_model_cache_is_keyed_by_the_logged_model_not_name_and_version(
+    synthetic_manifest: Manifest, logged_model, registry_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two stores can both hold `ranker` v1; the download cache must not hand one store's model
+    to the other (found when a demo in a second checkout scored the first checkout's model)."""
+    monkeypatch.setenv("RECSYS_MOE_CACHE", str(tmp_path / "cache"))
+    other_store = f"sqlite:///{tmp_path / 'other.db'}"
+    _, other_uri = train_logged_model(synthetic_manifest, other_store, tmp_path / "other", "train.seed=5")
+    a, b = Registry(registry_store), Registry(other_store)
+    a.register(logged_model[1], "same-name")
+    b.register(other_uri, "same-name")
+    assert a.bundle("same-name", "1") != b.bundle("same-name", "1")
+    rows = read_holdout(synthetic_manifest.raw_path("test")).head(20)
+    assert not np.allclose(a.scorer("same-name", "1").score(rows).scores, b.scorer("same-name", "1").score(rows).scores)

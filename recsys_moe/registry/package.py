@@ -93,19 +93,18 @@ def bundle_path(model_dir: Path) -> Path:
     return model_dir / artifacts["bundle"]["path"]
 
 
-def download_bundle(model_uri: str, cache_dir: Path, tracking_uri: str | None = None) -> Path:
-    """Download a model (e.g. `models:/ranker/3`) once into `cache_dir` and return its bundle.
+def download_bundle(model_uri: str, target: Path, tracking_uri: str | None = None) -> Path:
+    """Download a model (e.g. `models:/m-<id>`) into `target` once and return its bundle.
 
-    Resolve aliases to versions before calling (`registry.versions.resolve`): a cache keyed by an
-    alias would keep serving the old model after the alias moves.
+    `target` must be unique to that model: key it by the logged model's id, never by a registry
+    name and version alone (two stores can both have a `ranker` v1) nor by an alias (it moves).
     """
     import mlflow
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / model_uri.replace(":/", "/").replace("/", "_").replace("@", "_")
     if not (target / "MLmodel").exists():
         mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))
         shutil.rmtree(target, ignore_errors=True)  # a partial download from an earlier crash
         tmp.replace(target)

@@ -70,7 +70,11 @@ class Registry:
         return name, version
 
     def bundle(self, name: str, version: str) -> Path:
-        return download_bundle(f"models:/{name}/{version}", cache_dir(), self.uri)
+        """The version's bundle, downloaded once into the cache, keyed by its logged model."""
+        source = self.client.get_model_version(name, version).source  # models:/m-<uuid>: unique
+        key = source.removeprefix("models:/") if source.startswith("models:/m-") else f"{name}-{version}-{source}"
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+        return download_bundle(source, cache_dir() / safe, self.uri)
 
     def scorer(self, name: str, version: str) -> Scorer:
         return Scorer(self.bundle(name, version))
