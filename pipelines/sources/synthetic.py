@@ -23,6 +23,7 @@ Generative model (hidden from the output tables):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import shutil
@@ -40,8 +41,10 @@ __all__ = [
     "SyntheticConfig",
     "SyntheticTables",
     "generate",
+    "generate_day",
     "read",
     "write",
+    "write_partitions",
 ]
 
 USERS_SCHEMA = pl.Schema(
@@ -374,14 +377,18 @@ def _make_timestamps(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarr
     return ts
 
 
-def generate(config: SyntheticConfig) -> SyntheticTables:
+def generate(config: SyntheticConfig, *, events_key: int | None = None) -> SyntheticTables:
     """Build users, items and ts-sorted impressions; identical output for identical configs.
 
     Independent child streams (users, items, world, calibration, time, impressions) keep
     tables stable when unrelated sizes change, e.g. more impressions keep the same users.
+    `events_key` draws the time and impression streams from (seed, events_key) instead, so
+    different keys give different events in the same world (see :func:`generate_day`).
     """
     cfg = config
     streams = np.random.SeedSequence(cfg.seed).spawn(6)
+    if events_key is not None:
+        streams[4:] = np.random.SeedSequence([cfg.seed, int(events_key)]).spawn(2)
     rng_world, rng_users, rng_items, rng_cal, rng_time, rng_imp = (np.random.default_rng(s) for s in streams)
 
     cat_latent = rng_world.normal(0.0, 1.0, (cfg.n_categories, cfg.latent_dim))
@@ -448,6 +455,31 @@ def generate(config: SyntheticConfig) -> SyntheticTables:
     return SyntheticTables(users=users, items=items, impressions=impressions)
 
 
+# impression_id of a day's events = day number since 1970 * this + row: unique across days.
+DAY_ID_STRIDE = 1_000_000_000
+
+
+def generate_day(config: SyntheticConfig, day: datetime.date) -> SyntheticTables:
+    """The events of one day in `config`'s world, for logs that grow a day at a time.
+
+    Users and items are those of ``generate(config)`` (same seed and sizes); the impressions
+    (``config.n_impressions`` of them, all on `day`; ``start_date`` and ``n_days`` are ignored)
+    come from streams keyed by (seed, day), so each day differs and every call for the same day
+    returns the same rows. Impression ids are ``day number * DAY_ID_STRIDE + row``, unique
+    across days.
+    """
+    if not isinstance(day, datetime.date) or isinstance(day, datetime.datetime):
+        raise ValueError(f"day must be a datetime.date, got {day!r}")
+    if config.n_impressions >= DAY_ID_STRIDE:
+        raise ValueError(f"n_impressions per day must be below {DAY_ID_STRIDE:,}")
+    number = (day - _EPOCH).days
+    one_day = dataclasses.replace(config, start_date=day, n_days=1)
+    tables = generate(one_day, events_key=number)
+    ids = pl.col("impression_id") + number * DAY_ID_STRIDE
+    tables.impressions = tables.impressions.with_columns(ids)
+    return tables
+
+
 def _atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
     """Write to a hidden temp file in the target dir, then os.replace: readers never see partial files."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -476,8 +508,18 @@ def write(tables: SyntheticTables, out_dir: Path) -> dict[str, Path]:
         "items": out_dir / "items.parquet",
         "impressions": imp_dir,
     }
-    _atomic_write_parquet(tables.users, paths["users"])
-    _atomic_write_parquet(tables.items, paths["items"])
+    written = _write_tables(tables, out_dir)
+    for stale in imp_dir.glob("day=*"):
+        if stale.name not in written:
+            shutil.rmtree(stale)
+    return paths
+
+
+def _write_tables(tables: SyntheticTables, out_dir: Path) -> set[str]:
+    """users, items and one impressions partition per day with events → the partition names."""
+    imp_dir = out_dir / "impressions"
+    _atomic_write_parquet(tables.users, out_dir / "users.parquet")
+    _atomic_write_parquet(tables.items, out_dir / "items.parquet")
 
     imp = tables.impressions
     if not imp["ts"].is_sorted():
@@ -493,10 +535,18 @@ def write(tables: SyntheticTables, out_dir: Path) -> dict[str, Path]:
         written.add(part)
         offset += length
     imp_dir.mkdir(parents=True, exist_ok=True)
-    for stale in imp_dir.glob("day=*"):
-        if stale.name not in written:
-            shutil.rmtree(stale)
-    return paths
+    return written
+
+
+def write_partitions(tables: SyntheticTables, out_dir: Path) -> list[Path]:
+    """Add (or replace) the day partitions of `tables` in a log written by :func:`write`.
+
+    Unlike :func:`write`, partitions of other days are left alone, so a log can grow one day at
+    a time (``write_partitions(generate_day(config, day), out_dir)``). Users and items are
+    rewritten atomically (identical content for the same config). Returns the partitions written.
+    """
+    out_dir = Path(out_dir)
+    return [out_dir / "impressions" / part for part in sorted(_write_tables(tables, out_dir))]
 
 
 def read(raw_dir: Path) -> tuple[pl.LazyFrame, pl.LazyFrame, pl.LazyFrame]:

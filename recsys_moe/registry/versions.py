@@ -92,16 +92,26 @@ class Registry:
         decision = evaluate_candidate(candidate, champion_scorer, holdout, config, champion)
         if force and not decision.promote:
             decision.promote, decision.reason = True, f"forced (the gate said: {decision.reason})"
-        for key, value in decision.tags().items():
+        self.record_decision(name, version, decision.tags())
+        self.apply_decision(name, version, decision.promote, champion)
+        log.info("%s v%s: %s — %s", name, version, decision.tags()["gate.decision"], decision.reason)
+        return decision
+
+    def record_decision(self, name: str, version: str, tags: dict[str, str]) -> None:
+        """Write a gate decision (`Decision.tags()`) on the version, so the registry shows why."""
+        for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, value)
-        if decision.promote:
-            self._make_champion(name, version, champion)
+
+    def apply_decision(self, name: str, version: str, promote: bool, champion: str | None = None) -> None:
+        """Move the aliases for a decision: `champion` to `version` if it won (recording the
+        version it replaced, `champion` by default the current one), else `challenger` to it."""
+        if promote:
+            previous = champion if champion is not None else self.alias_version(name, CHAMPION)
+            self._make_champion(name, version, previous if previous != version else None)
             if self.alias_version(name, CHALLENGER) == version:
                 self.client.delete_registered_model_alias(name, CHALLENGER)
         else:
             self.client.set_registered_model_alias(name, CHALLENGER, version)
-        log.info("%s v%s: %s — %s", name, version, decision.tags()["gate.decision"], decision.reason)
-        return decision
 
     def _make_champion(self, name: str, version: str, previous: str | None) -> None:
         if previous is not None:
@@ -138,6 +148,25 @@ class Registry:
                 "reason": tags.get("gate.reason", ""),
             })  # fmt: skip
         return sorted(rows, key=lambda r: -r["version"])
+
+    def find_versions(self, name: str, tags: dict[str, str]) -> list[str]:
+        """Versions of `name` carrying every one of `tags` (key → exact value), oldest first.
+
+        How a re-run finds the version an earlier run of the same job registered, instead of
+        registering a duplicate (e.g. the retraining DAG tags versions with its logical date).
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(f"name='{name}'")
+        except MlflowException:
+            return []
+        out = []
+        for mv in found:
+            have = mv.tags or self.client.get_model_version(name, mv.version).tags or {}
+            if all(have.get(k) == v for k, v in tags.items()):
+                out.append(str(mv.version))
+        return sorted(out, key=int)
 
     def register(self, model_uri: str, name: str, tags: dict[str, str] | None = None) -> str:
         """A new version of `name` from a logged model URI → its version number."""

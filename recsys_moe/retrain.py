@@ -1,0 +1,510 @@
+"""Scheduled retraining, one step per function: what the Airflow DAG `dags/retrain_ranking.py` runs.
+
+Every step takes plain arguments (paths, dates, names) and returns a JSON-serialisable dict, so
+the DAG only wires steps together (their results travel as XComs) and each step can be run and
+tested without Airflow. Heavy imports (polars, torch, mlflow) happen inside the steps: importing
+this module is cheap, which keeps the DAG file fast to parse.
+
+One run works on one **day**: the last complete day before the run's data interval ends
+(:func:`interval_day`). Everything it writes lives under ``<home>/retrain/<dag_id>/<day>/``:
+
+* ``features/``  the Polars pipeline's dataset for the window of days ending on that day;
+* ``model/``     the training checkpoints, ``model/best`` the model bundle, ``model/train.json``;
+* ``scores/``    the next day's candidates and their scores by the champion;
+* ``summary.json`` the run summary.
+
+Directories are built beside their destination and swapped in with a rename, files are written to
+a temporary name and renamed, so a retry or a re-run of the same day replaces its outputs instead
+of duplicating or half-writing them. Registration is idempotent too: a version is tagged with the
+DAG id, the day and its training run, and a re-run finds and re-uses it (and its recorded gate
+decision) instead of registering a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "retrain_ranking"
+# Model-version / run tags that key a registration to the DAG run that made it.
+TAG_DAG, TAG_DAY, TAG_RUN, TAG_FINGERPRINT = "retrain.dag_id", "retrain.interval", "run_id", "retrain.fingerprint"
+TAG_APPLIED = "retrain.applied"  # set once the promote/keep branch has moved the aliases
+
+DEFAULTS: dict[str, Any] = {
+    "spec": "synthetic",
+    "window_days": 7,
+    "arch": "mmoe",
+    "margin": 0.0,
+    "tolerance": 0.002,
+    "model_name": "recsys-ranker",
+    "experiment": "recsys-moe/retrain",
+    "run_config": None,
+    "overrides": [],
+    "home": None,
+    "source_dir": None,
+    "tracking_uri": None,
+    "synthetic": {"emit": True, "n_users": 5_000, "n_items": 2_000, "impressions_per_day": 30_000, "seed": 0},
+}
+
+
+# -- where and when --------------------------------------------------------------------------
+def interval_day(data_interval_start: datetime | None, data_interval_end: datetime | None,
+                 run_after: datetime | None = None) -> date:  # fmt: skip
+    """The day of events a run works on: the last complete day before its data interval ends.
+
+    A daily ``CronDataIntervalTimetable`` run for [Jan 8, Jan 9) and a ``@daily`` trigger
+    (``CronTriggerTimetable``, an empty interval at Jan 9 00:00) both give Jan 8; a manual run
+    at Jan 9 13:00 also gives Jan 8 (Jan 9 is not over yet). Runs without a data interval (an
+    Airflow 3 manual run with no logical date) use `run_after`.
+    """
+    end = data_interval_end or run_after
+    if end is None:
+        raise ValueError("a run needs a data interval or a run_after date")
+    if data_interval_start is not None and data_interval_start < end:
+        return (end - timedelta(microseconds=1)).date()
+    return end.date() - timedelta(days=1)
+
+
+def home(explicit: str | None = None) -> Path:
+    """Root of the DAG's data and outputs: the `home` param, else $RECSYS_MOE_HOME, else ~/recsys-moe."""
+    return Path(explicit or os.environ.get("RECSYS_MOE_HOME") or Path.home() / "recsys-moe").expanduser().resolve()
+
+
+def resolve_run(params: dict[str, Any], dag_id: str, day: date) -> dict[str, Any]:
+    """The params (defaults filled in) plus every path of this day's run → one XCom-safe dict."""
+    p = {**DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
+    p["synthetic"] = {**DEFAULTS["synthetic"], **((params or {}).get("synthetic") or {})}
+    root = home(p["home"])
+    run_dir = root / "retrain" / dag_id / day.isoformat()
+    spec_name = Path(str(p["spec"])).stem
+    uri = p["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns.db'}"
+    source = Path(p["source_dir"]).expanduser().resolve() if p["source_dir"] else root / "events" / spec_name
+    return {
+        **p,
+        "dag_id": dag_id,
+        "day": day.isoformat(),
+        "window": [(day - timedelta(days=int(p["window_days"]) - 1)).isoformat(), day.isoformat()],
+        "home": str(root),
+        "source_dir": str(source),
+        "tracking_uri": uri,
+        "run_dir": str(run_dir),
+        "features_dir": str(run_dir / "features"),
+        "model_dir": str(run_dir / "model"),
+        "scores_dir": str(run_dir / "scores"),
+        "summary_path": str(run_dir / "summary.json"),
+    }
+
+
+# -- atomic writes ---------------------------------------------------------------------------
+def write_json(path: Path, obj: Any) -> Path:
+    """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True, default=str)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other readers of shared storage
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _swap_in(work: Path, target: Path) -> None:
+    """Replace directory `target` by `work` (same parent) with renames only."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(work, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, target)
+
+
+# -- 1. events and features ------------------------------------------------------------------
+def _days(first: date, last: date) -> list[date]:
+    return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def _partition(source_dir: Path, day: date) -> Path:
+    return source_dir / "impressions" / f"day={day.isoformat()}"
+
+
+def ensure_events(source_dir: str | Path, days: list[date], synthetic: dict[str, Any]) -> list[str]:
+    """Emit the synthetic source's partitions of `days` that are missing → the days written.
+
+    Existing partitions are never rewritten: they are the log (and a test may have planted
+    degraded ones). Each emitted day is deterministic (`pipelines.sources.synthetic.generate_day`).
+    """
+    from pipelines.sources import synthetic as syn
+
+    source_dir = Path(source_dir)
+    config = syn.SyntheticConfig(
+        n_users=int(synthetic["n_users"]), n_items=int(synthetic["n_items"]),
+        n_impressions=int(synthetic["impressions_per_day"]), seed=int(synthetic["seed"]),
+    )  # fmt: skip
+    written = []
+    for day in days:
+        if not (_partition(source_dir, day) / "part-0.parquet").is_file():
+            syn.write_partitions(syn.generate_day(config, day), source_dir)
+            written.append(day.isoformat())
+    if written:
+        log.info("synthetic source %s: emitted days %s", source_dir, written)
+    return written
+
+
+def _window_frames(source_dir: Path, days: list[date]):  # type: ignore[no-untyped-def]
+    """The joined event rows (impressions + users + items) of `days` only, lazily."""
+    import polars as pl
+
+    from pipelines.sources import events
+
+    missing = [d.isoformat() for d in days if not _partition(source_dir, d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{source_dir}: no events for days {missing} (not landed yet?)")
+    return events.joined(source_dir).filter(pl.col("ts").dt.date().is_in(days))
+
+
+def build_features(run: dict[str, Any]) -> dict[str, Any]:
+    """Build the dataset of the run's window: train on its first days, validate and test on its last
+    (the spec's `valid_days`/`test_days`), vocabularies fitted on train only. Replaces any earlier
+    build of the same day (atomic directory swap)."""
+    import polars as pl
+
+    from features import load_spec
+    from pipelines.build import build_frames
+
+    spec = load_spec(run["spec"])
+    if spec.dataset is None or spec.dataset.source != "synthetic":
+        raise ValueError(f"spec {spec.name!r}: the retraining DAG needs a day-partitioned event log (dataset "
+                         f"source 'synthetic'), not {spec.dataset.source if spec.dataset else None!r}")  # fmt: skip
+    day = date.fromisoformat(run["day"])
+    first = date.fromisoformat(run["window"][0])
+    source_dir = Path(run["source_dir"])
+    emitted: list[str] = []
+    if run["synthetic"].get("emit"):  # the window and the next day (whose candidates get scored)
+        emitted = ensure_events(source_dir, _days(first, day + timedelta(days=1)), run["synthetic"])
+    valid_days = int(spec.dataset.options.get("valid_days", 1))
+    test_days = int(spec.dataset.options.get("test_days", 1))
+    if int(run["window_days"]) <= valid_days + test_days:
+        raise ValueError(f"window_days={run['window_days']} leaves no training days "
+                         f"({valid_days} validation + {test_days} test days)")  # fmt: skip
+    frame = _window_frames(source_dir, _days(first, day))
+    test_start = day - timedelta(days=test_days - 1)
+    valid_start = test_start - timedelta(days=valid_days)
+    d = pl.col("ts").dt.date()
+    raw = {
+        "train": frame.filter(d < valid_start),
+        "valid": frame.filter((d >= valid_start) & (d < test_start)),
+        "test": frame.filter(d >= test_start),
+    }
+    manifest = build_frames(raw, spec, Path(run["features_dir"]), f"synthetic:{source_dir}[{first}..{day}]",
+                            progress=False)  # fmt: skip
+    rows = {split: info.rows_out for split, info in manifest.splits.items()}
+    log.info("features for %s..%s → %s: %s", first, day, run["features_dir"], rows)
+    return {"features_dir": run["features_dir"], "digest": manifest.digest, "rows": rows,
+            "rejected": {s: i.rows_rejected for s, i in manifest.splits.items()}, "emitted_days": emitted}  # fmt: skip
+
+
+# -- 2. train --------------------------------------------------------------------------------
+def _run_config(run: dict[str, Any], checkpoint_dir: Path):  # type: ignore[no-untyped-def]
+    from recsys_moe.config import load_config
+
+    overrides = [f"model.arch={run['arch']}", *run["overrides"], f"train.checkpoint_dir={checkpoint_dir}"]
+    return load_config(run["run_config"], overrides)
+
+
+def _fingerprint(manifest_digest: str, spec_hash: str, config_flat: dict[str, Any]) -> str:
+    """What a model depends on: the data, the spec and the run config (not where it is written)."""
+    flat = {k: v for k, v in config_flat.items() if k not in ("train.checkpoint_dir", "tracking.run_name")}
+    blob = json.dumps({"data": manifest_digest, "spec": spec_hash, "config": flat}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _finished_run(uri: str, run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        info = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info
+    except MlflowException:
+        return False
+    return info.status == "FINISHED" and info.lifecycle_stage == "active"
+
+
+def train_model(run: dict[str, Any]) -> dict[str, Any]:
+    """Train on the day's dataset, tracked as one MLflow run; the bundle lands in `model/best`.
+
+    Idempotent: when `model/train.json` records a finished run with the same fingerprint (same
+    data, spec and config), that model is re-used rather than trained (and tracked) again.
+    """
+    from pipelines.manifest import Manifest
+    from recsys_moe.tracking.tracker import MlflowTracker
+    from recsys_moe.training.trainer import train
+
+    manifest = Manifest.load(run["features_dir"])
+    model_dir, run_dir = Path(run["model_dir"]), Path(run["run_dir"])
+    config = _run_config(run, model_dir)
+    fingerprint = _fingerprint(manifest.digest, manifest.spec_hash, config.flat())
+    record_path = model_dir / "train.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("fingerprint") == fingerprint and _finished_run(run["tracking_uri"], record["run_id"]):
+            log.info("day %s already trained with the same data and config: re-using run %s (%s)",
+                     run["day"], record["run_id"], model_dir)  # fmt: skip
+            return {**record, "reused": True}
+
+    work = Path(tempfile.mkdtemp(prefix=".model.", dir=run_dir))
+    work.chmod(0o755)
+    config = _run_config(run, work)
+    tracker = MlflowTracker(run["experiment"], run_name=f"{run['dag_id']}-{run['day']}", uri=run["tracking_uri"])
+    try:
+        tracker.set_tags({TAG_DAG: run["dag_id"], TAG_DAY: run["day"], TAG_FINGERPRINT: fingerprint})
+        result = train(manifest, config, tracker=tracker, progress=False)
+        record = {
+            "run_id": result.run_id,
+            "experiment_id": tracker.experiment_id,
+            "fingerprint": fingerprint,
+            "bundle_dir": str(model_dir / "best"),
+            "best_epoch": result.best_epoch,
+            "valid": result.valid.flat("valid"),
+            "test": result.test.flat("test"),
+            "tasks": result.tasks,
+        }
+        write_json(work / "train.json", record)
+        _swap_in(work, model_dir)
+    except BaseException:
+        tracker.close("FAILED")
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    tracker.close()
+    log.info("trained %s for %s: run %s, test %s", run["arch"], run["day"], result.run_id, record["test"])
+    return {**record, "reused": False}
+
+
+# -- 3. evaluate against the champion --------------------------------------------------------
+def _version_tags(run: dict[str, Any], run_id: str) -> dict[str, str]:
+    return {TAG_DAG: run["dag_id"], TAG_DAY: run["day"], TAG_RUN: run_id}
+
+
+def _recorded_decision(tags: dict[str, str]) -> dict[str, Any]:
+    def metrics(prefix: str) -> dict[str, float]:
+        return {k.removeprefix(prefix): float(v) for k, v in tags.items() if k.startswith(prefix)}
+
+    return {
+        "promote": tags["gate.decision"] == "promoted",
+        "reason": tags.get("gate.reason", ""),
+        "candidate": metrics("gate.candidate."),
+        "champion": metrics("gate.champion."),
+        "champion_version": tags.get("gate.champion_version"),
+        "rows": int(tags.get("gate.holdout_rows", 0)),
+        "tags": {k: v for k, v in tags.items() if k.startswith("gate.")},
+    }
+
+
+def evaluate(run: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    """Score the new model and the current champion on the day's holdout (the test split's raw rows,
+    each model through its own bundle) and decide; nothing in the registry changes yet.
+
+    A re-run of a day whose version already carries a gate decision returns that decision
+    (``reused``) instead of gating again: against itself, or a later champion, it would say
+    something else.
+    """
+    from pipelines.manifest import Manifest
+    from recsys_moe.registry.promotion import CHAMPION, PromotionConfig, evaluate_candidate, read_holdout
+    from recsys_moe.registry.versions import Registry
+    from recsys_moe.scoring import Scorer
+
+    registry, name = Registry(run["tracking_uri"]), run["model_name"]
+    existing = registry.find_versions(name, _version_tags(run, trained["run_id"]))
+    if existing:
+        tags = registry.client.get_model_version(name, existing[-1]).tags or {}
+        if "gate.decision" in tags:
+            decision = _recorded_decision(tags)
+            log.info("%s v%s (day %s) was already gated: %s — %s", name, existing[-1], run["day"],
+                     tags["gate.decision"], decision["reason"])  # fmt: skip
+            return {**decision, "reused": True, "version": existing[-1]}
+
+    holdout = read_holdout(Manifest.load(run["features_dir"]).raw_path("test"))
+    champion = registry.alias_version(name, CHAMPION)
+    config = PromotionConfig(margin=float(run["margin"]), tolerance=float(run["tolerance"]))
+    decision = evaluate_candidate(
+        Scorer(trained["bundle_dir"]), registry.scorer(name, champion) if champion else None, holdout, config, champion
+    )
+    log.info("candidate for %s vs champion %s on %d holdout rows: %s — %s", run["day"], champion, decision.rows,
+             "promote" if decision.promote else "keep the champion", decision.reason)  # fmt: skip
+    return {
+        "promote": decision.promote, "reason": decision.reason, "candidate": decision.candidate,
+        "champion": decision.champion, "champion_version": champion, "rows": decision.rows,
+        "tags": decision.tags(), "reused": False, "version": existing[-1] if existing else None,
+    }  # fmt: skip
+
+
+# -- 4. register -----------------------------------------------------------------------------
+def _logged_model(uri: str, run_id: str) -> str | None:
+    """The pyfunc an earlier attempt already logged for `run_id` (a crash before registering)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        models = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    except Exception:  # noqa: BLE001 - an older store without logged models: just log again
+        return None
+    ready = [m for m in models if str(getattr(m, "status", "")).endswith("READY")]
+    return f"models:/{ready[0].model_id}" if ready else None
+
+
+def register(run: dict[str, Any], trained: dict[str, Any], decision: dict[str, Any]) -> dict[str, Any]:
+    """Log the model as a pyfunc in its training run and register it as a new version of the model,
+    tagged with the DAG id, the day and the run, and with the gate decision. A re-run re-uses the
+    version it finds for those tags: never a duplicate."""
+    from pipelines.manifest import Manifest
+    from recsys_moe.registry.package import log_model
+    from recsys_moe.registry.promotion import read_holdout
+    from recsys_moe.registry.versions import Registry
+
+    registry, name = Registry(run["tracking_uri"]), run["model_name"]
+    tags = _version_tags(run, trained["run_id"])
+    existing = registry.find_versions(name, tags)
+    created = not existing
+    if existing:
+        version = existing[-1]
+        model_uri = registry.client.get_model_version(name, version).source
+        log.info("%s v%s is already registered for day %s: re-using it", name, version, run["day"])
+    else:
+        model_uri = _logged_model(run["tracking_uri"], trained["run_id"])
+        if model_uri is None:
+            example = read_holdout(Manifest.load(run["features_dir"]).raw_path("test")).head(5)
+            model_uri = log_model(Path(trained["bundle_dir"]), trained["run_id"], example,
+                                  tracking_uri=run["tracking_uri"])  # fmt: skip
+        version = registry.register(model_uri, name, tags={**tags, TAG_FINGERPRINT: trained["fingerprint"]})
+        log.info("registered %s v%s (%s) for day %s", name, version, model_uri, run["day"])
+    if not decision["reused"]:
+        registry.record_decision(name, version, decision["tags"])
+    return {"name": name, "version": version, "model_uri": model_uri, "created": created}
+
+
+# -- 5. promote or keep ----------------------------------------------------------------------
+def apply_decision(run: dict[str, Any], registration: dict[str, Any], promote: bool) -> dict[str, Any]:
+    """Move the aliases for the decision once: `champion` to the version if it won, else
+    `challenger`. A re-run finds the version's `retrain.applied` tag and changes nothing (the
+    champion may have moved on since)."""
+    from recsys_moe.registry.promotion import CHALLENGER, CHAMPION
+    from recsys_moe.registry.versions import Registry
+
+    registry = Registry(run["tracking_uri"])
+    name, version = registration["name"], registration["version"]
+    tags = registry.client.get_model_version(name, version).tags or {}
+    if tags.get(TAG_APPLIED) == "true":
+        log.info("%s v%s: aliases were already set by an earlier run of day %s; leaving them", name, version,
+                 run["day"])  # fmt: skip
+        changed = False
+    else:
+        registry.apply_decision(name, version, promote)
+        registry.client.set_model_version_tag(name, version, TAG_APPLIED, "true")
+        log.info("%s v%s: %s", name, version, "now the champion" if promote else "kept as challenger")
+        changed = True
+    return {"promoted": promote, "changed": changed, "champion": registry.alias_version(name, CHAMPION),
+            "challenger": registry.alias_version(name, CHALLENGER)}  # fmt: skip
+
+
+# -- 6. batch-score the next period ----------------------------------------------------------
+def score_next_period(run: dict[str, Any]) -> dict[str, Any]:
+    """Score the next day's candidates with the champion → `scores/scores.parquet`.
+
+    The candidates are the next day's impressions (joined with users and items, labels dropped)
+    from the same source: what the ranker will be asked about tomorrow. They are written to
+    `scores/candidates.parquet` first, so the scores can be traced to their input.
+    """
+    import polars as pl
+
+    from features import load_spec
+    from pipelines.sources.synthetic import _atomic_write_parquet
+    from recsys_moe.registry.promotion import CHAMPION
+    from recsys_moe.registry.versions import Registry
+    from serving.batch import score_parquet
+
+    spec = load_spec(run["spec"])
+    next_day = date.fromisoformat(run["day"]) + timedelta(days=1)
+    scores_dir = Path(run["scores_dir"])
+    columns = list(dict.fromkeys([*spec.keys, *spec.input_columns]))
+    candidates = _window_frames(Path(run["source_dir"]), [next_day]).select(columns).collect()
+    candidates_path = scores_dir / "candidates.parquet"
+    _atomic_write_parquet(candidates, candidates_path)
+
+    registry, name = Registry(run["tracking_uri"]), run["model_name"]
+    champion = registry.alias_version(name, CHAMPION)
+    if champion is None:
+        log.warning("%s has no champion: nothing scores the candidates of %s", name, next_day)
+        (scores_dir / "scores.parquet").unlink(missing_ok=True)
+        return {"day": next_day.isoformat(), "candidates": str(candidates_path), "rows": candidates.height,
+                "champion": None, "output": None}  # fmt: skip
+    report = score_parquet(registry.scorer(name, champion), candidates_path, scores_dir / "scores.parquet",
+                           progress=False)  # fmt: skip
+    scored = pl.read_parquet(report.output)
+    log.info("scored %d candidates of %s with %s v%s → %s", report.rows_out, next_day, name, champion, report.output)
+    return {
+        "day": next_day.isoformat(), "candidates": str(candidates_path), "champion": champion,
+        "output": str(report.output), "rows": report.rows_in, "rows_scored": report.rows_out,
+        "rows_rejected": report.rows_rejected, "mean_score": {t: float(scored[t].mean()) for t in scored.columns
+                                                              if t not in spec.keys},
+    }  # fmt: skip
+
+
+# -- 7. summary ------------------------------------------------------------------------------
+def _ui_base(uri: str) -> str:
+    """Where the MLflow UI of this store is: the server itself, or `mlflow ui`'s default address."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://localhost:5000"
+
+
+def summarize(run: dict[str, Any], features: dict[str, Any], trained: dict[str, Any], decision: dict[str, Any],
+              registration: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Write `summary.json` for the day: data, metrics, the decision, versions, aliases, MLflow links."""
+    from recsys_moe.registry.promotion import CHALLENGER, CHAMPION
+    from recsys_moe.registry.versions import Registry
+    from recsys_moe.tracking.store import ui_command
+
+    registry, name = Registry(run["tracking_uri"]), registration["name"]
+    ui = _ui_base(run["tracking_uri"])
+    summary = {
+        "dag_id": run["dag_id"],
+        "day": run["day"],
+        "window": run["window"],
+        "params": {k: run[k] for k in ("spec", "window_days", "arch", "margin", "tolerance", "overrides",
+                                       "model_name", "source_dir")},  # fmt: skip
+        "features": features,
+        "training": {k: trained[k] for k in ("run_id", "best_epoch", "valid", "test", "fingerprint", "reused")},
+        "decision": {k: decision[k] for k in ("promote", "reason", "candidate", "champion", "champion_version",
+                                              "rows", "reused")},  # fmt: skip
+        "promoted": bool(decision["promote"]),
+        "model": {"name": name, "version": registration["version"], "model_uri": registration["model_uri"],
+                  "created": registration["created"]},  # fmt: skip
+        "aliases": {alias: registry.alias_version(name, alias) for alias in (CHAMPION, CHALLENGER)},
+        "scores": scores,
+        "mlflow": {
+            "tracking_uri": run["tracking_uri"],
+            "run": f"runs:/{trained['run_id']}",
+            "run_url": f"{ui}/#/experiments/{trained['experiment_id']}/runs/{trained['run_id']}",
+            "model_version_url": f"{ui}/#/models/{name}/versions/{registration['version']}",
+            "ui": ui_command(run["tracking_uri"]),
+        },
+        "outputs": {k: run[k] for k in ("features_dir", "model_dir", "scores_dir", "summary_path")},
+    }
+    write_json(Path(run["summary_path"]), summary)
+    verdict = "promoted to champion" if summary["promoted"] else "not promoted (challenger)"
+    log.info("day %s: %s v%s %s — %s; champion v%s; %s", run["day"], name, registration["version"], verdict,
+             decision["reason"], summary["aliases"][CHAMPION], summary["mlflow"]["run_url"])  # fmt: skip
+    return summary
