@@ -93,6 +93,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _run_config(args)
     run_dir = config.train.checkpoint_dir or Path("runs") / f"{manifest.spec.name}-{config.model.arch}"
     config.train.checkpoint_dir = run_dir
+    if getattr(args, "nproc", 1) > 1:
+        return _train_distributed(args, config, run_dir)
     tracker = _tracker(config, manifest.spec.name, run_dir if args.resume else None)
     try:
         result = train(manifest, config, tracker=tracker, progress=True, resume=args.resume)
@@ -114,6 +116,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"model: {published.model_uri}")
     if published.decision is not None:
         _print_decision(published.name, published.version, published.decision)
+    return 0
+
+
+def _train_distributed(args: argparse.Namespace, config, run_dir: Path) -> int:  # type: ignore[no-untyped-def]
+    from recsys_moe.distributed.launch import launch
+
+    for flag in ("resume", "register"):
+        if getattr(args, flag):
+            print(f"error: --{flag} is not supported with --nproc > 1 yet", file=sys.stderr)
+            return 2
+    proc, result = launch(args.data, config, args.nproc, run_dir)
+    if result is None:
+        print(f"error: distributed training failed (torchrun exit {proc.returncode})", file=sys.stderr)
+        return proc.returncode or 1
+    for split in ("valid", "test"):
+        line = "  ".join(f"{t} {m.get('auc', m.get('r2', float('nan'))):.4f}" for t, m in result[split].items())
+        print(f"{split}: {line}")
+    print(f"best epoch {result['best_epoch']} of {len(result['history'])} on {result['world_size']} ranks | "
+          f"model: {result['model_dir']}" + (f" | run: {result['run_id']}" if result["run_id"] else ""))  # fmt: skip
     return 0
 
 
@@ -306,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint dir's last/ checkpoint")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--register", metavar="NAME", help="register the model as a new version of NAME and run the gate")
+    p.add_argument("--nproc", type=int, default=1, help="ranks: >1 runs sharded training under torchrun "
+                   "(gloo on the CPU, NCCL on CUDA)")  # fmt: skip
     _gate_args(p)
     p.set_defaults(func=_cmd_train)
 

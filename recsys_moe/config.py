@@ -70,6 +70,14 @@ class TrainConfig(_Strict):
     tasks: list[str] | None = Field(None, description="train only these tasks (single_task needs one)")
     max_steps_per_epoch: int | None = Field(None, ge=1)
     checkpoint_dir: Path | None = Field(None, description="default: runs/<run name>")
+    sharding: dict[str, Literal["table_wise", "row_wise", "column_wise", "data_parallel"]] = Field(
+        default_factory=dict,
+        description="distributed runs (--nproc > 1): table or feature name → allowed sharding type; "
+        "'*' applies to every table not named; unset tables are left to the planner",
+    )
+    memory_per_rank_gb: float | None = Field(
+        None, gt=0, description="distributed runs: memory the sharding planner may use per rank (default: its own)"
+    )
 
 
 class TrackingConfig(_Strict):

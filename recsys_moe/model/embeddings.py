@@ -76,6 +76,9 @@ class SparseArch(nn.Module):
         super().__init__()
         plan = plan_tables(features, pack_below)
         self.keys = plan.keys
+        # The pooled output's column order: table by table, as an unsharded EBC returns it. A
+        # sharded EBC (DistributedModelParallel) groups its output by sharding type instead.
+        self.output_keys = [f for t in plan.tables for f in t.feature_names]
         self.output_dim = sum(t.embedding_dim * len(t.feature_names) for t in plan.tables)
         self.register_buffer("id_offsets", torch.tensor(plan.offsets, dtype=torch.int64), persistent=False)
         self._needs_offsets = any(plan.offsets)
@@ -94,7 +97,7 @@ class SparseArch(nn.Module):
                 weight.uniform_(-0.05, 0.05)
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Pooled embeddings per feature; the column order follows the table plan."""
+        """Pooled embeddings per feature (a sharded EBC may order the keys differently)."""
         if self._needs_offsets:
             lengths = features.lengths()
             per_key = lengths.view(len(self.keys), -1).sum(dim=1)
@@ -103,4 +106,7 @@ class SparseArch(nn.Module):
         return self.ebc(features)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return self.lookup(features).values()
+        pooled = self.lookup(features)
+        if pooled.keys() == self.output_keys:
+            return pooled.values()
+        return KeyedTensor.regroup([pooled], [self.output_keys])[0]

@@ -44,6 +44,7 @@ class MultiTaskRanker(nn.Module):
         config: ModelConfig,
         tasks: list[str] | None = None,
         fused_optimizer: tuple[str, dict[str, float]] | None = None,
+        sparse_device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.task_names = tasks or manifest.task_names
@@ -55,7 +56,8 @@ class MultiTaskRanker(nn.Module):
                 f"arch single_task trains exactly one task, got {self.task_names}: set train.tasks=[<task>]"
             )
         self.task_types = [next(t.type for t in manifest.tasks if t.name == n) for n in self.task_names]
-        self.sparse = SparseArch(manifest.sparse_features, config.pack_tables_below, fused_optimizer)
+        # sparse_device="meta": tables are allocated later, shard by shard (distributed training)
+        self.sparse = SparseArch(manifest.sparse_features, config.pack_tables_below, fused_optimizer, sparse_device)
         self.num_dense = len(manifest.dense_features)
         d_in = self.sparse.output_dim + self.num_dense
         self.arch = build_arch(config, d_in, len(self.task_names))

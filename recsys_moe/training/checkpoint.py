@@ -43,8 +43,13 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(directory: Path, model: nn.Module, config: dict[str, Any]) -> Path:
+    return save_weights(directory, state_tensors(model), config)
+
+
+def save_weights(directory: Path, weights: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """A model directory from a state dict already in hand (e.g. gathered from sharded tables)."""
     tmp = _atomic_dir(directory)
-    save_file(state_tensors(model), str(tmp / WEIGHTS))
+    save_file(weights, str(tmp / WEIGHTS))
     (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=1))
     _commit(tmp, directory)
     return directory
