@@ -129,7 +129,7 @@ class Task(_Strict):
 class DatasetSource(_Strict):
     """Which reader turns the raw data directory into train/valid/test splits."""
 
-    source: Literal["census", "synthetic", "files"]
+    source: Literal["census", "synthetic", "criteo_like", "files"]
     options: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -21,6 +21,10 @@ def load_splits(source: DatasetSource, data_dir: Path) -> dict[str, pl.LazyFrame
         from pipelines.sources import events
 
         return events.splits(data_dir, **source.options)
+    if source.source == "criteo_like":
+        from pipelines.sources import criteo
+
+        return criteo.splits(data_dir, **source.options)
     from pipelines.sources import files
 
     return files.splits(data_dir)

@@ -17,7 +17,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 
-from pipelines.manifest import SparseFeatureInfo
+from pipelines.manifest import Manifest, SparseFeatureInfo
 
 FUSED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adagrad": torch.optim.Adagrad,
@@ -110,3 +110,31 @@ class SparseArch(nn.Module):
         if pooled.keys() == self.output_keys:
             return pooled.values()
         return KeyedTensor.regroup([pooled], [self.output_keys])[0]
+
+
+def embedding_memory_bytes(features: Manifest | Sequence[SparseFeatureInfo], bytes_per_value: int = 4) -> int:
+    """Bytes of embedding weights a model of these sparse features holds: sum of rows x dim x 4 (fp32).
+
+    Weights only: optimizer state (e.g. Adagrad's one value per weight, row-wise Adagrad's one per
+    row) and gradients come on top. Packing small tables (:func:`plan_tables`) does not change it.
+    """
+    infos = features.sparse_features if isinstance(features, Manifest) else features
+    return sum(int(f.num_embeddings) * int(f.embedding_dim) * bytes_per_value for f in infos)
+
+
+def embedding_memory_per_rank(
+    features: Manifest | Sequence[SparseFeatureInfo], world_size: int, bytes_per_value: int = 4
+) -> list[int]:
+    """Embedding weight bytes on each of `world_size` ranks under table-wise sharding.
+
+    Greedy largest-table-first placement onto the least loaded rank, a simple stand-in for a
+    planner's table-wise plan: the maximum is the memory a rank must have for the weights.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    infos = features.sparse_features if isinstance(features, Manifest) else features
+    sizes = sorted((int(f.num_embeddings) * int(f.embedding_dim) * bytes_per_value for f in infos), reverse=True)
+    ranks = [0] * world_size
+    for size in sizes:
+        ranks[ranks.index(min(ranks))] += size
+    return ranks
