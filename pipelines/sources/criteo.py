@@ -26,13 +26,13 @@ from __future__ import annotations
 import datetime
 import shutil
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipelines.sources.events import time_splits
 from pipelines.sources.synthetic import _atomic_write_parquet, _sigmoid, _solve_base
 
 __all__ = [
@@ -261,20 +261,4 @@ def read(raw_dir: Path) -> pl.LazyFrame:
 
 def splits(raw_dir: Path, valid_days: int = 1, test_days: int = 1) -> dict[str, pl.LazyFrame]:
     """Train / valid / test by time: the last ``test_days`` are test, the ``valid_days`` before valid."""
-    frame = read(raw_dir)
-    day = pl.col("ts").dt.date()
-    first, last = frame.select(day.min().alias("a"), day.max().alias("b")).collect().row(0)
-    if first is None:
-        raise ValueError(f"{raw_dir}: no events")
-    test_start = last - timedelta(days=test_days - 1)
-    valid_start = test_start - timedelta(days=valid_days)
-    if valid_start <= first:
-        raise ValueError(
-            f"{raw_dir}: {(last - first).days + 1} days of events is too few for "
-            f"{valid_days} validation and {test_days} test days plus training days"
-        )
-    return {
-        "train": frame.filter(day < valid_start),
-        "valid": frame.filter((day >= valid_start) & (day < test_start)),
-        "test": frame.filter(day >= test_start),
-    }
+    return time_splits(read(raw_dir), f"{raw_dir}", valid_days, test_days)

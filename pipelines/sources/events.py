@@ -23,16 +23,21 @@ def joined(raw_dir: Path) -> pl.LazyFrame:
 
 
 def splits(raw_dir: Path, valid_days: int = 1, test_days: int = 1) -> dict[str, pl.LazyFrame]:
-    frame = joined(raw_dir)
+    return time_splits(joined(raw_dir), f"{raw_dir}", valid_days, test_days)
+
+
+def time_splits(frame: pl.LazyFrame, where: str, valid_days: int = 1, test_days: int = 1) -> dict[str, pl.LazyFrame]:
+    """Train / valid / test by the `ts` column: the last `test_days` are test, the `valid_days`
+    before them validation, everything earlier training."""
     day = pl.col("ts").dt.date()
     first, last = frame.select(day.min().alias("a"), day.max().alias("b")).collect().row(0)
     if first is None:
-        raise ValueError(f"{raw_dir}: no impressions")
+        raise ValueError(f"{where}: no events")
     test_start = last - timedelta(days=test_days - 1)
     valid_start = test_start - timedelta(days=valid_days)
     if valid_start <= first:
         raise ValueError(
-            f"{raw_dir}: {(last - first).days + 1} days of events is too few for "
+            f"{where}: {(last - first).days + 1} days of events is too few for "
             f"{valid_days} validation and {test_days} test days plus training days"
         )
     return {
