@@ -33,7 +33,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipelines.sources.events import time_splits
-from pipelines.sources.synthetic import _atomic_write_parquet, _sigmoid, _solve_base
+from pipelines.sources.synthetic import _sigmoid, _solve_base, write_day_partitions
 
 __all__ = [
     "CATEGORICAL_COLUMNS",
@@ -236,17 +236,7 @@ def write(frame: pl.DataFrame, out_dir: Path) -> Path:
     Stale ``day=`` partitions from an earlier write are removed. Returns the events directory.
     """
     events = Path(out_dir) / "events"
-    if not frame["ts"].is_sorted():
-        frame = frame.sort("ts", "event_id")
-    runs = frame["ts"].dt.date().rle()
-    written: set[str] = set()
-    offset = 0
-    for length, day in zip(runs.struct.field("len"), runs.struct.field("value")):
-        part = f"day={day.isoformat()}"
-        _atomic_write_parquet(frame.slice(offset, length), events / part / "part-0.parquet")
-        written.add(part)
-        offset += length
-    events.mkdir(parents=True, exist_ok=True)
+    written = write_day_partitions(frame, events, "event_id")
     for stale in events.glob("day=*"):
         if stale.name not in written:
             shutil.rmtree(stale)

@@ -521,20 +521,24 @@ def _write_tables(tables: SyntheticTables, out_dir: Path) -> set[str]:
     _atomic_write_parquet(tables.users, out_dir / "users.parquet")
     _atomic_write_parquet(tables.items, out_dir / "items.parquet")
 
-    imp = tables.impressions
-    if not imp["ts"].is_sorted():
-        imp = imp.sort("ts", "impression_id")
-    days = imp["ts"].dt.date()
+    return write_day_partitions(tables.impressions, imp_dir, "impression_id")
+
+
+def write_day_partitions(frame: pl.DataFrame, directory: Path, id_column: str) -> set[str]:
+    """``directory/day=YYYY-MM-DD/part-0.parquet`` by the ``ts`` column, each written atomically
+    → the partition names written (callers decide what to do with other days)."""
+    if not frame["ts"].is_sorted():
+        frame = frame.sort("ts", id_column)
     # ts is sorted, so each day is a contiguous slice: find run boundaries, no partition_by copy.
-    runs = days.rle()
+    runs = frame["ts"].dt.date().rle()
     written: set[str] = set()
     offset = 0
     for length, day in zip(runs.struct.field("len"), runs.struct.field("value")):
         part = f"day={day.isoformat()}"
-        _atomic_write_parquet(imp.slice(offset, length), imp_dir / part / "part-0.parquet")
+        _atomic_write_parquet(frame.slice(offset, length), directory / part / "part-0.parquet")
         written.add(part)
         offset += length
-    imp_dir.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     return written
 
 
