@@ -181,10 +181,9 @@ def build_features(run: dict[str, Any]) -> dict[str, Any]:
     """Build the dataset of the run's window: train on its first days, validate and test on its last
     (the spec's `valid_days`/`test_days`), vocabularies fitted on train only. Replaces any earlier
     build of the same day (atomic directory swap)."""
-    import polars as pl
-
     from features import load_spec
     from pipelines.build import build_frames
+    from pipelines.sources.events import time_splits
 
     spec = load_spec(run["spec"])
     if spec.dataset is None or spec.dataset.source != "synthetic":
@@ -202,14 +201,7 @@ def build_features(run: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"window_days={run['window_days']} leaves no training days "
                          f"({valid_days} validation + {test_days} test days)")  # fmt: skip
     frame = _window_frames(source_dir, _days(first, day))
-    test_start = day - timedelta(days=test_days - 1)
-    valid_start = test_start - timedelta(days=valid_days)
-    d = pl.col("ts").dt.date()
-    raw = {
-        "train": frame.filter(d < valid_start),
-        "valid": frame.filter((d >= valid_start) & (d < test_start)),
-        "test": frame.filter(d >= test_start),
-    }
+    raw = time_splits(frame, f"{source_dir}[{first}..{day}]", valid_days, test_days)
     manifest = build_frames(raw, spec, Path(run["features_dir"]), f"synthetic:{source_dir}[{first}..{day}]",
                             progress=False)  # fmt: skip
     rows = {split: info.rows_out for split, info in manifest.splits.items()}
