@@ -87,23 +87,34 @@ def _tracker(config, spec_name: str, resume_dir: Path | None = None):  # type: i
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from pipelines.manifest import Manifest
+    from recsys_moe.distributed import checkpoint as sharded_checkpoint
+    from recsys_moe.report import print_result
     from recsys_moe.training.trainer import train
 
     manifest = Manifest.load(args.data)
     config = _run_config(args)
     run_dir = config.train.checkpoint_dir or Path("runs") / f"{manifest.spec.name}-{config.model.arch}"
     config.train.checkpoint_dir = run_dir
-    if getattr(args, "nproc", 1) > 1:
-        return _train_distributed(args, config, run_dir)
-    tracker = _tracker(config, manifest.spec.name, run_dir if args.resume else None)
-    try:
-        result = train(manifest, config, tracker=tracker, progress=True, resume=args.resume)
-    except BaseException:
-        tracker.close("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
-        raise
-    tracker.close()
-    from recsys_moe.report import print_result
-
+    if args.nproc is not None:
+        result = _train_distributed(args, config, run_dir)
+        if result is None:
+            return 1
+        tracking_uri = result.tracking_uri
+    else:
+        found = sharded_checkpoint.latest(run_dir) if args.resume else None
+        if found is not None:
+            ranks = sharded_checkpoint.read_progress(found)["world_size"]
+            print(f"error: {found} was written by sharded training on {ranks} rank(s); resume it with "
+                  f"--nproc N (any N: the tables are resharded)", file=sys.stderr)  # fmt: skip
+            return 2
+        tracker = _tracker(config, manifest.spec.name, run_dir if args.resume else None)
+        try:
+            result = train(manifest, config, tracker=tracker, progress=True, resume=args.resume)
+        except BaseException:
+            tracker.close("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
+            raise
+        tracker.close()
+        tracking_uri = tracker.uri
     print_result(result)
     if result.run_id is None:
         if args.register:
@@ -112,30 +123,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from recsys_moe.registry.publish import publish
 
-    published = publish(result, manifest, args.register, _promotion(args), tracker.uri)
+    published = publish(result, manifest, args.register, _promotion(args), tracking_uri)
     print(f"model: {published.model_uri}")
     if published.decision is not None:
         _print_decision(published.name, published.version, published.decision)
     return 0
 
 
-def _train_distributed(args: argparse.Namespace, config, run_dir: Path) -> int:  # type: ignore[no-untyped-def]
-    from recsys_moe.distributed.launch import launch
+def _train_distributed(args: argparse.Namespace, config, run_dir: Path):  # type: ignore[no-untyped-def]
+    """torchrun with --nproc ranks; rank 0's result as a TrainResult, or None if a rank failed."""
+    from recsys_moe.distributed.launch import launch, train_result
 
-    for flag in ("resume", "register"):
-        if getattr(args, flag):
-            print(f"error: --{flag} is not supported with --nproc > 1 yet", file=sys.stderr)
-            return 2
-    proc, result = launch(args.data, config, args.nproc, run_dir)
+    proc, result = launch(args.data, config, args.nproc, run_dir, resume=args.resume)
     if result is None:
-        print(f"error: distributed training failed (torchrun exit {proc.returncode})", file=sys.stderr)
-        return proc.returncode or 1
-    for split in ("valid", "test"):
-        line = "  ".join(f"{t} {m.get('auc', m.get('r2', float('nan'))):.4f}" for t, m in result[split].items())
-        print(f"{split}: {line}")
-    print(f"best epoch {result['best_epoch']} of {len(result['history'])} on {result['world_size']} ranks | "
-          f"model: {result['model_dir']}" + (f" | run: {result['run_id']}" if result["run_id"] else ""))  # fmt: skip
-    return 0
+        print(f"error: distributed training failed (torchrun exit {proc.returncode}); each rank's "
+              "traceback is above", file=sys.stderr)  # fmt: skip
+        return None
+    print(f"trained on {result['world_size']} rank(s); sharding plan: {run_dir / 'sharding_plan.json'}")
+    return train_result(result)
 
 
 def _promotion(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -327,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint dir's last/ checkpoint")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--register", metavar="NAME", help="register the model as a new version of NAME and run the gate")
-    p.add_argument("--nproc", type=int, default=1, help="ranks: >1 runs sharded training under torchrun "
-                   "(gloo on the CPU, NCCL on CUDA)")  # fmt: skip
+    p.add_argument("--nproc", type=int, help="sharded training (TorchRec DistributedModelParallel) on this many "
+                   "ranks under torchrun: gloo on the CPU, NCCL on CUDA; 1 is allowed, e.g. to resume a "
+                   "sharded checkpoint on one process. Default: single-process training")  # fmt: skip
     _gate_args(p)
     p.set_defaults(func=_cmd_train)
 

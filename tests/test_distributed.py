@@ -13,7 +13,11 @@ validation metrics of its epoch to 1e-6.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +77,8 @@ def test_the_plan_is_printed_and_returned(runs, synthetic_manifest: Manifest) ->
     assert {r for row in plan.values() for r in row["ranks"]} == {0, 1}  # both ranks hold tables
     for row in two["plan"]:
         assert row["table"] in proc.stdout
+    # TorchRec's TrainPipelineSparseDist found the sharded EBC and pipelines its input all-to-all.
+    assert [m.split("module.")[-1] for m in two["pipelined_modules"]] == ["ranker.sparse.ebc"]
 
 
 def test_the_export_loads_into_the_single_process_model_and_scorer(runs, synthetic_manifest: Manifest) -> None:
@@ -111,8 +117,143 @@ def test_sharding_constraints_resolve_tables_and_features(synthetic_manifest: Ma
         make_plan(torch.nn.Module(), tables, {"*": "row_wise"}, torch.device("cpu"), 2)
 
 
-def test_train_takes_nproc() -> None:
-    from recsys_moe.cli import build_parser
+def test_cli_trains_sharded_registers_it_and_points_a_single_process_resume_to_nproc(
+    synthetic_manifest: Manifest, tmp_path: Path
+) -> None:
+    from recsys_moe.registry.versions import Registry
 
-    assert build_parser().parse_args(["train", "--data", "d", "--nproc", "2"]).nproc == 2
-    assert build_parser().parse_args(["train", "--data", "d"]).nproc == 1
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
+    run = ["train", "--data", str(synthetic_manifest.root), "--checkpoint-dir", str(tmp_path / "run"),
+           "--epochs", "1", "--set", "train.batch_size=512", "--set", "model.num_experts=4"]  # fmt: skip
+    cli = [sys.executable, "-m", "recsys_moe.cli"]
+    done = subprocess.run([*cli, *run, "--nproc", "2", "--register", "ranker"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert "trained on 2 rank(s)" in done.stdout and "test metrics" in done.stdout and "ranker" in done.stdout
+    assert Registry(store).alias_version("ranker", "champion") == "1"  # the sharded model went through the gate
+
+    done = subprocess.run([*cli, *run, "--resume"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 2 and "resume it with --nproc N" in done.stderr and "Traceback" not in done.stderr
+
+
+# --- checkpoints: a kill, a resume, a change of world size ------------------------------------
+
+KILL_OVERRIDES = ["train.batch_size=128", "train.checkpoint_every=10"]
+
+
+def _kill_when_mid_epoch(proc: subprocess.Popen, run_dir: Path, epoch: int, timeout: float = 600) -> dict:
+    """SIGKILL torchrun and every rank as soon as last/ holds a checkpoint from inside `epoch`."""
+    import psutil
+
+    from recsys_moe.distributed import checkpoint
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        found = checkpoint.latest(run_dir)
+        try:
+            progress = checkpoint.read_progress(found) if found is not None else None
+        except (OSError, json.JSONDecodeError):  # renamed away while we read it
+            progress = None
+        if progress is not None and progress["epoch"] == epoch and progress["step"] > 0:
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                p.kill()
+            proc.wait()
+            return progress
+        time.sleep(0.01)
+    raise AssertionError(f"no mid-epoch checkpoint in epoch {epoch + 1} before the run ended (rc {proc.poll()})")
+
+
+@pytest.fixture(scope="module")
+def killed(synthetic_manifest: Manifest, tmp_path_factory: pytest.TempPathFactory):
+    """An uninterrupted 2-rank run; the same run killed mid-epoch 2; the kill's checkpoint resumed
+    on 2 ranks and, from a copy, on 1 rank."""
+    import shutil
+
+    from recsys_moe.distributed.launch import launch, start
+
+    work = tmp_path_factory.mktemp("kill")
+    config = load_config(None, _overrides(work / "ref") + KILL_OVERRIDES)
+    proc, reference = launch(synthetic_manifest.root, config, 2, work / "ref", capture=True)
+    assert reference is not None, proc.stderr[-6000:]
+
+    victim = start(synthetic_manifest.root, config, 2, work / "killed", capture=True)
+    at_kill = _kill_when_mid_epoch(victim, work / "killed", epoch=1)
+    assert not (work / "killed" / "distributed_result.json").exists()
+    shutil.copytree(work / "killed", work / "to_one")
+    out = {}
+    for name, nproc in (("killed", 2), ("to_one", 1)):
+        proc, out[name] = launch(synthetic_manifest.root, config, nproc, work / name, capture=True, resume=True)
+        assert out[name] is not None, f"resume on {nproc} ranks failed:\n{proc.stderr[-6000:]}"
+        assert f"at epoch 2, step {at_kill['step']}" in proc.stdout
+    return reference, at_kill, out["killed"], out["to_one"], work
+
+
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(killed) -> None:
+    reference, at_kill, resumed, _, _ = killed
+    assert 0 < at_kill["step"] < 67  # 8,644 rows / 128 per step: inside epoch 2
+    assert resumed["best_epoch"] == reference["best_epoch"]
+    # Same data position, RNG and optimizer states: the run continues as if never stopped.
+    for epoch in (0, 1):
+        for key in ("val_click_auc", "val_conversion_auc", "val_click_logloss", "train_click_loss"):
+            assert resumed["history"][epoch][key] == pytest.approx(reference["history"][epoch][key], abs=1e-5)
+    for task in TOLERANCE:
+        assert resumed["test"][task]["auc"] == pytest.approx(reference["test"][task]["auc"], abs=1e-5)
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank(killed) -> None:
+    reference, _, _, on_one, _ = killed
+    assert on_one["world_size"] == 1 and len(on_one["history"]) == 2
+    # Epoch 1 was trained on 2 ranks before the kill: carried over from the checkpoint as it was.
+    timing = "train_samples_per_s"
+    assert {k: v for k, v in on_one["history"][0].items() if k != timing} == pytest.approx(
+        {k: v for k, v in reference["history"][0].items() if k != timing}
+    )
+    # Epoch 2 finished on one rank over another split of the rows: a different but equally good run.
+    for task, tol in TOLERANCE.items():
+        a, b = on_one["history"][1][f"val_{task}_auc"], reference["history"][1][f"val_{task}_auc"]
+        assert abs(a - b) <= tol, f"{task}: resumed on 1 rank {a:.4f} vs 2 ranks {b:.4f}"
+
+
+def test_checkpoints_reshard_between_world_sizes_without_loss(killed, synthetic_manifest: Manifest) -> None:
+    """2 ranks → 1 → 2: every table, both optimizers' states and the dense weights come back bit
+    for bit (DCP reads each rank's pieces of the tables under the new plan)."""
+    from recsys_moe.distributed.checkpoint import load_full
+    from recsys_moe.distributed.launch import CONFIG_FILE
+
+    *_, work = killed
+    worker = Path(__file__).with_name("reshard_worker.py")
+    src = work / "ref"
+    hops = [(src / "last", work / "one", 1), (work / "one" / "last", work / "two_again", 2)]
+    for source, target, nproc in hops:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(worker), str(synthetic_manifest.root), str(src / CONFIG_FILE), str(source), str(target)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-6000:]
+    original = load_full(src / "last")
+    assert any(k.startswith("embedding_optim.") for k in original) and any(k.startswith("dense_optim.") for k in original)
+    for _, target, nproc in hops:
+        moved = load_full(target / "last")
+        assert json.loads((target / "last" / "progress.json").read_text())["world_size"] == nproc
+        for key, value in original.items():
+            if key.startswith("rng."):
+                continue
+            assert torch.equal(moved[key], value), f"{key} changed on the way to {nproc} rank(s)"
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    from recsys_moe.distributed import checkpoint
+    from recsys_moe.training.checkpoint import commit_dir, staging_dir
+
+    last = tmp_path / "last"
+    for value in ("old", "new"):
+        tmp = staging_dir(last)
+        (tmp / ".metadata").write_text(value)
+        (tmp / "progress.json").write_text(json.dumps({"value": value}))
+        if value == "old":
+            commit_dir(tmp, last)
+    # Killed while writing `new`: last/ is still the old checkpoint.
+    assert checkpoint.read_progress(checkpoint.latest(tmp_path))["value"] == "old"
+    # Killed between commit_dir's two renames: only .last.old exists, and it is found.
+    last.rename(tmp_path / ".last.old")
+    assert checkpoint.read_progress(checkpoint.latest(tmp_path))["value"] == "old"

@@ -13,19 +13,36 @@ import numpy as np
 import polars as pl
 import torch
 from torchrec import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from pipelines.manifest import Manifest
 from pipelines.transform import label_column
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
+    """Pipelineable: TorchRec's train pipelines move it to the device and start its sparse
+    all-to-all ahead of the forward pass."""
+
     dense: torch.Tensor  # [B, n_dense] float32
     sparse: KeyedJaggedTensor  # keys in the model's order
     labels: torch.Tensor  # [B, T] float32
 
     def __len__(self) -> int:
         return self.dense.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return Batch(self.dense.to(device, non_blocking=non_blocking),
+                     self.sparse.to(device, non_blocking=non_blocking),
+                     self.labels.to(device, non_blocking=non_blocking))  # fmt: skip
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for t in (self.dense, self.labels):
+            t.record_stream(stream)  # type: ignore[arg-type]
+        self.sparse.record_stream(stream)  # type: ignore[arg-type]
+
+    def pin_memory(self) -> Batch:
+        return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory())
 
 
 class InMemoryDataset:

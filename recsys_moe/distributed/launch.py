@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,20 +18,22 @@ import yaml
 
 from recsys_moe.config import RunConfig
 from recsys_moe.distributed.train import RESULT_FILE
+from recsys_moe.training.trainer import Evaluation, TrainResult
 
 CONFIG_FILE = "distributed_config.yaml"
 
 
-def torchrun_command(data: str | Path, config_path: Path, nproc: int) -> list[str]:
+def torchrun_command(data: str | Path, config_path: Path, nproc: int, resume: bool = False) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "recsys_moe.distributed.train", "--data", str(data), "--config", str(config_path),
+        *(["--resume"] if resume else []),
     ]  # fmt: skip
 
 
-def launch(data: str | Path, config: RunConfig, nproc: int, run_dir: Path, env: dict[str, str] | None = None,
-           capture: bool = False) -> tuple[subprocess.CompletedProcess, dict[str, Any] | None]:  # fmt: skip
-    """Run N ranks to completion; returns the process and rank 0's result (None if it failed)."""
+def start(data: str | Path, config: RunConfig, nproc: int, run_dir: Path, env: dict[str, str] | None = None,
+          capture: bool = False, resume: bool = False) -> subprocess.Popen:  # fmt: skip
+    """Start torchrun with N ranks in a new process group (so it can be stopped as one) and return."""
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
     config = config.model_copy(deep=True)
@@ -40,8 +43,32 @@ def launch(data: str | Path, config: RunConfig, nproc: int, run_dir: Path, env: 
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     child_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
-    proc = subprocess.run(torchrun_command(data, config_path, nproc), env=child_env, capture_output=capture,
-                          text=True, check=False)  # fmt: skip
+    pipe = subprocess.PIPE if capture else None
+    return subprocess.Popen(torchrun_command(data, config_path, nproc, resume), env=child_env, stdout=pipe,
+                            stderr=pipe, text=True, start_new_session=True)  # fmt: skip
+
+
+def launch(data: str | Path, config: RunConfig, nproc: int, run_dir: Path, env: dict[str, str] | None = None,
+           capture: bool = False, resume: bool = False) -> tuple[subprocess.CompletedProcess, dict[str, Any] | None]:  # fmt: skip
+    """Run N ranks to completion; returns the process and rank 0's result (None if it failed)."""
+    proc = start(data, config, nproc, run_dir, env, capture, resume)
+    try:
+        out, err = proc.communicate()
+    except BaseException:  # Ctrl-C: stop every rank, not just torchrun
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        raise
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     result_path = run_dir / RESULT_FILE
     result = json.loads(result_path.read_text()) if proc.returncode == 0 and result_path.exists() else None
-    return proc, result
+    return done, result
+
+
+def train_result(result: dict[str, Any]) -> TrainResult:
+    """Rank 0's JSON result as the TrainResult single-process training returns (for the CLI and
+    `publish`: registering a sharded run needs no special case)."""
+    return TrainResult(
+        run_id=result["run_id"], tracking_uri=result["tracking_uri"], best_epoch=result["best_epoch"],
+        history=result["history"], valid=Evaluation(metrics=result["valid"]), test=Evaluation(metrics=result["test"]),
+        model_dir=Path(result["model_dir"]), train_samples_per_s=result["train_samples_per_s"], tasks=result["tasks"],
+    )  # fmt: skip

@@ -1,4 +1,5 @@
-"""The ranker with its tables on the meta device, sharded by DistributedModelParallel.
+"""The ranker with its tables on the meta device, wrapped in a training step and sharded by
+DistributedModelParallel.
 
 Embedding tables get their optimizer fused into the backward pass (`apply_optimizer_in_backward`:
 Adagrad / row-wise Adagrad run inside FBGEMM's kernel on the rank that owns the shard); every
@@ -18,16 +19,19 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from pipelines.manifest import Manifest
+from recsys_moe.data.loader import Batch
 from recsys_moe.config import RunConfig
 from recsys_moe.distributed.plan import make_plan
 from recsys_moe.model.embeddings import FUSED_OPTIMIZERS, plan_tables
-from recsys_moe.model.gates import GateOutput
+from recsys_moe.model.gates import GateOutput, balance_loss
 from recsys_moe.model.outputs import ArchOutput
 from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses
 
-EMBEDDING_PREFIX = "sparse.ebc."
+EMBEDDING_PREFIX = "ranker.sparse.ebc."
 INIT_RANGE = 0.05  # as SparseArch's single-process init
 
 
@@ -44,27 +48,61 @@ def _register_outputs() -> None:
 _register_outputs()
 
 
+@torch.fx.wrap  # opaque to the pipeline's FX trace, which needs to see only the EBC call
+def _step_loss(step: TrainStep, pooled: KeyedTensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    out = step.ranker.from_pooled(pooled, batch.dense)
+    per_task = per_task_losses(out.logits, batch.labels, step.is_binary)
+    loss = step.weighting(per_task) if step.weighting is not None else (per_task * step.task_weights).sum()
+    if step.balance_weight > 0 and out.gates:
+        loss = loss + step.balance_weight * sum(balance_loss(g) for g in out.gates)
+    return loss, per_task.detach() * batch.labels.shape[0]
+
+
+class TrainStep(nn.Module):
+    """batch → (loss, per-task loss sums): the form TorchRec's TrainPipelineSparseDist drives.
+
+    The sharded EBC is called on `batch.sparse` itself (ids already offset into packed tables by
+    `SparseArch.table_ids` in the loader), so the pipeline can run the next batch's input
+    all-to-all while this batch computes. The task weighting lives here, under DDP with the rest."""
+
+    def __init__(self, ranker: MultiTaskRanker, task_weights: torch.Tensor, weighting: nn.Module | None,
+                 balance_weight: float) -> None:  # fmt: skip
+        super().__init__()
+        self.ranker = ranker
+        self.weighting = weighting
+        self.balance_weight = balance_weight
+        self.register_buffer("is_binary", torch.tensor([t == "binary" for t in ranker.task_types]), persistent=False)
+        self.register_buffer("task_weights", task_weights.float(), persistent=False)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return _step_loss(self, self.ranker.sparse.ebc(batch.sparse), batch)
+
+
 @dataclass
 class ShardedRanker:
-    dmp: DistributedModelParallel
-    ranker: MultiTaskRanker  # the unwrapped module: task names/types, scores(), sparse keys
+    dmp: DistributedModelParallel  # wraps a TrainStep
+    ranker: MultiTaskRanker  # the unwrapped ranker: task names/types, scores(), evaluation forward
     plan: ShardingPlan
+    step: TrainStep  # the unwrapped step: its task weighting
 
 
 def build_sharded(manifest: Manifest, config: RunConfig, device: torch.device, world_size: int) -> ShardedRanker:
     tc = config.train
     torch.manual_seed(tc.seed)  # every rank builds identical dense weights (DDP broadcasts rank 0's anyway)
     model = MultiTaskRanker(manifest, config.model, tc.tasks, sparse_device=torch.device("meta"))
+    weights = torch.tensor([next(t.weight for t in manifest.tasks if t.name == n) for n in model.task_names])
+    weighting = UncertaintyWeighting(len(model.task_names)) if tc.task_weighting == "uncertainty" else None
+    step = TrainStep(model, weights, weighting, tc.balance_loss_weight)
     tables = plan_tables(manifest.sparse_features, config.model.pack_tables_below).tables
     apply_optimizer_in_backward(
         FUSED_OPTIMIZERS[tc.embedding_optimizer], model.sparse.ebc.parameters(), {"lr": tc.embedding_lr}
     )
     sharders = [EmbeddingBagCollectionSharder()]
-    plan = make_plan(model, tables, tc.sharding, device, world_size, tc.memory_per_rank_gb,
+    plan = make_plan(step, tables, tc.sharding, device, world_size, tc.memory_per_rank_gb,
                      batch_size=max(tc.batch_size // world_size, 1), sharders=sharders)  # fmt: skip
-    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(module=step, device=device, plan=plan, sharders=sharders)
     _init_tables(dmp, tc.seed)
-    return ShardedRanker(dmp=dmp, ranker=model, plan=plan)
+    return ShardedRanker(dmp=dmp, ranker=model, plan=plan, step=step)
 
 
 def _local_tensors(value: object) -> list[tuple[torch.Tensor, list[int]]]:
@@ -101,17 +139,15 @@ def _init_tables(dmp: nn.Module, seed: int) -> None:
             local.copy_(full_rows[r : r + local.shape[0], c : c + local.shape[1]].to(local.device))
 
 
-def embedding_key(key: str) -> str:
-    return key.removeprefix("module.").removeprefix("_dmp_wrapped_module.")
-
-
 def full_state_dict(dmp: nn.Module) -> dict[str, torch.Tensor] | None:
     """The single-process state dict, on rank 0 (None elsewhere): sharded tables are gathered
     shard by shard, replicated parameters taken as they are. A collective: every rank calls it."""
     rank = dist.get_rank()
     out: dict[str, torch.Tensor] = {}
     for key, value in dmp.state_dict().items():
-        name = embedding_key(key)
+        if not key.startswith("ranker."):
+            continue  # the task weighting: a training aid, not part of the model
+        name = key.removeprefix("ranker.")
         if isinstance(value, ShardedTensor):
             full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
             value.gather(dst=0, out=full)

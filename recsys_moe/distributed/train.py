@@ -16,7 +16,6 @@ Same loop as single-process training (`recsys_moe.training.trainer`), with these
 * The final valid/test metrics are computed on rank 0 from the exported best/ model by the
   single-process `evaluate`, which also checks that the export loads.
 
-Not yet: resuming (`last/` with sharded optimizer state), TrainPipelineSparseDist overlap.
 """
 
 from __future__ import annotations
@@ -36,18 +35,18 @@ import numpy as np
 import polars as pl
 import torch
 import torch.distributed as dist
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from pipelines.manifest import Manifest
 from recsys_moe.config import RunConfig, load_config
-from recsys_moe.data.loader import InMemoryDataset
+from recsys_moe.data.loader import Batch, InMemoryDataset
+from recsys_moe.distributed import checkpoint as dcheckpoint
 from recsys_moe.distributed.model import ShardedRanker, build_sharded, full_state_dict
 from recsys_moe.distributed.plan import plan_rows, plan_summary
-from recsys_moe.model.gates import balance_loss
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.tracking.tracker import NullTracker, Tracker
 from recsys_moe.training import checkpoint
-from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses
 from recsys_moe.training.metrics import task_metrics
 from recsys_moe.training.trainer import Evaluation, _log_results, _model_config, evaluate
 
@@ -57,17 +56,24 @@ PLAN_FILE = "sharding_plan.json"
 RESULT_FILE = "distributed_result.json"
 
 
-def read_share(
-    manifest: Manifest, split: str, keys: list[str], tasks: list[str], rank: int, world: int, strided: bool
-) -> InMemoryDataset:
-    """This rank's rows of a split: every world-th row (strided) or a contiguous slice, in order."""
-    frame = pl.concat([pl.read_parquet(p) for p in manifest.shard_paths(split)])
-    if strided:
-        frame = frame.gather_every(world, offset=rank)
-    else:
-        bounds = np.linspace(0, frame.height, world + 1).round().astype(int)
-        frame = frame.slice(int(bounds[rank]), int(bounds[rank + 1] - bounds[rank]))
+def read_share(manifest: Manifest, split: str, keys: list[str], tasks: list[str], rank: int, world: int) -> InMemoryDataset:
+    """This rank's contiguous slice of a split's rows: a lazy scan with a slice, so a rank reads only
+    the parquet shards (and row groups) that hold its rows, never the whole split."""
+    bounds = np.linspace(0, manifest.splits[split].rows_out, world + 1).round().astype(int)
+    start, length = int(bounds[rank]), int(bounds[rank + 1] - bounds[rank])
+    frame = pl.scan_parquet(manifest.shard_paths(split)).slice(start, length).collect()
     return InMemoryDataset(frame, manifest, keys, tasks)
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int) -> torch.Tensor:
+    """A rank's shuffle for an epoch, a function of (seed, epoch, rank) alone: the data position
+    in a checkpoint is then just (epoch, step)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank))
+
+
+def _table_batch(ranker: MultiTaskRanker, batch: Batch) -> Batch:
+    """Offset ids into packed tables in the loader, so the EBC's input is a field of the batch."""
+    return Batch(batch.dense, ranker.sparse.table_ids(batch.sparse), batch.labels)
 
 
 def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +94,7 @@ def evaluate_sharded(model: ShardedRanker, share: InMemoryDataset, total_rows: i
     """Exact per-task metrics over all ranks' slices. A collective: every rank runs the same
     number of forward passes (the sharded lookup exchanges embeddings with every rank)."""
     ranker, dmp = model.ranker, model.dmp
-    world = dist.get_world_size()
+    world = dist.get_world_size()  # the ranker is called directly: no DDP needed without gradients
     n_batches = max(-(-(-(-total_rows // world)) // batch_size), 1)
     was_training = dmp.training
     dmp.eval()
@@ -97,7 +103,7 @@ def evaluate_sharded(model: ShardedRanker, share: InMemoryDataset, total_rows: i
         with torch.no_grad():  # not inference_mode: FBGEMM's CPU lookup rejects inference tensors
             for idx in torch.arange(len(share)).tensor_split(n_batches):
                 batch = share.batch(idx)
-                out = dmp(batch.dense, batch.sparse)
+                out = ranker(batch.dense, batch.sparse)
                 logits.append(out.logits)
                 if out.gate_weights is not None:
                     w = out.gate_weights
@@ -131,16 +137,22 @@ def _device() -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
-def _tracker(config: RunConfig, manifest: Manifest, rank: int) -> Tracker:
+def _tracker(config: RunConfig, manifest: Manifest, rank: int, resume: bool) -> Tracker:
+    """Rank 0's MLflow run; a resumed run continues the run its checkpoint names."""
     if rank != 0 or not config.tracking.enabled:
         return NullTracker()
     from recsys_moe.tracking.tracker import MlflowTracker
 
+    run_dir = config.train.checkpoint_dir or Path("runs") / f"{manifest.spec.name}-{config.model.arch}"
+    found = dcheckpoint.latest(run_dir) if resume else None
+    run_id = dcheckpoint.read_progress(found).get("run_id") if found is not None else None
     experiment = config.tracking.experiment or f"recsys-moe/{manifest.spec.name}"
-    return MlflowTracker(experiment, run_name=config.tracking.run_name)
+    return MlflowTracker(experiment, run_name=config.tracking.run_name, run_id=run_id)
 
 
-def train_distributed(manifest: Manifest, config: RunConfig, tracker: Tracker | None = None) -> dict[str, Any] | None:
+def train_distributed(
+    manifest: Manifest, config: RunConfig, tracker: Tracker | None = None, resume: bool = False
+) -> dict[str, Any] | None:
     """Train on every rank of the initialised process group; rank 0 returns a result summary."""
     tc = config.train
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -160,20 +172,30 @@ def train_distributed(manifest: Manifest, config: RunConfig, tracker: Tracker | 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / PLAN_FILE).write_text(json.dumps(plan_rows(model.plan), indent=1))
 
-    weighting = UncertaintyWeighting(len(tasks)) if tc.task_weighting == "uncertainty" else None
-    extra = list(weighting.parameters()) if weighting is not None else []
-    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
-    optimizer = torch.optim.Adam(dense + extra, lr=tc.lr, weight_decay=tc.weight_decay)
+    # Dense parameters (and data-parallel tables) under Adam; sharded tables carry their fused optimizer.
+    dense = list(in_backward_optimizer_filter(dmp.named_parameters()))
+    dense_names = [n for n, _ in dense]
+    optimizer = torch.optim.Adam([p for _, p in dense], lr=tc.lr, weight_decay=tc.weight_decay)
+    weighting = model.step.weighting
     model_config = {**_model_config(manifest, config, ranker), "run_id": tracker.run_id}
-    is_binary = torch.tensor([t == "binary" for t in ranker.task_types], device=device)
-    task_weights = torch.tensor([next(t.weight for t in manifest.tasks if t.name == n) for n in tasks], device=device)
 
     keys = ranker.sparse.keys
-    train_share = read_share(manifest, "train", keys, tasks, rank, world, strided=True)
-    valid_share = read_share(manifest, "valid", keys, tasks, rank, world, strided=False)
+    train_share = read_share(manifest, "train", keys, tasks, rank, world)
+    valid_share = read_share(manifest, "valid", keys, tasks, rank, world)
     total = {s: manifest.splits[s].rows_out for s in ("train", "valid")}
 
-    if rank == 0:
+    progress: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0,
+                                "history": [], "loss_sum": [0.0] * len(tasks), "rows": 0.0}  # fmt: skip
+    found = dcheckpoint.latest(run_dir) if resume else None
+    if found is not None:
+        progress = dcheckpoint.load(found, dmp, optimizer, dense_names)
+        if rank == 0:
+            print(f"resumed {found} (written by {progress['world_size']} ranks) at epoch {progress['epoch'] + 1}, "
+                  f"step {progress['step']}", flush=True)  # fmt: skip
+    elif resume and rank == 0:
+        print(f"no checkpoint in {run_dir / 'last'}: starting from scratch", flush=True)
+
+    if rank == 0 and progress["epoch"] == 0 and progress["step"] == 0:
         tracker.log_params({**config.flat(), "tasks": ",".join(tasks), "spec": manifest.spec.name,
                             "spec_hash": manifest.spec_hash, "train_rows": total["train"], "world_size": world,
                             "backend": dist.get_backend(),
@@ -189,36 +211,47 @@ def train_distributed(manifest: Manifest, config: RunConfig, tracker: Tracker | 
     steps = -(-rows_per_rank // local_bs)
     if tc.max_steps_per_epoch:
         steps = min(steps, tc.max_steps_per_epoch)
-    generator = torch.Generator().manual_seed(tc.seed * 1000 + rank)
-    best_score, best_epoch, bad_epochs = -math.inf, -1, 0
-    history: list[dict[str, float]] = []
-    rates: list[float] = []
+    history: list[dict[str, float]] = progress["history"]
+    pipelined: list[str] = []
+    rates: list[float] = [h["train_samples_per_s"] for h in history]
+
+    def save_checkpoint(epoch: int, step: int, loss_sum: torch.Tensor, rows: float) -> None:
+        partial = torch.cat([loss_sum.cpu().double(), torch.tensor([rows], dtype=torch.float64)])
+        dist.all_reduce(partial)  # the epoch's loss so far, over all ranks: independent of the world size
+        progress.update(epoch=epoch, step=step, loss_sum=partial[:-1].tolist(), rows=float(partial[-1]),
+                        history=history, run_id=tracker.run_id)  # fmt: skip
+        dcheckpoint.save(run_dir, dmp, optimizer, dense_names, progress)
+
+    # TorchRec's pipeline: batch i+1's sparse all-to-all overlaps batch i's forward and backward.
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
     dmp.train()
-    for epoch in range(tc.epochs):
-        if bad_epochs >= tc.patience:
+    for epoch in range(progress["epoch"], tc.epochs):
+        if progress["bad_epochs"] >= tc.patience:
             break
-        loss_sum, n_seen, start = torch.zeros(len(tasks), device=device), 0, time.perf_counter()
-        order = torch.randperm(len(train_share), generator=generator)[:rows_per_rank]
-        for idx in order.split(local_bs)[:steps]:
-            batch = train_share.batch(idx)
-            out = dmp(batch.dense.to(device), batch.sparse.to(device))
-            per_task = per_task_losses(out.logits, batch.labels.to(device), is_binary)
-            loss = weighting(per_task) if weighting is not None else (per_task * task_weights).sum()
-            if tc.balance_loss_weight > 0 and out.gates:
-                loss = loss + tc.balance_loss_weight * sum(balance_loss(g) for g in out.gates)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # tables updated in here (fused); DDP all-reduces the dense gradients
-            for p in extra:  # outside DMP/DDP: average by hand
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            optimizer.step()
-            loss_sum += per_task.detach() * len(batch)
-            n_seen += len(batch)
+        first = progress["step"] if epoch == progress["epoch"] else 0
+        # A resumed epoch continues the rows and loss it had counted (rank 0 holds the sums).
+        loss_sum = torch.zeros(len(tasks), device=device)
+        rows = 0.0
+        if first and rank == 0:
+            loss_sum += torch.tensor(progress["loss_sum"], device=device)
+            rows = progress["rows"]
+        n_seen, start = 0, time.perf_counter()
+        order = epoch_order(len(train_share), tc.seed, epoch, rank)[:rows_per_rank]
+        chunks = order.split(local_bs)[:steps]
+        batches = (_table_batch(ranker, train_share.batch(idx)) for idx in chunks[first:])
+        for step in range(first, len(chunks)):
+            sums = pipeline.progress(batches)  # forward, backward (tables updated inside), Adam step
+            loss_sum += sums
+            rows += len(chunks[step])
+            n_seen += len(chunks[step])
+            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < steps:
+                save_checkpoint(epoch, step + 1, loss_sum, rows)
+        pipelined = [n for n, m in dmp.named_modules() if any(m is p for p in pipeline._pipelined_modules)]
+        pipeline.detach()  # validation calls the ranker's own forward
         elapsed = time.perf_counter() - start
-        stats = torch.cat([loss_sum.cpu().double(), torch.tensor([float(n_seen)], dtype=torch.float64)])
+        stats = torch.cat([loss_sum.cpu().double(), torch.tensor([rows, float(n_seen)], dtype=torch.float64)])
         dist.all_reduce(stats)
-        train_loss = stats[:-1] / max(float(stats[-1]), 1.0)
+        train_loss = stats[:-2] / max(float(stats[-2]), 1.0)
         rate = float(stats[-1]) / elapsed
         rates.append(rate)
 
@@ -229,11 +262,11 @@ def train_distributed(manifest: Manifest, config: RunConfig, tracker: Tracker | 
         if weighting is not None:
             record.update({f"task_weight_{t}": float(w) for t, w in zip(tasks, weighting.weights())})
         history.append(record)
-        improved = val.score > best_score
+        improved = val.score > progress["best_score"]
         if improved:
-            best_score, best_epoch, bad_epochs = val.score, epoch + 1, 0
+            progress.update(best_score=val.score, best_epoch=epoch + 1, bad_epochs=0)
         else:
-            bad_epochs += 1
+            progress["bad_epochs"] += 1
         weights = full_state_dict(dmp) if improved else None  # a collective: every rank takes part
         if rank == 0:
             tracker.log_metrics(val.gate_metrics(tasks, config.model.gate != "softmax"), step=epoch + 1)
@@ -243,6 +276,8 @@ def train_distributed(manifest: Manifest, config: RunConfig, tracker: Tracker | 
                   f"({world} ranks)", flush=True)  # fmt: skip
             if weights is not None:
                 checkpoint.save_weights(best_dir, weights, model_config)
+        save_checkpoint(epoch + 1, 0, torch.zeros(len(tasks)), 0.0)
+    best_epoch = progress["best_epoch"]
     dist.barrier()
     if rank != 0:
         return None
@@ -264,6 +299,7 @@ def train_distributed(manifest: Manifest, config: RunConfig, tracker: Tracker | 
         "best_epoch": best_epoch, "history": history, "model_dir": str(best_dir),
         "valid": valid.metrics, "test": test.metrics, "plan": plan_rows(model.plan), "plan_summary": summary,
         "train_samples_per_s": float(np.median(rates)) if rates else math.nan, "tasks": tasks,
+        "pipelined_modules": pipelined,
     }  # fmt: skip
     (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=1))
     return result
@@ -274,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="dataset directory (or its manifest.json)")
     parser.add_argument("--config", help="run config YAML")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint dir's last/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     config = load_config(args.config, args.set)
@@ -281,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(backend)
     rank = dist.get_rank()
     manifest = Manifest.load(args.data)
-    tracker = _tracker(config, manifest, rank)
+    tracker = _tracker(config, manifest, rank, args.resume)
     try:
-        result = train_distributed(manifest, config, tracker)
+        result = train_distributed(manifest, config, tracker, resume=args.resume)
     except BaseException:
         tracker.close("FAILED")
         raise

@@ -96,20 +96,27 @@ class SparseArch(nn.Module):
             with torch.no_grad():
                 weight.uniform_(-0.05, 0.05)
 
+    def table_ids(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Feature ids → row ids in their (possibly packed) table: what the EBC takes."""
+        if not self._needs_offsets:
+            return features
+        lengths = features.lengths()
+        per_key = lengths.view(len(self.keys), -1).sum(dim=1)
+        values = features.values() + torch.repeat_interleave(self.id_offsets, per_key)
+        return KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths)
+
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings per feature (a sharded EBC may order the keys differently)."""
-        if self._needs_offsets:
-            lengths = features.lengths()
-            per_key = lengths.view(len(self.keys), -1).sum(dim=1)
-            values = features.values() + torch.repeat_interleave(self.id_offsets, per_key)
-            features = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths)
-        return self.ebc(features)
+        return self.ebc(self.table_ids(features))
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.lookup(features)
+    def concat(self, pooled: KeyedTensor) -> torch.Tensor:
+        """Pooled embeddings → [B, output_dim] in the unsharded column order."""
         if pooled.keys() == self.output_keys:
             return pooled.values()
         return KeyedTensor.regroup([pooled], [self.output_keys])[0]
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.concat(self.lookup(features))
 
 
 def embedding_memory_bytes(features: Manifest | Sequence[SparseFeatureInfo], bytes_per_value: int = 4) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import KeyedJaggedTensor
+from torchrec import KeyedJaggedTensor, KeyedTensor
 
 from pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig
@@ -77,8 +77,12 @@ class MultiTaskRanker(nn.Module):
                     bias[i].fill_(task.train_mean)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> ArchOutput:
-        x = torch.cat([self.sparse(sparse), dense], dim=1) if self.num_dense else self.sparse(sparse)
-        return self.arch(x)
+        return self.from_pooled(self.sparse.lookup(sparse), dense)
+
+    def from_pooled(self, pooled: KeyedTensor, dense: torch.Tensor) -> ArchOutput:
+        """The model after the embedding lookup (sharded training calls the lookup itself)."""
+        x = self.sparse.concat(pooled)
+        return self.arch(torch.cat([x, dense], dim=1) if self.num_dense else x)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits [B, T] → per-task scores: probabilities for binary tasks, values for regression."""

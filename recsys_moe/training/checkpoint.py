@@ -22,20 +22,28 @@ MODEL_CONFIG = "model_config.json"
 TRAIN_STATE = "train_state.pt"
 
 
-def _atomic_dir(directory: Path) -> Path:
+def staging_dir(directory: Path) -> Path:
+    """An empty sibling to write into; `commit_dir` swaps it in, so a kill never leaves half a checkpoint."""
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
 
 
-def _commit(tmp: Path, directory: Path) -> None:
+def commit_dir(tmp: Path, directory: Path) -> None:
+    """Replace `directory` by `tmp`. Between the two renames only `.<name>.old` exists: see `committed`."""
     old = directory.with_name(f".{directory.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def committed(directory: Path) -> Path | None:
+    """The directory, or its previous version when a kill fell between `commit_dir`'s two renames."""
+    old = directory.with_name(f".{directory.name}.old")
+    return directory if directory.exists() else old if old.exists() else None
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -48,10 +56,10 @@ def save_model(directory: Path, model: nn.Module, config: dict[str, Any]) -> Pat
 
 def save_weights(directory: Path, weights: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
     """A model directory from a state dict already in hand (e.g. gathered from sharded tables)."""
-    tmp = _atomic_dir(directory)
+    tmp = staging_dir(directory)
     save_file(weights, str(tmp / WEIGHTS))
     (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=1))
-    _commit(tmp, directory)
+    commit_dir(tmp, directory)
     return directory
 
 
@@ -60,11 +68,11 @@ def load_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 
 def save_train_state(directory: Path, model: nn.Module, config: dict[str, Any], state: dict[str, Any]) -> None:
-    tmp = _atomic_dir(directory)
+    tmp = staging_dir(directory)
     save_file(state_tensors(model), str(tmp / WEIGHTS))
     (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=1))
     torch.save(state, tmp / TRAIN_STATE)
-    _commit(tmp, directory)
+    commit_dir(tmp, directory)
 
 
 def load_train_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
