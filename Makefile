@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(PINS) | sha256sum | cut -c1-16)
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TEST_ARGS ?=
 
-.PHONY: install demo test bench bench-experts bench-serving bench-census lock clean help
+.PHONY: install demo test bench bench-experts bench-serving bench-census bench-distributed lock clean help
 
 help:
 	@echo "make demo          synthetic data -> pipeline -> MMoE -> MLflow, end to end"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-experts the fused/routed expert kernels against a loop and torch.mm"
 	@echo "make bench-serving batch scoring rows/s; online /v1/rank latency vs mlflow models serve"
 	@echo "make bench-census  the MMoE paper's census-income comparison"
+	@echo "make bench-distributed  sharded training on 1 vs 2 ranks, memory per rank, TBE vs nn.EmbeddingBag"
 
 install: $(STAMP)
 
@@ -38,7 +39,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(TEST_ARGS)
 
-bench: bench-experts bench-serving bench-census
+bench: bench-experts bench-serving bench-census bench-distributed
 
 bench-experts: $(STAMP)
 	$(BIN)/python benchmarks/experts.py
@@ -48,6 +49,9 @@ bench-serving: $(STAMP)
 
 bench-census: $(STAMP)
 	$(BIN)/python benchmarks/census.py
+
+bench-distributed: $(STAMP)
+	$(BIN)/python benchmarks/distributed.py
 
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(torch|torchrec|fbgemm-gpu-cpu)==' > requirements/lock.txt

@@ -81,6 +81,18 @@ def stable_hash_ids(values: pl.Series, buckets: int) -> pl.Series:
     return mapped.fill_null(OOV)
 
 
+def stable_hash_lists(values: pl.Series, buckets: int) -> pl.Series:
+    """`stable_hash_ids` on every element of a List(String) column in one pass over all rows'
+    values (a `list.eval` of a Python function would call it once per row). Null or empty lists
+    give empty lists."""
+    rows = pl.DataFrame({"row": pl.int_range(len(values), eager=True), "v": values}).explode("v")
+    rows = rows.filter(pl.col("v").is_not_null())
+    rows = rows.with_columns(stable_hash_ids(rows["v"], buckets).alias("id"))
+    per_row = rows.group_by("row", maintain_order=True).agg("id")
+    every = pl.DataFrame({"row": pl.int_range(len(values), eager=True)}).join(per_row, on="row", how="left")
+    return every["id"].fill_null(pl.lit([], pl.List(pl.Int64))).rename(values.name)
+
+
 def signed_log1p(x: pl.Expr) -> pl.Expr:
     return x.sign() * x.abs().log1p()
 

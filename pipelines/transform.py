@@ -11,7 +11,7 @@ import polars as pl
 
 from features.expressions import compile_expression
 from features.spec import Feature, FeatureSpec
-from pipelines.fit import OOV, FittedState, signed_log1p, stable_hash_ids
+from pipelines.fit import OOV, FittedState, signed_log1p, stable_hash_ids, stable_hash_lists
 
 
 def key_column(name: str) -> str:
@@ -82,9 +82,9 @@ def _encode(f: Feature, state: FittedState) -> pl.Expr:
         return _ids(f, state).fill_null(OOV).alias(f.name)
     if f.vocab_policy.kind == "hash":
         buckets = int(f.vocab_policy.buckets)  # type: ignore[arg-type]
-        element = pl.element().map_batches(lambda s: stable_hash_ids(s, buckets), return_dtype=pl.Int64)
-    else:
-        element = _vocab_ids(pl.element(), state.vocabularies[f.name])
+        hashed = col.map_batches(lambda s: stable_hash_lists(s, buckets), return_dtype=pl.List(pl.Int64))
+        return hashed.fill_null(pl.lit([], pl.List(pl.Int64))).alias(f.name)
+    element = _vocab_ids(pl.element(), state.vocabularies[f.name])
     return col.list.eval(element).fill_null(pl.lit([], pl.List(pl.Int64))).alias(f.name)
 
 

@@ -32,6 +32,14 @@ or all at once:  recsys-moe demo
 def _cmd_generate(args: argparse.Namespace) -> int:
     from pipelines.sources import synthetic
 
+    if args.source == "criteo_like":
+        from pipelines.sources import criteo
+
+        cc = criteo.CriteoConfig(n_rows=args.impressions, n_days=args.days, seed=args.seed)
+        events = criteo.write(criteo.generate(cc), Path(args.out))
+        print(f"wrote {cc.n_rows:,} Criteo-like rows over {cc.n_days} days to {events} "
+              f"(build it with --spec criteo_like)")  # fmt: skip
+        return 0
     config = synthetic.SyntheticConfig(
         n_users=args.users, n_items=args.items, n_impressions=args.impressions, n_days=args.days, seed=args.seed
     )
@@ -305,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.add_argument("--users", type=int, default=5_000)
     p.add_argument("--items", type=int, default=2_000)
-    p.add_argument("--impressions", type=int, default=200_000)
+    p.add_argument("--source", choices=["synthetic", "criteo_like"], default="synthetic",
+                   help="synthetic: feed impressions with users/items/side tables (spec synthetic); criteo_like: "
+                   "26 power-law categoricals up to 10M ids, 13 counts, a history (spec criteo_like)")  # fmt: skip
+    p.add_argument("--impressions", type=int, default=200_000, help="rows to generate")
     p.add_argument("--days", type=int, default=14)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)

@@ -7,7 +7,7 @@ import pytest
 
 from features.spec import parse_spec
 from pipelines.build import RejectRateError, build_frames, load_state
-from pipelines.fit import stable_hash_ids
+from pipelines.fit import stable_hash_ids, stable_hash_lists
 from pipelines.manifest import Manifest
 from pipelines.validate import SchemaError
 
@@ -142,6 +142,15 @@ def test_stable_hash_is_stable() -> None:
         stable_hash_ids(pl.Series(["apple"]), 1000)[0]
         == 1 + int.from_bytes(__import__("hashlib").blake2b(b"apple", digest_size=8).digest(), "little") % 1000
     )
+
+
+def test_hashed_lists_hash_each_element_like_single_values() -> None:
+    """The multi-hot hash runs once over all rows' values: same ids as hashing each element."""
+    lists = pl.Series("h", [["a", "b"], [], None, ["c", "a"], ["b"]], dtype=pl.List(pl.String))
+    got = stable_hash_lists(lists, 97).to_list()
+    one = {v: stable_hash_ids(pl.Series([v]), 97)[0] for v in "abc"}
+    assert got == [[one["a"], one["b"]], [], [], [one["c"], one["a"]], [one["b"]]]
+    assert stable_hash_lists(pl.Series("h", [], dtype=pl.List(pl.String)), 97).to_list() == []
 
 
 def test_rebuild_is_idempotent(synthetic_raw: Path, tmp_path: Path) -> None:

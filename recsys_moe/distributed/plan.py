@@ -96,3 +96,20 @@ def plan_summary(plan: ShardingPlan) -> str:
     for r in plan_rows(plan):
         lines.append(f"{r['table']:<28} {r['sharding']:<14} {r['kernel']:<8} {r['ranks']}")
     return "\n".join(lines)
+
+
+def weight_bytes_per_rank(plan: ShardingPlan, tables: list[EmbeddingBagConfig], world_size: int) -> list[int]:
+    """Embedding weight bytes each rank holds under the plan (fp32): shards where they are placed,
+    data-parallel tables on every rank. Optimizer state comes on top (Adagrad: as much again)."""
+    dims = {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}
+    out = [0] * world_size
+    for params in plan.plan.values():
+        for table, p in params.items():  # type: ignore[union-attr]
+            if p.sharding_spec is None:  # data-parallel: a full replica per rank
+                for r in p.ranks or range(world_size):
+                    out[r] += dims[table][0] * dims[table][1] * 4
+                continue
+            for shard in p.sharding_spec.shards:
+                rows, cols = shard.shard_sizes
+                out[shard.placement.rank()] += rows * cols * 4  # type: ignore[union-attr]
+    return out

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -43,7 +44,8 @@ from recsys_moe.config import RunConfig, load_config
 from recsys_moe.data.loader import Batch, InMemoryDataset
 from recsys_moe.distributed import checkpoint as dcheckpoint
 from recsys_moe.distributed.model import ShardedRanker, build_sharded, full_state_dict
-from recsys_moe.distributed.plan import plan_rows, plan_summary
+from recsys_moe.distributed.plan import plan_rows, plan_summary, weight_bytes_per_rank
+from recsys_moe.model.embeddings import plan_tables
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.tracking.tracker import NullTracker, Tracker
 from recsys_moe.training import checkpoint
@@ -278,6 +280,9 @@ def train_distributed(
                 checkpoint.save_weights(best_dir, weights, model_config)
         save_checkpoint(epoch + 1, 0, torch.zeros(len(tasks)), 0.0)
     best_epoch = progress["best_epoch"]
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)  # MiB
+    peaks = [torch.zeros_like(peak) for _ in range(world)]
+    dist.all_gather(peaks, peak)
     dist.barrier()
     if rank != 0:
         return None
@@ -299,7 +304,9 @@ def train_distributed(
         "best_epoch": best_epoch, "history": history, "model_dir": str(best_dir),
         "valid": valid.metrics, "test": test.metrics, "plan": plan_rows(model.plan), "plan_summary": summary,
         "train_samples_per_s": float(np.median(rates)) if rates else math.nan, "tasks": tasks,
-        "pipelined_modules": pipelined,
+        "pipelined_modules": pipelined, "peak_rss_mib_per_rank": [float(p) for p in peaks],
+        "weight_bytes_per_rank": weight_bytes_per_rank(
+            model.plan, plan_tables(manifest.sparse_features, config.model.pack_tables_below).tables, world),
     }  # fmt: skip
     (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=1))
     return result
