@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(PINS) | sha256sum | cut -c1-16)
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TEST_ARGS ?=
 
-.PHONY: install demo test bench bench-experts bench-serving bench-census bench-distributed lock clean help
+.PHONY: install demo test bench bench-experts bench-serving bench-census bench-distributed bench-pipelines lock clean help
 
 help:
 	@echo "make demo          synthetic data -> pipeline -> MMoE -> MLflow, end to end"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench-serving batch scoring rows/s; online /v1/rank latency vs mlflow models serve"
 	@echo "make bench-census  the MMoE paper's census-income comparison"
 	@echo "make bench-distributed  sharded training on 1 vs 2 ranks, memory per rank, TBE vs nn.EmbeddingBag"
+	@echo "make bench-pipelines    history features on 10M events: Polars vs pandas; AUC with and without"
 
 install: $(STAMP)
 
@@ -39,7 +40,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(TEST_ARGS)
 
-bench: bench-experts bench-serving bench-census bench-distributed
+bench: bench-experts bench-serving bench-census bench-distributed bench-pipelines
 
 bench-experts: $(STAMP)
 	$(BIN)/python benchmarks/experts.py
@@ -52,6 +53,9 @@ bench-census: $(STAMP)
 
 bench-distributed: $(STAMP)
 	$(BIN)/python benchmarks/distributed.py
+
+bench-pipelines: $(STAMP)
+	$(BIN)/python benchmarks/pipelines.py
 
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(torch|torchrec|fbgemm-gpu-cpu)==' > requirements/lock.txt

@@ -11,7 +11,7 @@ timestamp (`pipelines/history.py`), so training sees exactly what serving would 
       streams:                          # what is counted, and when it happened
         impressions: {}
         clicks: {flag: click}
-        conversions: {flag: conversion, time: conversion_ts}   # counted when it converted
+        conversions: {flag: conversion, time: conversion_ts, requires: clicks}  # counted when it converted
       windows_days: [1, 7, 30]
       rates:
         ctr: {numerator: clicks, denominator: impressions, prior: 0.08, strength: 20}
@@ -44,6 +44,7 @@ class Stream(_Strict):
 
     flag: str | None = None
     time: str | None = Field(None, description="column with the time the event happened; default: the row's time")
+    requires: str | None = Field(None, description="a stream whose flag must be set too (a conversion needs a click)")
 
 
 class Rate(_Strict):
@@ -81,6 +82,10 @@ class HistorySpec(_Strict):
             for side in (rate.numerator, rate.denominator):
                 if side not in self.streams:
                     raise ValueError(f"rates.{name}: {side!r} is not a stream ({sorted(self.streams)})")
+        for name, stream in self.streams.items():
+            parent = self.streams.get(stream.requires) if stream.requires else None
+            if stream.requires and (parent is None or parent.flag is None or stream.flag is None):
+                raise ValueError(f"streams.{name}.requires: {stream.requires!r} must be another flagged stream")
         for i, seq in enumerate(self.sequences):
             if seq.entity not in self.entities:
                 raise ValueError(f"sequences[{i}].entity: {seq.entity!r} is not an entity ({sorted(self.entities)})")

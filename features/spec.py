@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from features.expressions import ExpressionError, compile_expression
+from features.history import HistorySpec
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -138,8 +139,21 @@ class FeatureSpec(_Strict):
     description: str = ""
     dataset: DatasetSource | None = None
     keys: list[str] = Field(default_factory=list, description="raw columns passed through to outputs")
+    history: HistorySpec | None = Field(None, description="point-in-time features computed from the event log")
     features: list[Feature] = Field(min_length=1)
     tasks: list[Task] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _history_features(cls, raw: Any) -> Any:
+        """The history section's columns join the features, so everything downstream (fitting,
+        encoding, the model, serving) treats them like any declared feature."""
+        if not isinstance(raw, dict) or raw.get("history") is None:
+            return raw
+        history = HistorySpec.model_validate(raw["history"])
+        declared = {f.get("name") for f in raw.get("features") or [] if isinstance(f, dict)}
+        added = [f for f in history.features() if f["name"] not in declared]
+        return {**raw, "history": history, "features": [*(raw.get("features") or []), *added]}
 
     @model_validator(mode="after")
     def _unique(self) -> FeatureSpec:

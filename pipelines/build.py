@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from features.spec import FeatureSpec
 from pipelines.fit import FittedState, fit
-from pipelines.manifest import Manifest, SparseFeatureInfo, SplitInfo, TaskInfo
+from pipelines.manifest import EventsInfo, Manifest, SparseFeatureInfo, SplitInfo, TaskInfo
 from pipelines.sources import load_splits
 from pipelines.transform import encode, label_column, typed
 from pipelines.validate import REASON, validate
@@ -42,6 +42,19 @@ def _write_shards(frame: pl.DataFrame, directory: Path, rows_per_shard: int) -> 
     return paths
 
 
+def _reason_counts(reasons: pl.Series) -> dict[str, int]:
+    """Reasons grouped by field ("age: not a number (x)" → "age: not a number")."""
+    kinds = reasons.str.replace(r" \(.*\)$", "").str.replace(r": -?[\d.e+-]+ is", ": value is")
+    return dict(kinds.value_counts().iter_rows())
+
+
+def _check_rate(what: str, rejected: int, total: int, max_rate: float, reasons: dict[str, int]) -> None:
+    rate = rejected / max(total, 1)
+    if rate > max_rate:
+        raise RejectRateError(f"{what}: {rejected} of {total} rows rejected ({rate:.1%} > max_reject_rate "
+                              f"{max_rate:.1%}); top reasons: {reasons}")  # fmt: skip
+
+
 def _digest(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -59,14 +72,23 @@ def build_frames(
     rows_per_shard: int = 1_000_000,
     max_reject_rate: float = 0.05,
     progress: bool = True,
+    events: EventsInfo | None = None,
+    event_rejects: pl.DataFrame | None = None,
 ) -> Manifest:
-    """Build a dataset from raw splits (must include 'train'); vocabularies are fitted on train only."""
+    """Build a dataset from raw splits (must include 'train'); vocabularies are fitted on train only.
+    `events`/`event_rejects`: the event log's contract check that ran before splitting."""
     if "train" not in raw:
         raise ValueError(f"raw splits must include 'train' (got {sorted(raw)})")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        if events is not None and event_rejects is not None and event_rejects.height:
+            (work / "rejects").mkdir(exist_ok=True)
+            events.rejects = "rejects/events.parquet"
+            event_rejects.write_parquet(work / events.rejects)
+            events.reject_reasons = _reason_counts(event_rejects[REASON])
+            _check_rate("events", event_rejects.height, events.rows_in, max_reject_rate, events.reject_reasons)
         steps = tqdm(total=3 * len(raw) + 1, desc=f"pipeline {spec.name}", disable=not progress, unit="step")
         valid: dict[str, pl.DataFrame] = {}
         splits: dict[str, SplitInfo] = {}
@@ -80,15 +102,8 @@ def build_frames(
                 rejects_rel = f"rejects/{split}.parquet"
                 (work / "rejects").mkdir(exist_ok=True)
                 rejected.write_parquet(work / rejects_rel)
-                # Group reasons by field ("age: not a number (x)" → "age: not a number").
-                kinds = rejected[REASON].str.replace(r" \(.*\)$", "").str.replace(r": -?[\d.e+-]+ is", ": value is")
-                reasons = dict(kinds.value_counts().iter_rows())
-            rate = rejected.height / max(frame.height, 1)
-            if rate > max_reject_rate:
-                raise RejectRateError(
-                    f"{split}: {rejected.height} of {frame.height} rows rejected ({rate:.1%} > "
-                    f"max_reject_rate {max_reject_rate:.1%}); top reasons: {reasons}"
-                )
+                reasons = _reason_counts(rejected[REASON])
+            _check_rate(split, rejected.height, frame.height, max_reject_rate, reasons)
             valid[split] = typed(ok, spec).collect()
             raw_rel = None
             if split != "train":
@@ -146,6 +161,7 @@ def build_frames(
             vocab_files=vocab_files,
             statistics=state.statistics(),
             splits=splits,
+            events=events,
             digest=_digest(all_shards),
         )
         manifest.save(work)
@@ -176,14 +192,26 @@ def build(
     rows_per_shard: int = 1_000_000,
     max_reject_rate: float = 0.05,
     progress: bool = True,
+    history_dir: Path | None = None,
+    rebuild_history: bool = False,
 ) -> Manifest:
-    """Read the raw splits named by the spec's dataset source, then build the dataset."""
+    """Read the raw splits named by the spec's dataset source, then build the dataset. A spec
+    with `history:` first checks the event log's contract and brings its history features up to
+    date (in `history_dir`, default <data_dir>/history/<spec name>; only new days are computed)."""
     if spec.dataset is None:
         raise ValueError(f"spec '{spec.name}' has no 'dataset' section: use build_frames() with your own splits")
-    raw = load_splits(spec.dataset, Path(data_dir))
-    return build_frames(
-        raw, spec, out_dir, f"{spec.dataset.source}:{data_dir}", rows_per_shard, max_reject_rate, progress
-    )
+    source = f"{spec.dataset.source}:{data_dir}"
+    if spec.history is None:
+        raw = load_splits(spec.dataset, Path(data_dir))
+        return build_frames(raw, spec, out_dir, source, rows_per_shard, max_reject_rate, progress)
+    from pipelines.event_log import prepare
+
+    ready = prepare(spec, Path(data_dir), history_dir, rebuild_history, progress)
+    events = EventsInfo(rows_in=ready.rows_in, rows_out=ready.rows_in - ready.rejects.height,
+                        rows_rejected=ready.rejects.height, history_dir=str(ready.history_dir),
+                        days_computed=ready.days_computed)  # fmt: skip
+    return build_frames(ready.splits, spec, out_dir, source, rows_per_shard, max_reject_rate, progress, events,
+                        ready.rejects)  # fmt: skip
 
 
 def load_state(manifest: Manifest) -> FittedState:

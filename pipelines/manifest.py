@@ -49,6 +49,18 @@ class SplitInfo(BaseModel):
     reject_reasons: dict[str, int] = Field(default_factory=dict)
 
 
+class EventsInfo(BaseModel):
+    """The raw event log before splitting (specs with history features): the contract's counts."""
+
+    rows_in: int
+    rows_out: int
+    rows_rejected: int
+    rejects: str | None = None
+    reject_reasons: dict[str, int] = Field(default_factory=dict)
+    history_dir: str
+    days_computed: int
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +75,7 @@ class Manifest(BaseModel):
     vocab_files: dict[str, str]
     statistics: dict[str, dict[str, Any]]  # per dense feature: fill mean, transform mean/std, range, buckets
     splits: dict[str, SplitInfo]
+    events: EventsInfo | None = None
     digest: str  # sha256 over the shards' bytes
     root: Path | None = Field(default=None, exclude=True)
 

@@ -53,8 +53,14 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from pipelines.build import build
 
     manifest = build(
-        load_spec(args.spec), Path(args.data), Path(args.out), args.rows_per_shard, args.max_reject_rate, progress=True
-    )
+        load_spec(args.spec), Path(args.data), Path(args.out), args.rows_per_shard, args.max_reject_rate, progress=True,
+        history_dir=Path(args.history_dir) if args.history_dir else None, rebuild_history=args.rebuild_history,
+    )  # fmt: skip
+    if manifest.events is not None:
+        ev = manifest.events
+        rejected = f", {ev.rows_rejected:,} rejected → {args.out}/{ev.rejects}" if ev.rows_rejected else ""
+        print(f"events: {ev.rows_in:,} in, {ev.rows_out:,} valid{rejected}; history features: "
+              f"{ev.days_computed} new day(s) in {ev.history_dir}")  # fmt: skip
     for split, info in manifest.splits.items():
         rejected = f", {info.rows_rejected:,} rejected → {args.out}/{info.rejects}" if info.rows_rejected else ""
         print(f"{split:>5}: {info.rows_in:,} rows in, {info.rows_out:,} out{rejected}")
@@ -327,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset directory to (re)build")
     p.add_argument("--rows-per-shard", type=int, default=1_000_000)
     p.add_argument("--max-reject-rate", type=float, default=0.05, help="fail when more rows than this are rejected")
+    p.add_argument("--history-dir", help="specs with history features: where their day partitions live "
+                   "(default <data>/history/<spec>); only days not there yet are computed")  # fmt: skip
+    p.add_argument("--rebuild-history", action="store_true", help="recompute every day's history features")
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("train", help="train a multi-task model on a built dataset, tracked in MLflow")

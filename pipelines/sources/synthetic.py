@@ -14,11 +14,25 @@ Generative model (hidden from the output tables):
   affinity (Gumbel top-k);
 * item popularity is Zipf-like, user activity lognormal;
 * ``P(click) = sigmoid(base + affinity + interest boost + country x category bias
-  + position + device + item quality/freshness)``; ``P(conversion | click)`` uses a
-  different mix of the latents, price (cheaper converts more), brand quality, age
+  + position + device + item quality/freshness + drift(t))``; ``P(conversion | click)``
+  uses a different mix of the latents, price (cheaper converts more), brand quality, age
   and device; ``dwell_seconds`` of a click is lognormal driven by affinity;
+* ``drift(t)`` is slow temporal dynamics, the part of the signal that static user/item
+  features and ID embeddings cannot learn but recent click rates can: each item's appeal
+  and each user's interest in each category swing on their own slow cycles (periods of
+  weeks, random phases), so an item's or a user x category pair's click rate of the last
+  days says more about tomorrow than its all-time rate. Cycles are functions of absolute
+  time, so :func:`generate_day` calls for consecutive days continue the same curves;
+  ``item_drift`` / ``interest_drift`` scale them (0 switches them off);
+* a conversion happens a lognormal delay (median 3 h) after its impression, truncated to
+  ``attribution_days``: ``conversion_ts``, null when there is no conversion;
 * ``base`` terms are calibrated on a fixed calibration sample so overall CTR is
   about 9 % and CVR given click about 15 % for any config.
+
+Random streams: world, users, items, calibration, time, impressions, dynamics and
+conversion delays each have their own child stream, so the drift parameters and the
+delays never shift the draws behind the other columns: with both drift scales at 0 every
+column but ``conversion_ts`` is what it was before drift and delays existed.
 """
 
 from __future__ import annotations
@@ -34,6 +48,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from pipelines.contract import EventContract
+
 __all__ = [
     "IMPRESSIONS_SCHEMA",
     "ITEMS_SCHEMA",
@@ -42,6 +58,7 @@ __all__ = [
     "SyntheticTables",
     "generate",
     "generate_day",
+    "impressions_contract",
     "read",
     "write",
     "write_partitions",
@@ -76,9 +93,11 @@ IMPRESSIONS_SCHEMA = pl.Schema(
         "device": pl.Utf8,
         "click": pl.Int8,
         "conversion": pl.Int8,
+        "conversion_ts": pl.Datetime("us"),  # null unless conversion == 1
         "dwell_seconds": pl.Float64,
     }
 )
+
 
 GENDERS = ("f", "m", "u")
 DEVICES = ("ios", "android", "web")
@@ -95,6 +114,16 @@ _US_PER_HOUR = 3_600 * 1_000_000
 _US_PER_DAY = 24 * _US_PER_HOUR
 _EPOCH = datetime.date(1970, 1, 1)
 _AGE_EDGES = np.array([25, 35, 45, 55, 65])  # -> 6 age buckets
+# Slow dynamics: cycle periods in days (uniform in these ranges), amplitudes in logits
+# (uniform, before the config's drift scales), phases uniform.
+_ITEM_PERIOD_DAYS = (10.0, 60.0)
+_ITEM_AMPLITUDE = (0.3, 1.2)
+_INTEREST_PERIOD_DAYS = (7.0, 40.0)
+_INTEREST_AMPLITUDE = (0.5, 1.5)
+_PHASE_LEVELS = 256  # user x category phases are stored as uint8 (1M users x 30 cats = 30 MB)
+# Conversion delay after the impression: lognormal, median 3 h.
+_DELAY_MEDIAN_US = 3 * _US_PER_HOUR
+_DELAY_SIGMA = 1.3
 
 _POSITIVE_INT_FIELDS = (
     "n_users",
@@ -104,7 +133,9 @@ _POSITIVE_INT_FIELDS = (
     "n_categories",
     "n_brands",
     "latent_dim",
+    "attribution_days",
 )
+_NONNEGATIVE_FLOAT_FIELDS = ("item_drift", "interest_drift")
 
 
 @dataclass(frozen=True)
@@ -120,6 +151,9 @@ class SyntheticConfig:
     latent_dim: int = 8
     seed: int = 0
     start_date: datetime.date = datetime.date(2026, 1, 1)
+    attribution_days: int = 7  # a conversion happens at most this long after its impression
+    item_drift: float = 1.0  # scale of the items' appeal cycles (0: static items)
+    interest_drift: float = 1.0  # scale of the users' per-category interest cycles (0: static)
 
     def __post_init__(self) -> None:
         for name in _POSITIVE_INT_FIELDS:
@@ -128,6 +162,12 @@ class SyntheticConfig:
                 raise ValueError(f"{name} must be an int, got {value!r}")
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
+        for name in _NONNEGATIVE_FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.seed < 0:
@@ -166,6 +206,43 @@ class _World:
     item_cdf: np.ndarray  # popularity CDF for sampling
     # global
     country_category_bias: np.ndarray  # (N_COUNTRIES, n_categories) float32
+    dynamics: _Dynamics | None  # None: no drift at all (both scales 0)
+
+
+@dataclass
+class _Dynamics:
+    """Slow cycles of click appeal: ``amp * sin(freq * t + phase)``, t in days since 1970."""
+
+    item_amp: np.ndarray  # (n_items,) float64, logits
+    item_freq: np.ndarray  # (n_items,) float64, radians per day
+    item_phase: np.ndarray  # (n_items,) float64, radians
+    user_amp: np.ndarray  # (n_users,) float64, logits
+    user_freq: np.ndarray  # (n_users,) float64, radians per day
+    user_cat_phase: np.ndarray  # (n_users, n_categories) uint8, in 1/_PHASE_LEVELS turns
+
+    def click_drift(self, uid: np.ndarray, iid: np.ndarray, cat: np.ndarray, t_days: np.ndarray) -> np.ndarray:
+        item = self.item_amp[iid] * np.sin(self.item_freq[iid] * t_days + self.item_phase[iid])
+        phase = self.user_cat_phase[uid, cat] * (2.0 * np.pi / _PHASE_LEVELS)
+        interest = self.user_amp[uid] * np.sin(self.user_freq[uid] * t_days + phase)
+        return item + interest
+
+
+def _make_dynamics(cfg: SyntheticConfig, rng: np.random.Generator) -> _Dynamics | None:
+    """Per-item and per-user x category cycles, drawn from their own stream (always, so the
+    stream's use does not depend on the scales)."""
+
+    def freq(period: tuple[float, float], n: int) -> np.ndarray:
+        return 2.0 * np.pi / rng.uniform(*period, n)
+
+    dyn = _Dynamics(
+        item_amp=cfg.item_drift * rng.uniform(*_ITEM_AMPLITUDE, cfg.n_items),
+        item_freq=freq(_ITEM_PERIOD_DAYS, cfg.n_items),
+        item_phase=rng.uniform(0.0, 2.0 * np.pi, cfg.n_items),
+        user_amp=cfg.interest_drift * rng.uniform(*_INTEREST_AMPLITUDE, cfg.n_users),
+        user_freq=freq(_INTEREST_PERIOD_DAYS, cfg.n_users),
+        user_cat_phase=rng.integers(0, _PHASE_LEVELS, (cfg.n_users, cfg.n_categories), dtype=np.uint8),
+    )
+    return dyn if cfg.item_drift > 0 or cfg.interest_drift > 0 else None
 
 
 def _names(prefix: str, n: int, min_width: int) -> pl.Series:
@@ -344,9 +421,10 @@ def _draw_context(
 
 
 def _logits(
-    w: _World, uid: np.ndarray, iid: np.ndarray, pos: np.ndarray, device: np.ndarray
+    w: _World, uid: np.ndarray, iid: np.ndarray, pos: np.ndarray, device: np.ndarray, t_days: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Click / conversion logits without intercepts, plus affinity and interest flag."""
+    """Click / conversion logits without intercepts at times `t_days` (days since 1970),
+    plus affinity and interest flag."""
     u = w.user_latent[uid]
     scale = np.float32(1.0 / np.sqrt(u.shape[1]))
     affinity = np.einsum("ij,ij->i", u, w.item_latent[iid]) * scale
@@ -361,6 +439,8 @@ def _logits(
         + _DEVICE_CLICK[device]
         + w.item_click_bias[iid]
     )
+    if w.dynamics is not None:  # skipped when off, so the static model is reproduced exactly
+        click = click + w.dynamics.click_drift(uid, iid, cat, t_days)
     conv = 0.7 * conv_affinity + 0.5 * interest + w.item_conv_bias[iid] + w.user_conv_bias[uid] + _DEVICE_CONV[device]
     return click, conv, affinity, interest
 
@@ -377,19 +457,40 @@ def _make_timestamps(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarr
     return ts
 
 
+def _conversion_delays(rng: np.random.Generator, size: int, max_us: int) -> np.ndarray:
+    """Lognormal delays in whole microseconds, truncated to [1, max_us] by redrawing the
+    too-long ones (clipping would pile them up at exactly max_us)."""
+    mu = np.log(_DELAY_MEDIAN_US)
+    delay = rng.lognormal(mu, _DELAY_SIGMA, size)
+    for _ in range(100):  # each round keeps at most P(delay > max_us) of the rest
+        over = np.flatnonzero(delay > max_us)
+        if not len(over):
+            break
+        delay[over] = rng.lognormal(mu, _DELAY_SIGMA, len(over))
+    return np.clip(np.rint(delay), 1, max_us).astype(np.int64)
+
+
+def _days(ts_us: np.ndarray) -> np.ndarray:
+    return ts_us / _US_PER_DAY  # float64 days since 1970: the clock of the slow dynamics
+
+
 def generate(config: SyntheticConfig, *, events_key: int | None = None) -> SyntheticTables:
     """Build users, items and ts-sorted impressions; identical output for identical configs.
 
-    Independent child streams (users, items, world, calibration, time, impressions) keep
-    tables stable when unrelated sizes change, e.g. more impressions keep the same users.
-    `events_key` draws the time and impression streams from (seed, events_key) instead, so
-    different keys give different events in the same world (see :func:`generate_day`).
+    Independent child streams (world, users, items, calibration, time, impressions,
+    dynamics, conversion delays) keep tables stable when unrelated sizes change, e.g. more
+    impressions keep the same users. `events_key` draws the time, impression and delay
+    streams from (seed, events_key) instead, so different keys give different events in the
+    same world (see :func:`generate_day`).
     """
     cfg = config
-    streams = np.random.SeedSequence(cfg.seed).spawn(6)
+    # spawn(n) children are prefix-stable: the first six are those of the pre-dynamics code.
+    streams = np.random.SeedSequence(cfg.seed).spawn(8)
     if events_key is not None:
-        streams[4:] = np.random.SeedSequence([cfg.seed, int(events_key)]).spawn(2)
-    rng_world, rng_users, rng_items, rng_cal, rng_time, rng_imp = (np.random.default_rng(s) for s in streams)
+        streams[4], streams[5], streams[7] = np.random.SeedSequence([cfg.seed, int(events_key)]).spawn(3)
+    rng_world, rng_users, rng_items, rng_cal, rng_time, rng_imp, rng_dyn, rng_delay = (
+        np.random.default_rng(s) for s in streams
+    )
 
     cat_latent = rng_world.normal(0.0, 1.0, (cfg.n_categories, cfg.latent_dim))
     cc_bias = rng_world.normal(0.0, 0.4, (N_COUNTRIES, cfg.n_categories)).astype(np.float32)
@@ -409,10 +510,15 @@ def generate(config: SyntheticConfig, *, events_key: int | None = None) -> Synth
         item_conv_bias=ih["conv_bias"],
         item_cdf=ih["cdf"],
         country_category_bias=cc_bias,
+        dynamics=_make_dynamics(cfg, rng_dyn),
     )
 
-    # Calibrate intercepts on a fixed-size sample so rates do not depend on n_impressions.
-    cal_click, cal_conv, _, _ = _logits(world, *_draw_context(world, rng_cal, _CALIBRATION_SAMPLE))
+    # Calibrate intercepts on a fixed-size sample so rates do not depend on n_impressions;
+    # its times are uniform over the config's days, so the drift averages as in the log.
+    cal_context = _draw_context(world, rng_cal, _CALIBRATION_SAMPLE)
+    start_day = (cfg.start_date - _EPOCH).days
+    cal_days = start_day + cfg.n_days * rng_cal.random(_CALIBRATION_SAMPLE)
+    cal_click, cal_conv, _, _ = _logits(world, *cal_context, cal_days)
     base_click = _solve_base(cal_click.astype(np.float64), TARGET_CTR)
     p_cal = _sigmoid(base_click + cal_click.astype(np.float64))
     base_conv = _solve_base(cal_conv.astype(np.float64), TARGET_CVR, weights=p_cal)
@@ -430,13 +536,20 @@ def generate(config: SyntheticConfig, *, events_key: int | None = None) -> Synth
         e = min(n, s + _CHUNK)
         m = e - s
         c_uid, c_iid, c_pos, c_dev = _draw_context(world, rng_imp, m)
-        l_click, l_conv, aff, interest = _logits(world, c_uid, c_iid, c_pos, c_dev)
+        l_click, l_conv, aff, interest = _logits(world, c_uid, c_iid, c_pos, c_dev, _days(ts[s:e]))
         c_click = rng_imp.random(m) < _sigmoid(base_click + l_click)
         c_conv = c_click & (rng_imp.random(m) < _sigmoid(base_conv + l_conv))
         log_dwell = 3.0 + 0.35 * aff + 0.2 * interest + 0.4 * c_conv + rng_imp.normal(0.0, 0.6, m)
         uid[s:e], iid[s:e], pos[s:e], device[s:e] = c_uid, c_iid, c_pos, c_dev
         click[s:e], conv[s:e] = c_click, c_conv
         dwell[s:e] = np.where(c_click, np.exp(log_dwell), 0.0)
+
+    # Delays for the converted rows only, in row order, from their own stream.
+    converted = np.flatnonzero(conv)
+    conversion_ts = np.zeros(n, dtype=np.int64)
+    conversion_ts[converted] = ts[converted] + _conversion_delays(
+        rng_delay, len(converted), cfg.attribution_days * _US_PER_DAY
+    )
 
     impressions = pl.DataFrame(
         {
@@ -448,10 +561,11 @@ def generate(config: SyntheticConfig, *, events_key: int | None = None) -> Synth
             "device": pl.Series(DEVICES, dtype=pl.Utf8).gather(device),
             "click": click,
             "conversion": conv,
+            "conversion_ts": pl.Series(conversion_ts).cast(pl.Datetime("us")),
             "dwell_seconds": dwell,
         },
         schema=IMPRESSIONS_SCHEMA,
-    )
+    ).with_columns(pl.when(pl.col("conversion") == 1).then(pl.col("conversion_ts")).alias("conversion_ts"))
     return SyntheticTables(users=users, items=items, impressions=impressions)
 
 
@@ -572,3 +686,17 @@ def read(raw_dir: Path) -> tuple[pl.LazyFrame, pl.LazyFrame, pl.LazyFrame]:
         .sort("ts", "impression_id")
     )
     return users, items, impressions
+
+
+def impressions_contract(attribution_days: int = 7) -> EventContract:
+    """The rules a log of impressions (as :func:`write` lays it out) satisfies; see
+    :mod:`pipelines.contract`. `attribution_days` is the config's."""
+    return EventContract(
+        event_id="impression_id",
+        time="ts",
+        required=("impression_id", "ts", "user_id", "item_id", "position", "device", "dwell_seconds"),
+        flags=("click", "conversion"),
+        requires=(("conversion", "click"),),
+        delayed=(("conversion", "conversion_ts", attribution_days),),
+        types={"user_id": "int", "item_id": "int", "position": "int", "device": "string", "dwell_seconds": "float"},
+    )

@@ -1,0 +1,237 @@
+"""Point-in-time history features with Polars and numpy: counts, smoothed rates and recent-item
+sequences over the events strictly before each row (semantics in `features/history.py`).
+
+How, without a Python loop or a per-row window scan:
+
+* Every event time becomes its rank among the log's distinct times, and every entity key a dense
+  integer code, so (entity, time) packs into one Int64 whose order is (entity, time).
+* Each stream's events, as those keys, are sorted once. The number of the entity's stream events
+  in [t - w, t) is then searchsorted(key of (entity, t)) - searchsorted(key of (entity, t - w)),
+  both on the left side, which is what makes the count *strictly* before t. The queries are
+  sorted by (entity, time) first, so the binary searches walk memory in order.
+* A sequence is read off the same sorted stream: the last N events before t, newest first.
+* Days are independent given a bounded look-back (`HistorySpec.lookback_days`): building day D
+  needs the events of [D - lookback, D], and gives the same rows as a build over the whole log.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from features.history import HistorySpec
+
+
+def _positions(times: pl.Series, at: pl.Series) -> pl.Series:
+    """Index of the first distinct time >= each of `at`: times compare as these integers do."""
+    return times.search_sorted(at, side="left").cast(pl.Int64)
+
+
+def _sequence(hi: np.ndarray, lo: np.ndarray, values: pl.Series, max_length: int) -> pl.Series:
+    """Per row, values[hi - 1], values[hi - 2], ... down to values[max(lo, hi - max_length)]."""
+    n = np.minimum(hi - lo, max_length)
+    offsets = np.zeros(len(n) + 1, dtype=np.int64)
+    np.cumsum(n, out=offsets[1:])
+    within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], n)
+    flat = values.to_numpy()[np.repeat(hi - 1, n) - within]
+    lists = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    return pl.Series(values.name, lists).cast(pl.List(values.dtype))
+
+
+def _entity_codes(events: pl.DataFrame, keys: list[str], ranks: dict[str, np.ndarray]) -> np.ndarray:
+    """One Int64 per distinct entity key: dense ranks combined column by column (nulls are a value).
+    `ranks` caches each column's ranks across entities (user_id serves user and user x category)."""
+    code, radix = np.zeros(events.height, dtype=np.int64), 1
+    for key in keys:
+        if key not in ranks:
+            ranks[key] = events.get_column(key).rank("dense").cast(pl.Int64).fill_null(0).to_numpy()
+        size = int(ranks[key].max(initial=0)) + 1
+        code, radix = code * size + ranks[key], radix * size
+    if radix >= 2**31:  # keep room for the time rank: fall back to ranking the whole key
+        code = events.select(pl.struct(keys).rank("dense").cast(pl.Int64)).to_series().to_numpy()
+    return code
+
+
+@dataclass
+class _Index:
+    """The log prepared once for any number of row slices: each entity's code per event and, per
+    entity x stream, the stream's events as sorted (entity, time rank) keys (plus the sequences'
+    values in that order)."""
+
+    spec: HistorySpec
+    events: pl.DataFrame  # sorted by (time, event id)
+    times: pl.Series  # every distinct event time, sorted
+    codes: dict[str, np.ndarray]  # entity -> code * scale per event
+    sorted_keys: dict[tuple[str, str], np.ndarray]
+    sequence_values: dict[str, pl.Series]
+
+    @property
+    def scale(self) -> int:
+        return len(self.times) + 1
+
+
+def _index(events: pl.DataFrame, spec: HistorySpec) -> _Index:
+    # Every event time as its rank among all distinct times: (entity, time rank) packs into one
+    # Int64 whose order is (entity, time), so "events of this entity before t" is a binary search.
+    stamps = [events.get_column(s.time or spec.time) for s in spec.streams.values()]
+    times = pl.concat(stamps).drop_nulls().unique().sort()
+    ranks: dict[str, np.ndarray] = {}
+    codes = {e: _entity_codes(events, keys, ranks) * (len(times) + 1) for e, keys in spec.entities.items()}
+    index = _Index(spec, events, times, codes, {}, {})
+    for name, stream in spec.streams.items():
+        when = events.get_column(stream.time or spec.time)
+        has = when.is_not_null() if stream.flag is None else (events.get_column(stream.flag) == 1) & when.is_not_null()
+        positions = _positions(times, when.filter(has)).to_numpy()
+        mask = has.to_numpy()
+        for entity, code in codes.items():
+            # Events arrive sorted by (time, event id): a stable sort on (entity, time) keeps
+            # ties in id order, which is the order sequences list them in.
+            keyed = code[mask] + positions
+            order = np.argsort(keyed, kind="stable")
+            index.sorted_keys[(entity, name)] = keyed[order]
+            for q in spec.sequences:
+                if q.entity == entity and q.stream == name:
+                    index.sequence_values[q.name] = events.get_column(q.value).filter(has).gather(order).alias(q.name)
+    return index
+
+
+def _entity_columns(index: _Index, entity: str, lo: int, hi: int) -> dict[str, np.ndarray | pl.Series]:
+    """Counts and sequences of one entity for rows lo..hi (a thread: numpy and Polars release the GIL)."""
+    spec, columns = index.spec, {}
+    t_rows = index.events.get_column(spec.time).slice(lo, hi - lo)
+    row_code = index.codes[entity][lo:hi]
+    positions = {d: _positions(index.times, t_rows - datetime.timedelta(days=d)).to_numpy()
+                 for d in [0, *spec.windows_days]}  # fmt: skip
+    # Queries in (entity, time) order: binary searches over sorted needles stay in cache.
+    perm = np.argsort(row_code + positions[0], kind="stable")
+    bound = {d: (row_code + pos)[perm] for d, pos in positions.items()}
+    for name in spec.streams:
+        before = {d: np.searchsorted(index.sorted_keys[(entity, name)], q, side="left") for d, q in bound.items()}
+        for w in spec.windows_days:
+            columns[f"{entity}_{name}_{w}d"] = _unpermute(before[0] - before[w], perm).astype(np.int32)
+        for q in spec.sequences:
+            if q.entity == entity and q.stream == name:
+                newest, oldest = _unpermute(before[0], perm), _unpermute(before[max(spec.windows_days)], perm)
+                columns[q.name] = _sequence(newest, oldest, index.sequence_values[q.name], q.max_length)
+    return columns
+
+
+def _features(index: _Index, lo: int, hi: int) -> pl.DataFrame:
+    """Rows lo..hi of the index's events with every history column."""
+    spec = index.spec
+    with ThreadPoolExecutor(max_workers=min(len(spec.entities), os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(lambda e: _entity_columns(index, e, lo, hi), spec.entities))
+    columns: dict[str, np.ndarray | pl.Series] = {k: v for part in parts for k, v in part.items()}
+    for entity in spec.entities:
+        for name, rate in spec.rates.items():
+            for w in spec.windows_days:
+                num, den = columns[f"{entity}_{rate.numerator}_{w}d"], columns[f"{entity}_{rate.denominator}_{w}d"]
+                columns[f"{entity}_{name}_{w}d"] = ((num + rate.strength * rate.prior) / (den + rate.strength)).astype(np.float32)
+    rows = index.events.slice(lo, hi - lo)
+    if spec.time_features:
+        t = rows.get_column(spec.time)
+        columns["event_hour"], columns["event_dow"] = t.dt.hour().cast(pl.Int8), t.dt.weekday().cast(pl.Int8)
+    return rows.hstack([pl.Series(c, columns[c]) for c in spec.columns()])
+
+
+def _sorted_events(events: pl.LazyFrame | pl.DataFrame, spec: HistorySpec) -> pl.DataFrame:
+    return events.lazy().sort([spec.time, spec.event_id]).collect()
+
+
+def _first_at(events: pl.DataFrame, spec: HistorySpec, when: datetime.datetime) -> int:
+    return int(events.get_column(spec.time).search_sorted(when, side="left"))
+
+
+def add_history(events: pl.LazyFrame | pl.DataFrame, spec: HistorySpec,
+                since: datetime.datetime | None = None) -> pl.DataFrame:  # fmt: skip
+    """The rows of `events` at or after `since` (all rows if None), sorted by (time, event id),
+    with every column of `spec.columns()` added. `events` must hold every event the features can
+    look at: `spec.lookback_days` before `since`."""
+    frame = _sorted_events(events, spec)
+    lo = _first_at(frame, spec, since) if since is not None else 0
+    return _features(_index(frame, spec), lo, frame.height)
+
+
+def _unpermute(values: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    out = np.empty_like(values)
+    out[perm] = values
+    return out
+
+
+def _days(events: pl.LazyFrame, spec: HistorySpec) -> list[datetime.date]:
+    day = pl.col(spec.time).dt.date()
+    return sorted(events.select(day.unique()).collect().to_series().drop_nulls().to_list())
+
+
+def _runs(days: list[datetime.date], longest: int) -> list[list[datetime.date]]:
+    """Consecutive days grouped into runs of at most `longest` days."""
+    runs: list[list[datetime.date]] = []
+    for d in sorted(days):
+        if runs and (d - runs[-1][-1]).days == 1 and len(runs[-1]) < longest:
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    return runs
+
+
+def day_path(out_dir: Path, day: datetime.date) -> Path:
+    return out_dir / f"day={day.isoformat()}" / "part-0.parquet"
+
+
+def write_days(events: pl.LazyFrame, spec: HistorySpec, out_dir: Path, days: list[datetime.date],
+               chunk_days: int = 31, progress: bool = True) -> list[Path]:  # fmt: skip
+    """The history rows of each of `days`, written to out_dir/day=D/part-0.parquet (atomically).
+
+    Consecutive days (at most `chunk_days`) share one index, built from the events of
+    [first day - lookback, last day] only; each day's rows are then computed and written on their
+    own. Memory holds the window's events, the index and one day of features, never the whole
+    log's features, and a day's rows are the same whichever run computed them."""
+    from tqdm.auto import tqdm
+
+    lookback = datetime.timedelta(days=spec.lookback_days)
+    written = []
+    runs = _runs(days, chunk_days)
+    for run in tqdm(runs, desc="history features", unit="chunk", disable=not progress or len(runs) < 2):
+        start = datetime.datetime.combine(run[0], datetime.time())
+        end = datetime.datetime.combine(run[-1], datetime.time()) + datetime.timedelta(days=1)
+        window = events.filter((pl.col(spec.time) >= start - lookback) & (pl.col(spec.time) < end))
+        frame = _sorted_events(window, spec)
+        index = _index(frame, spec)  # once per run of days; then one day's rows at a time
+        for day in run:
+            at = datetime.datetime.combine(day, datetime.time())
+            lo, hi = _first_at(frame, spec, at), _first_at(frame, spec, at + datetime.timedelta(days=1))
+            if lo == hi:
+                continue
+            path = day_path(out_dir, day)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(".part-0.parquet.tmp")
+            _features(index, lo, hi).write_parquet(tmp)
+            os.replace(tmp, path)
+            written.append(path)
+    return written
+
+
+def update_days(events: pl.LazyFrame, spec: HistorySpec, out_dir: Path, rebuild: bool = False,
+                chunk_days: int = 31, progress: bool = True) -> list[datetime.date]:  # fmt: skip
+    """Bring out_dir up to date with the event log: compute the days it lacks (every day when
+    `rebuild` or when the history spec changed). Returns the days computed."""
+    marker = out_dir / "history_spec.json"
+    spec_json = spec.model_dump_json()
+    if rebuild or not marker.exists() or marker.read_text() != spec_json:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    in_log = _days(events, spec)
+    for stale in set(out_dir.glob("day=*")) - {day_path(out_dir, d).parent for d in in_log}:
+        shutil.rmtree(stale)  # a day no longer in the log
+    days = [d for d in in_log if not day_path(out_dir, d).exists()]
+    write_days(events, spec, out_dir, days, chunk_days, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(spec_json)
+    return days
