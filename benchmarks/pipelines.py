@@ -49,7 +49,7 @@ from pipelines.sources import events
 raw_dir, out, days = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 spec = load_spec("synthetic_history")
 start = time.perf_counter()
-frame = events.joined(raw_dir)
+frame = events.joined(raw_dir, with_day=True)  # the contract checks each event against its day partition
 if days:
     first = frame.select(pl.col("ts").min()).collect().item()
     frame = frame.filter(pl.col("ts") < first.replace(hour=0, minute=0, second=0, microsecond=0) + datetime.timedelta(days=days))

@@ -59,7 +59,8 @@ def history_step(spec: FeatureSpec, raw: pl.LazyFrame, history_dir: Path, rebuil
     assert h is not None
     contract = contract_for(spec)
     row = [_RAW_ROW] if _RAW_ROW in raw.collect_schema() else []
-    checked = [*row, *dict.fromkeys([*contract.required, *contract.flags, *h.raw_columns()])]
+    day = [contract.partition] if contract.partition in raw.collect_schema() else []
+    checked = [*row, *dict.fromkeys([*contract.required, *contract.flags, *h.raw_columns(), *day])]
     valid, rejected = pl.collect_all(check_events(raw.select(checked), contract))
     computed = update_days(valid.lazy().select(h.raw_columns()), h, history_dir, rebuild=rebuild,
                            chunk_days=chunk_days, progress=progress)  # fmt: skip
@@ -76,12 +77,13 @@ def prepare(spec: FeatureSpec, raw_dir: Path, history_dir: Path | None = None, r
     h = spec.history
     if h is None or spec.dataset is None or spec.dataset.source != "synthetic":
         raise ValueError(f"spec '{spec.name}': history features need an event-log source (dataset.source: synthetic)")
-    raw = event_source.joined(Path(raw_dir)).with_row_index(_RAW_ROW)
+    # With the partition day: an event filed under another day's partition is rejected.
+    raw = event_source.joined(Path(raw_dir), with_day=True).with_row_index(_RAW_ROW)
     history_dir = history_dir or history_dir_for(spec, raw_dir)
     valid, rejected, computed = history_step(spec, raw, history_dir, rebuild, progress)
     features = pl.scan_parquet(history_dir / "day=*" / "*.parquet", hive_partitioning=False).select(h.event_id, *h.columns())
     kept = raw.join(valid.lazy().select(_RAW_ROW), on=_RAW_ROW, how="semi", maintain_order="left")
-    frame = kept.drop(_RAW_ROW).join(features, on=h.event_id, how="left", maintain_order="left")
+    frame = kept.drop(_RAW_ROW, "day").join(features, on=h.event_id, how="left", maintain_order="left")
     rejects = raw.join(rejected.lazy().select(_RAW_ROW, pl.col(REJECT_REASON).alias(REASON)), on=_RAW_ROW,
                        maintain_order="right").drop(_RAW_ROW).collect()  # fmt: skip
     options = spec.dataset.options

@@ -30,6 +30,8 @@ def dirty_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
         clicked.head(1).with_columns(pl.lit(None, pl.Int64).alias("user_id"), pl.col("impression_id") + 20_000_000),
         clicked.head(1).with_columns(pl.lit(1, pl.Int8).alias("conversion"),
             (pl.col("ts") - dt.timedelta(hours=1)).alias("conversion_ts"), pl.col("impression_id") + 30_000_000),
+        frame.head(1).with_columns(pl.col("ts") + dt.timedelta(days=2), pl.col("impression_id") + 40_000_000,
+            pl.col("conversion_ts") + dt.timedelta(days=2)),  # filed under the wrong day
     ], how="vertical_relaxed")  # fmt: skip
     pl.concat([frame, bad.cast(frame.schema)]).write_parquet(day)
     return raw
@@ -40,7 +42,7 @@ def test_bad_events_are_rejected_with_reasons_and_counts_reconcile(dirty_raw: Pa
     manifest = build(spec, dirty_raw, tmp_path / "ds", progress=False)
     events = manifest.events
     assert events is not None
-    assert events.rows_in == 6_000 + 5 and events.rows_rejected == 5
+    assert events.rows_in == 6_000 + 6 and events.rows_rejected == 6
     assert events.rows_in == events.rows_out + events.rows_rejected
     assert sum(s.rows_in for s in manifest.splits.values()) == events.rows_out
     rejects = pl.read_parquet(tmp_path / "ds" / events.rejects)  # type: ignore[operator]
@@ -49,7 +51,8 @@ def test_bad_events_are_rejected_with_reasons_and_counts_reconcile(dirty_raw: Pa
     assert any(r.startswith("conversion: 1 without click") for r in reasons)
     assert any(r.startswith("user_id: null") for r in reasons)
     assert any(r.startswith("conversion_ts: before ts") for r in reasons)
-    assert set(rejects.columns) >= {"impression_id", "ts", "user_id", "click", REASON}  # the whole raw row
+    assert any("is not in partition day=" in r for r in reasons)
+    assert set(rejects.columns) >= {"impression_id", "ts", "user_id", "click", "day", REASON}  # the whole raw row
     # The history features made it into the shards, one column per feature.
     train = pl.read_parquet(manifest.shard_paths("train")[0])
     assert {"user_ctr_7d", "item_clicks_30d", "recent_clicks", "event_hour"} <= set(train.columns)
@@ -60,6 +63,6 @@ def test_bad_events_are_rejected_with_reasons_and_counts_reconcile(dirty_raw: Pa
 
 
 def test_too_many_bad_events_fail_loudly(dirty_raw: Path, tmp_path: Path) -> None:
-    with pytest.raises(RejectRateError, match=r"events: 5 of 6005 rows rejected .*conversion"):
+    with pytest.raises(RejectRateError, match=r"events: 6 of 6006 rows rejected .*conversion"):
         build(load_spec("synthetic_history"), dirty_raw, tmp_path / "ds", max_reject_rate=0.0005, progress=False,
               history_dir=tmp_path / "h")  # fmt: skip

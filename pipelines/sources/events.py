@@ -14,8 +14,8 @@ import polars as pl
 from pipelines.sources import synthetic
 
 
-def joined(raw_dir: Path) -> pl.LazyFrame:
-    users, items, impressions = synthetic.read(raw_dir)
+def joined(raw_dir: Path, with_day: bool = False) -> pl.LazyFrame:
+    users, items, impressions = synthetic.read(raw_dir, with_day)
     # Keep the log's order: an unordered join would make every rebuild's shards differ.
     return impressions.join(users, on="user_id", how="left", maintain_order="left").join(
         items, on="item_id", how="left", maintain_order="left"

@@ -667,11 +667,12 @@ def write_partitions(tables: SyntheticTables, out_dir: Path) -> list[Path]:
     return [out_dir / "impressions" / part for part in sorted(_write_tables(tables, out_dir))]
 
 
-def read(raw_dir: Path) -> tuple[pl.LazyFrame, pl.LazyFrame, pl.LazyFrame]:
+def read(raw_dir: Path, with_day: bool = False) -> tuple[pl.LazyFrame, pl.LazyFrame, pl.LazyFrame]:
     """Lazily scan a directory produced by :func:`write`: (users, items, impressions).
 
-    Impressions come back in the generated schema (the hive ``day`` key is dropped)
-    and sorted by ``ts`` (ties by ``impression_id``).
+    Impressions come back in the generated schema and sorted by ``ts`` (ties by
+    ``impression_id``); the hive ``day`` key is dropped unless `with_day` (the event contract
+    checks that each event lies on its partition's day).
     """
     raw_dir = Path(raw_dir)
     users = pl.scan_parquet(raw_dir / "users.parquet")
@@ -682,7 +683,7 @@ def read(raw_dir: Path) -> tuple[pl.LazyFrame, pl.LazyFrame, pl.LazyFrame]:
             hive_partitioning=True,
             hive_schema={"day": pl.Date},
         )
-        .select(IMPRESSIONS_SCHEMA.names())
+        .select(*IMPRESSIONS_SCHEMA.names(), *(["day"] if with_day else []))
         .sort("ts", "impression_id")
     )
     return users, items, impressions
