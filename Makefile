@@ -55,7 +55,7 @@ bench-distributed: $(STAMP)
 	$(BIN)/python benchmarks/distributed.py
 
 bench-pipelines: $(STAMP)
-	$(BIN)/python benchmarks/pipelines.py
+	$(BIN)/python benchmarks/history_features.py
 
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(torch|torchrec|fbgemm-gpu-cpu)==' > requirements/lock.txt

@@ -236,9 +236,11 @@ def main() -> int:
         out = runners[key]()
         rate = out.get("samples_per_s", out.get("train_samples_per_s"))
         mm = mm_rate(2e10, 1024, 0.5, 10)
-        previous = training.get(key, {}).get("rates", [])
-        training[key] = {**out, "rates": [*previous, rate], "mm_gflops": [*training.get(key, {}).get("mm_gflops", []), mm]}
-        training[key]["samples_per_s"] = max(training[key]["rates"])
+        run = training.setdefault(key, {"rates": [], "mm_gflops": []})
+        run.update({k: v for k, v in out.items() if k not in run})
+        run["rates"].append(rate)
+        run["mm_gflops"].append(mm)
+        run["samples_per_s"] = max(run["rates"])
         print(f"{key}: {rate:,.0f} samples/s ({time.perf_counter() - start:.0f} s with setup and validation); "
               f"torch.mm {mm:.0f} GFLOP/s", flush=True)  # fmt: skip
     print("TBE vs nn.EmbeddingBag:", flush=True)

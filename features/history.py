@@ -104,11 +104,16 @@ class HistorySpec(_Strict):
         (or the sequences' window), plus the attribution delay of delayed streams."""
         return max(self.windows_days) + self.attribution_days
 
+    @staticmethod
+    def column(entity: str, what: str, days: int) -> str:
+        """The name of a count (`what` = a stream) or rate column: `<entity>_<what>_<days>d`."""
+        return f"{entity}_{what}_{days}d"
+
     def count_columns(self) -> list[str]:
-        return [f"{e}_{s}_{w}d" for e in self.entities for s in self.streams for w in self.windows_days]
+        return [self.column(e, s, w) for e in self.entities for s in self.streams for w in self.windows_days]
 
     def rate_columns(self) -> list[str]:
-        return [f"{e}_{r}_{w}d" for e in self.entities for r in self.rates for w in self.windows_days]
+        return [self.column(e, r, w) for e in self.entities for r in self.rates for w in self.windows_days]
 
     def columns(self) -> list[str]:
         """Every column the history step adds, in order."""

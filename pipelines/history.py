@@ -28,6 +28,7 @@ import polars as pl
 import pyarrow as pa
 
 from features.history import HistorySpec
+from pipelines.atomic import write_parquet_atomic
 
 
 def _positions(times: pl.Series, at: pl.Series) -> pl.Series:
@@ -116,7 +117,7 @@ def _entity_columns(index: _Index, entity: str, lo: int, hi: int) -> dict[str, n
     for name in spec.streams:
         before = {d: np.searchsorted(index.sorted_keys[(entity, name)], q, side="left") for d, q in bound.items()}
         for w in spec.windows_days:
-            columns[f"{entity}_{name}_{w}d"] = _unpermute(before[0] - before[w], perm).astype(np.int32)
+            columns[spec.column(entity, name, w)] = _unpermute(before[0] - before[w], perm).astype(np.int32)
         for q in spec.sequences:
             if q.entity == entity and q.stream == name:
                 newest, oldest = _unpermute(before[0], perm), _unpermute(before[max(spec.windows_days)], perm)
@@ -133,8 +134,8 @@ def _features(index: _Index, lo: int, hi: int) -> pl.DataFrame:
     for entity in spec.entities:
         for name, rate in spec.rates.items():
             for w in spec.windows_days:
-                num, den = columns[f"{entity}_{rate.numerator}_{w}d"], columns[f"{entity}_{rate.denominator}_{w}d"]
-                columns[f"{entity}_{name}_{w}d"] = ((num + rate.strength * rate.prior) / (den + rate.strength)).astype(np.float32)
+                num, den = columns[spec.column(entity, rate.numerator, w)], columns[spec.column(entity, rate.denominator, w)]
+                columns[spec.column(entity, name, w)] = ((num + rate.strength * rate.prior) / (den + rate.strength)).astype(np.float32)
     rows = index.events.slice(lo, hi - lo)
     if spec.time_features:
         t = rows.get_column(spec.time)
@@ -210,12 +211,7 @@ def write_days(events: pl.LazyFrame, spec: HistorySpec, out_dir: Path, days: lis
             lo, hi = _first_at(frame, spec, at), _first_at(frame, spec, at + datetime.timedelta(days=1))
             if lo == hi:
                 continue
-            path = day_path(out_dir, day)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(".part-0.parquet.tmp")
-            _features(index, lo, hi).write_parquet(tmp)
-            os.replace(tmp, path)
-            written.append(path)
+            written.append(write_parquet_atomic(_features(index, lo, hi), day_path(out_dir, day)))
     return written
 
 

@@ -424,7 +424,7 @@ def score_next_period(run: dict[str, Any]) -> dict[str, Any]:
     import polars as pl
 
     from features import load_spec
-    from pipelines.sources.synthetic import _atomic_write_parquet
+    from pipelines.atomic import write_parquet_atomic
     from recsys_moe.registry.promotion import CHAMPION
     from recsys_moe.registry.versions import Registry
     from serving.batch import score_parquet
@@ -435,7 +435,7 @@ def score_next_period(run: dict[str, Any]) -> dict[str, Any]:
     columns = list(dict.fromkeys([*spec.keys, *spec.input_columns]))
     candidates = _window_frames(Path(run["source_dir"]), [next_day]).select(columns).collect()
     candidates_path = scores_dir / "candidates.parquet"
-    _atomic_write_parquet(candidates, candidates_path)
+    write_parquet_atomic(candidates, candidates_path)
 
     registry, name = Registry(run["tracking_uri"]), run["model_name"]
     champion = registry.alias_version(name, CHAMPION)

@@ -39,15 +39,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from pipelines.atomic import write_parquet_atomic
 from pipelines.contract import EventContract
 
 __all__ = [
@@ -594,19 +593,6 @@ def generate_day(config: SyntheticConfig, day: datetime.date) -> SyntheticTables
     return tables
 
 
-def _atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
-    """Write to a hidden temp file in the target dir, then os.replace: readers never see partial files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.write_parquet(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write(tables: SyntheticTables, out_dir: Path) -> dict[str, Path]:
     """Write users/items parquet and hive day-partitioned impressions; returns the paths written.
 
@@ -632,8 +618,8 @@ def write(tables: SyntheticTables, out_dir: Path) -> dict[str, Path]:
 def _write_tables(tables: SyntheticTables, out_dir: Path) -> set[str]:
     """users, items and one impressions partition per day with events → the partition names."""
     imp_dir = out_dir / "impressions"
-    _atomic_write_parquet(tables.users, out_dir / "users.parquet")
-    _atomic_write_parquet(tables.items, out_dir / "items.parquet")
+    write_parquet_atomic(tables.users, out_dir / "users.parquet")
+    write_parquet_atomic(tables.items, out_dir / "items.parquet")
 
     return write_day_partitions(tables.impressions, imp_dir, "impression_id")
 
@@ -649,7 +635,7 @@ def write_day_partitions(frame: pl.DataFrame, directory: Path, id_column: str) -
     offset = 0
     for length, day in zip(runs.struct.field("len"), runs.struct.field("value")):
         part = f"day={day.isoformat()}"
-        _atomic_write_parquet(frame.slice(offset, length), directory / part / "part-0.parquet")
+        write_parquet_atomic(frame.slice(offset, length), directory / part / "part-0.parquet")
         written.add(part)
         offset += length
     directory.mkdir(parents=True, exist_ok=True)

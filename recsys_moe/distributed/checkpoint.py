@@ -113,14 +113,12 @@ def load(directory: Path, dmp: nn.Module, optimizer: torch.optim.Optimizer, dens
 
     dmp.load_state_dict({k.removeprefix("model."): v for k, v in model.items()})
     dmp.fused_optimizer.load_state_dict(own)  # type: ignore[operator,union-attr]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     restored = {}
     for i, name in enumerate(dense_names):
         keys = {s: f"dense_optim.{name}.{s}" for s in ("step", "exp_avg", "exp_avg_sq")}
         if all(k in stored for k in keys.values()):
             restored[i] = {s: wanted[k] for s, k in keys.items()}
     optimizer.load_state_dict({"state": restored, "param_groups": optimizer.state_dict()["param_groups"]})
-    assert len(params) == len(dense_names)
     if f"rng.rank{rank}" in stored:
         torch.set_rng_state(wanted[f"rng.rank{rank}"])
     return read_progress(directory)

@@ -26,10 +26,10 @@ from recsys_moe.data.loader import Batch
 from recsys_moe.config import RunConfig
 from recsys_moe.distributed.plan import make_plan
 from recsys_moe.model.embeddings import FUSED_OPTIMIZERS, plan_tables
-from recsys_moe.model.gates import GateOutput, balance_loss
+from recsys_moe.model.gates import GateOutput
 from recsys_moe.model.outputs import ArchOutput
 from recsys_moe.model.ranker import MultiTaskRanker
-from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses
+from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses, task_weights, training_loss
 
 EMBEDDING_PREFIX = "ranker.sparse.ebc."
 INIT_RANGE = 0.05  # as SparseArch's single-process init
@@ -52,9 +52,7 @@ _register_outputs()
 def _step_loss(step: TrainStep, pooled: KeyedTensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     out = step.ranker.from_pooled(pooled, batch.dense)
     per_task = per_task_losses(out.logits, batch.labels, step.is_binary)
-    loss = step.weighting(per_task) if step.weighting is not None else (per_task * step.task_weights).sum()
-    if step.balance_weight > 0 and out.gates:
-        loss = loss + step.balance_weight * sum(balance_loss(g) for g in out.gates)
+    loss = training_loss(per_task, step.loss_weights, step.weighting, out.gates, step.balance_weight)
     return loss, per_task.detach() * batch.labels.shape[0]
 
 
@@ -65,14 +63,14 @@ class TrainStep(nn.Module):
     `SparseArch.table_ids` in the loader), so the pipeline can run the next batch's input
     all-to-all while this batch computes. The task weighting lives here, under DDP with the rest."""
 
-    def __init__(self, ranker: MultiTaskRanker, task_weights: torch.Tensor, weighting: nn.Module | None,
+    def __init__(self, ranker: MultiTaskRanker, loss_weights: torch.Tensor, weighting: nn.Module | None,
                  balance_weight: float) -> None:  # fmt: skip
         super().__init__()
         self.ranker = ranker
         self.weighting = weighting
         self.balance_weight = balance_weight
         self.register_buffer("is_binary", torch.tensor([t == "binary" for t in ranker.task_types]), persistent=False)
-        self.register_buffer("task_weights", task_weights.float(), persistent=False)
+        self.register_buffer("loss_weights", loss_weights.float(), persistent=False)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return _step_loss(self, self.ranker.sparse.ebc(batch.sparse), batch)
@@ -90,7 +88,7 @@ def build_sharded(manifest: Manifest, config: RunConfig, device: torch.device, w
     tc = config.train
     torch.manual_seed(tc.seed)  # every rank builds identical dense weights (DDP broadcasts rank 0's anyway)
     model = MultiTaskRanker(manifest, config.model, tc.tasks, sparse_device=torch.device("meta"))
-    weights = torch.tensor([next(t.weight for t in manifest.tasks if t.name == n) for n in model.task_names])
+    weights = task_weights(manifest, model.task_names)
     weighting = UncertaintyWeighting(len(model.task_names)) if tc.task_weighting == "uncertainty" else None
     step = TrainStep(model, weights, weighting, tc.balance_loss_weight)
     tables = plan_tables(manifest.sparse_features, config.model.pack_tables_below).tables

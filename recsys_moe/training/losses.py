@@ -7,12 +7,35 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipelines.manifest import Manifest
+from recsys_moe.model.gates import GateOutput, balance_loss
+
 
 def per_task_losses(logits: torch.Tensor, labels: torch.Tensor, is_binary: torch.Tensor) -> torch.Tensor:
     """logits, labels [B, T]; is_binary [T] → mean loss per task [T] (differentiable)."""
     bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=0)
     mse = (logits - labels).square().mean(dim=0)
     return torch.where(is_binary, bce, mse)
+
+
+def task_weights(manifest: Manifest, tasks: list[str]) -> torch.Tensor:
+    """The spec's fixed weight of each trained task, in the model's task order."""
+    return torch.tensor([next(t.weight for t in manifest.tasks if t.name == n) for n in tasks])
+
+
+def training_loss(
+    per_task: torch.Tensor,
+    weights: torch.Tensor,
+    weighting: UncertaintyWeighting | None,
+    gates: list[GateOutput] | None,
+    balance_weight: float,
+) -> torch.Tensor:
+    """The one number training minimises: per-task losses weighted (fixed or learned), plus the
+    gates' load-balancing loss when it is switched on. Single-process and sharded training share it."""
+    loss = weighting(per_task) if weighting is not None else (per_task * weights).sum()
+    if balance_weight > 0 and gates:
+        loss = loss + balance_weight * sum(balance_loss(g) for g in gates)
+    return loss
 
 
 class UncertaintyWeighting(nn.Module):

@@ -24,11 +24,10 @@ from tqdm.auto import tqdm
 from pipelines.manifest import Manifest
 from recsys_moe.config import RunConfig
 from recsys_moe.data.loader import InMemoryDataset
-from recsys_moe.model.gates import balance_loss
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.tracking.tracker import NullTracker, Tracker
 from recsys_moe.training import checkpoint
-from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses
+from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses, task_weights, training_loss
 from recsys_moe.training.metrics import task_metrics
 
 log = logging.getLogger(__name__)
@@ -158,7 +157,7 @@ def train(
     optimizer = _dense_optimizer(model, config, list(weighting.parameters()) if weighting else [])
     model_config = {**_model_config(manifest, config, model), "run_id": tracker.run_id}
     is_binary = torch.tensor([t == "binary" for t in model.task_types])
-    task_weights = torch.tensor([next(t.weight for t in manifest.tasks if t.name == n) for n in tasks])
+    loss_weights = task_weights(manifest, tasks)
 
     load = tqdm(total=3, desc="load data", disable=not progress, leave=False)
     data = {}
@@ -202,7 +201,7 @@ def train(
         if bad_epochs >= tc.patience:  # a resumed run that had already stopped early
             break
         train_loss, rate = _train_epoch(
-            model, optimizer, data["train"], tc.batch_size, steps_per_epoch, generator, is_binary, task_weights,
+            model, optimizer, data["train"], tc.batch_size, steps_per_epoch, generator, is_binary, loss_weights,
             weighting, tc.balance_loss_weight, desc=f"epoch {epoch + 1}/{tc.epochs}", progress=progress,
         )  # fmt: skip
         samples_per_s.append(rate)
@@ -272,7 +271,7 @@ def _train_epoch(
     steps: int,
     generator: torch.Generator,
     is_binary: torch.Tensor,
-    task_weights: torch.Tensor,
+    loss_weights: torch.Tensor,
     weighting: UncertaintyWeighting | None,
     balance_weight: float,
     desc: str,
@@ -280,15 +279,13 @@ def _train_epoch(
 ) -> tuple[torch.Tensor, float]:
     """One pass over shuffled training data; returns (mean loss per task, samples/s)."""
     bar = tqdm(total=steps, desc=desc, disable=not progress, unit="batch")
-    loss_sum, n_seen, start = torch.zeros(len(task_weights)), 0, time.perf_counter()
+    loss_sum, n_seen, start = torch.zeros(len(loss_weights)), 0, time.perf_counter()
     for step, batch in enumerate(data.batches(batch_size, shuffle=True, generator=generator)):
         if step >= steps:
             break
         out = model(batch.dense, batch.sparse)
         per_task = per_task_losses(out.logits, batch.labels, is_binary)
-        loss = weighting(per_task) if weighting is not None else (per_task * task_weights).sum()
-        if balance_weight > 0 and out.gates:
-            loss = loss + balance_weight * sum(balance_loss(g) for g in out.gates)
+        loss = training_loss(per_task, loss_weights, weighting, out.gates, balance_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # embedding rows are updated inside this call (fused optimizer)
         optimizer.step()

@@ -1,7 +1,7 @@
 """The history-feature pipeline at log scale: Polars against a straightforward pandas version.
 
-    python benchmarks/pipelines.py            # 10M events; ~15 min on 2 cores
-    python benchmarks/pipelines.py --quick    # 300k events; prints, writes nothing
+    python benchmarks/history_features.py            # 10M events; ~15 min on 2 cores
+    python benchmarks/history_features.py --quick    # 300k events; prints, writes nothing
 
 1. A synthetic event log: 10M impressions, 1M users, 200k items, 30 days, clicks and conversions
    (each conversion at its own time, within a 7-day attribution window), user and item tables.
@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -40,19 +41,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache"
 
 POLARS_RUN = """
-import datetime, json, resource, sys, time
+import json, resource, sys, time
 from pathlib import Path
-import polars as pl
 from features import load_spec
 from pipelines.event_log import history_step
 from pipelines.sources import events
-raw_dir, out, days = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+raw_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 spec = load_spec("synthetic_history")
 start = time.perf_counter()
 frame = events.joined(raw_dir, with_day=True)  # the contract checks each event against its day partition
-if days:
-    first = frame.select(pl.col("ts").min()).collect().item()
-    frame = frame.filter(pl.col("ts") < first.replace(hour=0, minute=0, second=0, microsecond=0) + datetime.timedelta(days=days))
 valid, rejected, computed = history_step(spec, frame, out, rebuild=True, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - start, "events": valid.height + rejected.height,
                   "rejected": rejected.height, "days": len(computed),
@@ -60,19 +57,14 @@ print(json.dumps({"seconds": time.perf_counter() - start, "events": valid.height
 """
 
 PANDAS_RUN = """
-import json, resource, sys, time, datetime
+import json, resource, sys, time
 from pathlib import Path
-import polars as pl
-sys.path.insert(0, sys.argv[3])
+sys.path.insert(0, sys.argv[2])
 from pipelines_pandas import pandas_history
 from features import load_spec
 from pipelines.sources import events
-raw_dir, days = Path(sys.argv[1]), int(sys.argv[2])
 spec = load_spec("synthetic_history").history
-frame = events.joined(raw_dir).select(spec.raw_columns())
-first = frame.select(pl.col("ts").min()).collect().item()
-frame = frame.filter(pl.col("ts") < first.replace(hour=0, minute=0, second=0, microsecond=0) + datetime.timedelta(days=days))
-data = frame.collect().to_pandas()
+data = events.joined(Path(sys.argv[1])).select(spec.raw_columns()).collect().to_pandas()
 start = time.perf_counter()
 out = pandas_history(data, spec)
 print(json.dumps({"seconds": time.perf_counter() - start, "events": len(data),
@@ -118,6 +110,18 @@ def event_log(users: int, items: int, impressions: int, days: int) -> Path:
     return raw
 
 
+def first_days(raw: Path, days: int) -> Path:
+    """The log's first `days` day partitions (and its user and item tables) as a log of its own."""
+    sample = raw.with_name(f"{raw.name}_first{days}d")
+    if not sample.exists():
+        parts = sorted((raw / "impressions").glob("day=*"))[:days]
+        for part in parts:
+            shutil.copytree(part, sample / "impressions" / part.name)
+        for table in ("users.parquet", "items.parquet"):
+            shutil.copyfile(raw / table, sample / table)
+    return sample
+
+
 def training(impressions: int, epochs: int) -> dict[str, Any]:
     """Validation/test AUC of the same model with and without the history features."""
     from features import load_spec
@@ -152,7 +156,7 @@ def report(res: dict[str, Any]) -> str:
     lines: list[str] = [
         "# History features at log scale: Polars vs pandas",
         "",
-        f"Written by `benchmarks/pipelines.py` on {res['date']} ({res['machine']}). The log: "
+        f"Written by `benchmarks/history_features.py` on {res['date']} ({res['machine']}). The log: "
         f"{full['events']:,} impressions, {res['users']:,} users, {res['items']:,} items, {res['days']} days "
         "(synthetic, clicks and conversions, conversions at their own time within 7 days). Features: the "
         f"`synthetic_history` spec, {n_columns} columns per event (per user, item and user x category: impressions, "
@@ -236,11 +240,12 @@ def main() -> int:
     res: dict[str, Any] = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, 2 cores",
                            "users": args.users, "items": args.items, "days": args.days, "sample_days": args.sample_days,
                            "train_impressions": args.train_impressions, "train_epochs": args.train_epochs}  # fmt: skip
-    res["polars_full"] = _run(POLARS_RUN, str(raw), str(out / "full"), "0")
+    sample = first_days(raw, args.sample_days)
+    res["polars_full"] = _run(POLARS_RUN, str(raw), str(out / "full"))
     print(f"Polars, full log: {res['polars_full']}", flush=True)
-    res["polars_sample"] = _run(POLARS_RUN, str(raw), str(out / "sample"), str(args.sample_days))
+    res["polars_sample"] = _run(POLARS_RUN, str(sample), str(out / "sample"))
     print(f"Polars, sample: {res['polars_sample']}", flush=True)
-    res["pandas_sample"] = _run(PANDAS_RUN, str(raw), str(args.sample_days), str(ROOT / "benchmarks"))
+    res["pandas_sample"] = _run(PANDAS_RUN, str(sample), str(ROOT / "benchmarks"))
     print(f"pandas, sample: {res['pandas_sample']}", flush=True)
     res["dense"] = _run(DENSE_RUN, str(1_000_000 if not args.quick else 100_000), str(ROOT / "benchmarks"))
     print(f"dense random log: {res['dense']}", flush=True)
