@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from features import load_spec  # noqa: E402
-from pipelines.build import build  # noqa: E402
-from pipelines.manifest import Manifest  # noqa: E402
+from recsys_moe.features import load_spec  # noqa: E402
+from recsys_moe.pipelines.build import build  # noqa: E402
+from recsys_moe.pipelines.manifest import Manifest  # noqa: E402
 from recsys_moe.config import RunConfig, load_config  # noqa: E402
 from recsys_moe.data.loader import InMemoryDataset  # noqa: E402
 from recsys_moe.model.ranker import MultiTaskRanker  # noqa: E402

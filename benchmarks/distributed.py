@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from experts import mm_rate, timed  # noqa: E402
 
-from features import load_spec  # noqa: E402
-from pipelines.build import build  # noqa: E402
-from pipelines.manifest import Manifest  # noqa: E402
-from pipelines.sources import criteo  # noqa: E402
+from recsys_moe.features import load_spec  # noqa: E402
+from recsys_moe.pipelines.build import build  # noqa: E402
+from recsys_moe.pipelines.manifest import Manifest  # noqa: E402
+from recsys_moe.pipelines.sources import criteo  # noqa: E402
 from recsys_moe.config import load_config  # noqa: E402
 from recsys_moe.data.loader import InMemoryDataset  # noqa: E402
 from recsys_moe.distributed.launch import launch  # noqa: E402
@@ -73,7 +73,7 @@ def overrides(steps: int, threads: int, workdir: Path) -> list[str]:
 
 SINGLE = """
 import json, resource, sys
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import load_config
 from recsys_moe.training.trainer import train
 r = train(Manifest.load(sys.argv[1]), load_config(None, json.loads(sys.argv[2])), progress=False)

@@ -43,9 +43,9 @@ CACHE = ROOT / "benchmarks" / ".cache"
 POLARS_RUN = """
 import json, resource, sys, time
 from pathlib import Path
-from features import load_spec
-from pipelines.event_log import history_step
-from pipelines.sources import events
+from recsys_moe.features import load_spec
+from recsys_moe.pipelines.event_log import history_step
+from recsys_moe.pipelines.sources import events
 raw_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 spec = load_spec("synthetic_history")
 start = time.perf_counter()
@@ -61,8 +61,8 @@ import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from pipelines_pandas import pandas_history
-from features import load_spec
-from pipelines.sources import events
+from recsys_moe.features import load_spec
+from recsys_moe.pipelines.sources import events
 spec = load_spec("synthetic_history").history
 data = events.joined(Path(sys.argv[1])).select(spec.raw_columns()).collect().to_pandas()
 start = time.perf_counter()
@@ -77,8 +77,8 @@ import json, sys, time
 import polars as pl
 sys.path.insert(0, sys.argv[2])
 from pipelines_pandas import pandas_history, random_events
-from features import load_spec
-from pipelines.history import add_history
+from recsys_moe.features import load_spec
+from recsys_moe.pipelines.history import add_history
 spec = load_spec("synthetic_history").history
 data = random_events(int(sys.argv[1]), seed=0, days=30)
 frame = pl.from_pandas(data)
@@ -98,7 +98,7 @@ def _run(code: str, *args: str) -> dict[str, Any]:
 
 
 def event_log(users: int, items: int, impressions: int, days: int) -> Path:
-    from pipelines.sources import synthetic
+    from recsys_moe.pipelines.sources import synthetic
 
     raw = CACHE / f"events_{impressions}"
     if not (raw / "items.parquet").exists():
@@ -124,8 +124,8 @@ def first_days(raw: Path, days: int) -> Path:
 
 def training(impressions: int, epochs: int) -> dict[str, Any]:
     """Validation/test AUC of the same model with and without the history features."""
-    from features import load_spec
-    from pipelines.build import build
+    from recsys_moe.features import load_spec
+    from recsys_moe.pipelines.build import build
     from recsys_moe.config import load_config
     from recsys_moe.training.trainer import train
 
@@ -150,7 +150,7 @@ def report(res: dict[str, Any]) -> str:
     pandas = res["pandas_sample"]
     ratio = (sample["events"] / sample["seconds"]) / (pandas["events"] / pandas["seconds"])
     pandas_10m = pandas["seconds"] * full["events"] / pandas["events"]
-    from features import load_spec
+    from recsys_moe.features import load_spec
 
     n_columns = len(load_spec("synthetic_history").history.columns())  # type: ignore[union-attr]
     lines: list[str] = [

@@ -30,12 +30,12 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from features.history import HistorySpec, Stream  # noqa: E402
+from recsys_moe.features.history import HistorySpec, Stream  # noqa: E402
 
 
 def default_history_spec() -> HistorySpec:
     """The history section of the bundled `synthetic_history` spec (the benchmark's)."""
-    from features import load_spec
+    from recsys_moe.features import load_spec
 
     history = load_spec("synthetic_history").history
     assert history is not None

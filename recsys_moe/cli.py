@@ -30,10 +30,10 @@ or all at once:  recsys-moe demo
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from pipelines.sources import synthetic
+    from recsys_moe.pipelines.sources import synthetic
 
     if args.source == "criteo_like":
-        from pipelines.sources import criteo
+        from recsys_moe.pipelines.sources import criteo
 
         cc = criteo.CriteoConfig(n_rows=args.impressions, n_days=args.days, seed=args.seed)
         events = criteo.write(criteo.generate(cc), Path(args.out))
@@ -49,8 +49,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from features import load_spec
-    from pipelines.build import build
+    from recsys_moe.features import load_spec
+    from recsys_moe.pipelines.build import build
 
     manifest = build(
         load_spec(args.spec), Path(args.data), Path(args.out), args.rows_per_shard, args.max_reject_rate, progress=True,
@@ -100,7 +100,7 @@ def _tracker(config, spec_name: str, resume_dir: Path | None = None):  # type: i
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.manifest import Manifest
+    from recsys_moe.pipelines.manifest import Manifest
     from recsys_moe.distributed import checkpoint as sharded_checkpoint
     from recsys_moe.report import print_result
     from recsys_moe.training.trainer import train
@@ -233,7 +233,7 @@ def _ranking(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from serving.batch import score_parquet
+    from recsys_moe.scoring.batch import score_parquet
 
     report = score_parquet(_scorer(args.model), Path(args.input), Path(args.output), _ranking(args), args.chunk_rows)
     print(f"{report.rows_in:,} rows in, {report.rows_out:,} scored → {report.output}"
@@ -244,8 +244,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from serving.app import run
-    from serving.settings import ServingSettings
+    from recsys_moe.serving.app import run
+    from recsys_moe.serving.settings import ServingSettings
 
     source = {"model_uri": args.model} if args.model.startswith("models:/") else {"model_dir": Path(args.model)}
     settings = ServingSettings(
@@ -266,7 +266,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_specs(args: argparse.Namespace) -> int:
-    from features import BUNDLED_SPECS, load_spec
+    from recsys_moe.features import BUNDLED_SPECS, load_spec
 
     for path in sorted(BUNDLED_SPECS.glob("*.yaml")):
         spec = load_spec(path)
@@ -417,15 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     from recsys_moe import logs
 
     logs.setup(args.verbose)
-    from features.expressions import ExpressionError
-    from features.spec import SpecError
+    from recsys_moe.features.expressions import ExpressionError
+    from recsys_moe.features.spec import SpecError
     from recsys_moe.config import ConfigError
 
     expected: tuple[type[BaseException], ...] = (SpecError, ConfigError, ExpressionError, FileNotFoundError)
     try:
-        from pipelines.build import RejectRateError
-        from pipelines.manifest import ManifestError
-        from pipelines.validate import SchemaError
+        from recsys_moe.pipelines.build import RejectRateError
+        from recsys_moe.pipelines.manifest import ManifestError
+        from recsys_moe.pipelines.validate import SchemaError
 
         from recsys_moe.registry.versions import RegistryError
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from features import load_spec
-from pipelines.build import build
-from pipelines.sources import synthetic
+from recsys_moe.features import load_spec
+from recsys_moe.pipelines.build import build
+from recsys_moe.pipelines.sources import synthetic
 from recsys_moe.config import load_config
 from recsys_moe.registry.publish import publish
 from recsys_moe.registry.versions import Registry
@@ -59,7 +59,7 @@ def run_demo(workdir: Path, impressions: int = 400_000, epochs: int = 4, seed: i
     print(f"      v{published.version}: {verdict} — {decision.reason}")
 
     print("[5/6] batch scoring the test rows with the champion")
-    from serving.batch import score_parquet
+    from recsys_moe.scoring.batch import score_parquet
 
     registry = Registry(tracker.uri)
     name, version = registry.resolve(f"models:/{MODEL_NAME}@champion")

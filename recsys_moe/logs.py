@@ -11,8 +11,7 @@ def setup(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    for name in ("recsys_moe", "pipelines", "features"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("recsys_moe").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")

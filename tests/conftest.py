@@ -12,7 +12,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def synthetic_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.sources import synthetic
+    from recsys_moe.pipelines.sources import synthetic
 
     out = tmp_path_factory.mktemp("raw")
     config = synthetic.SyntheticConfig(n_users=400, n_items=300, n_impressions=12_000, n_days=7, seed=3)
@@ -22,8 +22,8 @@ def synthetic_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_manifest(synthetic_raw: Path, tmp_path_factory: pytest.TempPathFactory):
-    from features import load_spec
-    from pipelines.build import build
+    from recsys_moe.features import load_spec
+    from recsys_moe.pipelines.build import build
 
     return build(load_spec("synthetic"), synthetic_raw, tmp_path_factory.mktemp("ds") / "synthetic", progress=False)
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import load_config
 from recsys_moe.distributed import checkpoint
 from recsys_moe.distributed.model import build_sharded

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 import torch
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.gates import Gates, balance_loss
@@ -134,9 +134,9 @@ def test_uncertainty_weighting_downweights_the_noisier_task() -> None:
 @pytest.mark.slow
 def test_every_architecture_trains_from_the_cli_and_logs_gates(synthetic_raw: Path, tmp_path: Path) -> None:
     """`recsys-moe train` with a config switch, on a spec with a binary and a regression task."""
-    from features import load_spec
-    from features.spec import parse_spec
-    from pipelines.build import build
+    from recsys_moe.features import load_spec
+    from recsys_moe.features.spec import parse_spec
+    from recsys_moe.pipelines.build import build
     from recsys_moe.cli import main
 
     raw = load_spec("synthetic").model_dump(mode="json")

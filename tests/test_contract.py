@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.contract import REJECT_REASON, ContractError, EventContract, check_events
-from pipelines.sources.synthetic import SyntheticConfig, generate, impressions_contract, write
+from recsys_moe.pipelines.contract import REJECT_REASON, ContractError, EventContract, check_events
+from recsys_moe.pipelines.sources.synthetic import SyntheticConfig, generate, impressions_contract, write
 
 CONTRACT = EventContract(
     event_id="impression_id",

@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 import torch
 
-from features import load_spec
-from pipelines.manifest import Manifest, SparseFeatureInfo
-from pipelines.sources.criteo import (
+from recsys_moe.features import load_spec
+from recsys_moe.pipelines.manifest import Manifest, SparseFeatureInfo
+from recsys_moe.pipelines.sources.criteo import (
     CATEGORICAL_COLUMNS,
     DEFAULT_CARDINALITIES,
     CriteoConfig,
@@ -33,7 +33,7 @@ def frame() -> pl.DataFrame:
 
 @pytest.fixture(scope="module")
 def manifest(frame: pl.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Manifest:
-    from pipelines.build import build
+    from recsys_moe.pipelines.build import build
 
     raw = tmp_path_factory.mktemp("criteo_raw")
     write(frame, raw)

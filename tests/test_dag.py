@@ -137,7 +137,7 @@ def test_interval_day_is_the_last_complete_day() -> None:
 
 
 def test_synthetic_days_are_deterministic_and_distinct(tmp_path: Path) -> None:
-    from pipelines.sources import synthetic
+    from recsys_moe.pipelines.sources import synthetic
 
     config = synthetic.SyntheticConfig(n_users=50, n_items=40, n_impressions=300, seed=1)
     a, b = synthetic.generate_day(config, date(2026, 1, 8)), synthetic.generate_day(config, date(2026, 1, 9))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import load_config
 from recsys_moe.model.embeddings import plan_tables
 from recsys_moe.model.ranker import MultiTaskRanker

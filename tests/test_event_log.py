@@ -9,10 +9,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from features import load_spec
-from pipelines.build import RejectRateError, build
-from pipelines.sources import synthetic
-from pipelines.validate import REASON
+from recsys_moe.features import load_spec
+from recsys_moe.pipelines.build import RejectRateError, build
+from recsys_moe.pipelines.sources import synthetic
+from recsys_moe.pipelines.validate import REASON
 
 
 @pytest.fixture(scope="module")

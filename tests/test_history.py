@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from features import load_spec
-from features.history import HistorySpec
-from pipelines.history import add_history, day_path, update_days, write_days
+from recsys_moe.features import load_spec
+from recsys_moe.features.history import HistorySpec
+from recsys_moe.pipelines.history import add_history, day_path, update_days, write_days
 
 # The bundled spec's history, with short sequences so that truncation happens in small logs.
 _BUNDLED = load_spec("synthetic_history").history

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.embeddings import plan_tables

@@ -5,11 +5,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from features.spec import parse_spec
-from pipelines.build import RejectRateError, build_frames, load_state
-from pipelines.fit import stable_hash_ids, stable_hash_lists
-from pipelines.manifest import Manifest
-from pipelines.validate import SchemaError
+from recsys_moe.features.spec import parse_spec
+from recsys_moe.pipelines.build import RejectRateError, build_frames, load_state
+from recsys_moe.pipelines.fit import stable_hash_ids, stable_hash_lists
+from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.pipelines.validate import SchemaError
 
 from .conftest import census_dir
 
@@ -154,8 +154,8 @@ def test_hashed_lists_hash_each_element_like_single_values() -> None:
 
 
 def test_rebuild_is_idempotent(synthetic_raw: Path, tmp_path: Path) -> None:
-    from features import load_spec
-    from pipelines.build import build
+    from recsys_moe.features import load_spec
+    from recsys_moe.pipelines.build import build
 
     first = build(load_spec("synthetic"), synthetic_raw, tmp_path / "ds", progress=False)
     second = build(load_spec("synthetic"), synthetic_raw, tmp_path / "ds", progress=False)
@@ -175,8 +175,8 @@ def test_synthetic_dataset_is_split_by_time(synthetic_manifest: Manifest) -> Non
 def test_census_follows_the_paper_split(tmp_path: Path) -> None:
     if not (census_dir() / "census-income.data.gz").exists():
         pytest.skip("../shared/data/census-income not present")
-    from features import load_spec
-    from pipelines.build import build
+    from recsys_moe.features import load_spec
+    from recsys_moe.pipelines.build import build
 
     manifest = build(load_spec("census_group1"), census_dir(), tmp_path / "census", progress=False)
     rows = {s: (i.rows_in, i.rows_out) for s, i in manifest.splits.items()}

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.cli import main
 from recsys_moe.registry.promotion import PromotionConfig, decide, read_holdout
 from recsys_moe.registry.versions import Registry, RegistryError

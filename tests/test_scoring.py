@@ -7,8 +7,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines.manifest import Manifest
-from pipelines.validate import SchemaError
+from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.pipelines.validate import SchemaError
 from recsys_moe.registry.promotion import read_holdout
 from recsys_moe.scoring import RankingConfig, Scorer, ranking_score
 

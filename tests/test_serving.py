@@ -27,13 +27,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.registry.promotion import read_holdout
 from recsys_moe.registry.versions import Registry
 from recsys_moe.scoring import RankingConfig, Scorer, ranking_score
-from serving.app import create_app
-from serving.batch import score_parquet
-from serving.settings import ServingSettings
+from recsys_moe.serving.app import create_app
+from recsys_moe.scoring.batch import score_parquet
+from recsys_moe.serving.settings import ServingSettings
 
 MAX_ROWS = 200
 MAX_BODY = 512 * 1024

@@ -5,9 +5,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from features import load_spec
-from features.expressions import ExpressionError, compile_expression
-from features.spec import SpecError, parse_spec
+from recsys_moe.features import load_spec
+from recsys_moe.features.expressions import ExpressionError, compile_expression
+from recsys_moe.features.spec import SpecError, parse_spec
 
 BASE = {
     "name": "t",

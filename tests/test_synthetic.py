@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines.sources.synthetic import (
+from recsys_moe.pipelines.sources.synthetic import (
     IMPRESSIONS_SCHEMA,
     ITEMS_SCHEMA,
     USERS_SCHEMA,

@@ -6,7 +6,7 @@ import mlflow
 import torch
 from safetensors.torch import load_file
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig, load_config
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import ConfigError, ModelConfig, load_config
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker
@@ -66,9 +66,9 @@ def test_evaluate_restores_the_mode(synthetic_manifest: Manifest) -> None:
 
 
 def test_regression_tasks_train(synthetic_raw: Path, tmp_path: Path) -> None:
-    from features import load_spec
-    from features.spec import parse_spec
-    from pipelines.build import build
+    from recsys_moe.features import load_spec
+    from recsys_moe.features.spec import parse_spec
+    from recsys_moe.pipelines.build import build
 
     raw = load_spec("synthetic").model_dump(mode="json")
     raw["tasks"].append({"name": "dwell", "label": "log1p(dwell_seconds)", "type": "regression"})

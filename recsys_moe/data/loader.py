@@ -15,8 +15,8 @@ import torch
 from torchrec import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from pipelines.manifest import Manifest
-from pipelines.transform import label_column
+from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.pipelines.transform import label_column
 
 
 @dataclass

@@ -21,7 +21,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.data.loader import Batch
 from recsys_moe.config import RunConfig
 from recsys_moe.distributed.plan import make_plan

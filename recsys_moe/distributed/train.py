@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import RunConfig, load_config
 from recsys_moe.data.loader import Batch, InMemoryDataset
 from recsys_moe.distributed import checkpoint as dcheckpoint

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor, KeyedTensor
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig
 from recsys_moe.model.embeddings import SparseArch
 from recsys_moe.model.mmoe import MMoE

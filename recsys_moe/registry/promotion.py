@@ -18,7 +18,7 @@ import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from features.expressions import compile_expression
+from recsys_moe.features.expressions import compile_expression
 from recsys_moe.scoring import Scorer
 from recsys_moe.training.metrics import task_metrics
 

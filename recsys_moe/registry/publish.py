@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.registry.package import log_model
 from recsys_moe.registry.promotion import Decision, PromotionConfig, read_holdout
 from recsys_moe.registry.versions import Registry

@@ -24,10 +24,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipelines.build import load_state
-from pipelines.manifest import Manifest
-from pipelines.transform import encoders, key_column, typed
-from pipelines.validate import REASON, check_columns, reject_reason
+from recsys_moe.pipelines.build import load_state
+from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.pipelines.transform import encoders, key_column, typed
+from recsys_moe.pipelines.validate import REASON, check_columns, reject_reason
 from recsys_moe.config import ModelConfig
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker

@@ -27,8 +27,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from features.history import HistorySpec
-from pipelines.atomic import write_parquet_atomic
+from recsys_moe.features.history import HistorySpec
+from recsys_moe.pipelines.atomic import write_parquet_atomic
 
 
 def _positions(times: pl.Series, at: pl.Series) -> pl.Series:

@@ -19,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr, create_model
 
-from features.spec import Feature, FeatureSpec
+from recsys_moe.features.spec import Feature, FeatureSpec
 from recsys_moe.scoring import RankingConfig
 
 Kind = Literal["categorical", "multi_hot", "multi_hot_text", "dense"]

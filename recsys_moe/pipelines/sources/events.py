@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipelines.sources import synthetic
+from recsys_moe.pipelines.sources import synthetic
 
 
 def joined(raw_dir: Path, with_day: bool = False) -> pl.LazyFrame:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from features.spec import FeatureSpec
+from recsys_moe.features.spec import FeatureSpec
 
 FORMAT_VERSION = 1
 

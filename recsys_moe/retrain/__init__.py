@@ -148,7 +148,7 @@ def ensure_events(source_dir: str | Path, days: list[date], synthetic: dict[str,
     Existing partitions are never rewritten: they are the log (and a test may have planted
     degraded ones). Each emitted day is deterministic (`pipelines.sources.synthetic.generate_day`).
     """
-    from pipelines.sources import synthetic as syn
+    from recsys_moe.pipelines.sources import synthetic as syn
 
     source_dir = Path(source_dir)
     config = syn.SyntheticConfig(
@@ -169,7 +169,7 @@ def _window_frames(source_dir: Path, days: list[date]):  # type: ignore[no-untyp
     """The joined event rows (impressions + users + items) of `days` only, lazily."""
     import polars as pl
 
-    from pipelines.sources import events
+    from recsys_moe.pipelines.sources import events
 
     missing = [d.isoformat() for d in days if not _partition(source_dir, d).is_dir()]
     if missing:
@@ -181,9 +181,9 @@ def build_features(run: dict[str, Any]) -> dict[str, Any]:
     """Build the dataset of the run's window: train on its first days, validate and test on its last
     (the spec's `valid_days`/`test_days`), vocabularies fitted on train only. Replaces any earlier
     build of the same day (atomic directory swap)."""
-    from features import load_spec
-    from pipelines.build import build_frames
-    from pipelines.sources.events import time_splits
+    from recsys_moe.features import load_spec
+    from recsys_moe.pipelines.build import build_frames
+    from recsys_moe.pipelines.sources.events import time_splits
 
     spec = load_spec(run["spec"])
     if spec.dataset is None or spec.dataset.source != "synthetic":
@@ -242,7 +242,7 @@ def train_model(run: dict[str, Any]) -> dict[str, Any]:
     Idempotent: when `model/train.json` records a finished run with the same fingerprint (same
     data, spec and config), that model is re-used rather than trained (and tracked) again.
     """
-    from pipelines.manifest import Manifest
+    from recsys_moe.pipelines.manifest import Manifest
     from recsys_moe.tracking.tracker import MlflowTracker
     from recsys_moe.training.trainer import train
 
@@ -314,7 +314,7 @@ def evaluate(run: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
     (``reused``) instead of gating again: against itself, or a later champion, it would say
     something else.
     """
-    from pipelines.manifest import Manifest
+    from recsys_moe.pipelines.manifest import Manifest
     from recsys_moe.registry.promotion import CHAMPION, PromotionConfig, evaluate_candidate, read_holdout
     from recsys_moe.registry.versions import Registry
     from recsys_moe.scoring import Scorer
@@ -363,7 +363,7 @@ def register(run: dict[str, Any], trained: dict[str, Any], decision: dict[str, A
     """Log the model as a pyfunc in its training run and register it as a new version of the model,
     tagged with the DAG id, the day and the run, and with the gate decision. A re-run re-uses the
     version it finds for those tags: never a duplicate."""
-    from pipelines.manifest import Manifest
+    from recsys_moe.pipelines.manifest import Manifest
     from recsys_moe.registry.package import log_model
     from recsys_moe.registry.promotion import read_holdout
     from recsys_moe.registry.versions import Registry
@@ -423,11 +423,11 @@ def score_next_period(run: dict[str, Any]) -> dict[str, Any]:
     """
     import polars as pl
 
-    from features import load_spec
-    from pipelines.atomic import write_parquet_atomic
+    from recsys_moe.features import load_spec
+    from recsys_moe.pipelines.atomic import write_parquet_atomic
     from recsys_moe.registry.promotion import CHAMPION
     from recsys_moe.registry.versions import Registry
-    from serving.batch import score_parquet
+    from recsys_moe.scoring.batch import score_parquet
 
     spec = load_spec(run["spec"])
     next_day = date.fromisoformat(run["day"]) + timedelta(days=1)

@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from serving.model_holder import LoadedModel
+from recsys_moe.serving.model_holder import LoadedModel
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -32,8 +32,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipelines.sources.events import time_splits
-from pipelines.sources.synthetic import _sigmoid, _solve_base, write_day_partitions
+from recsys_moe.pipelines.sources.events import time_splits
+from recsys_moe.pipelines.sources.synthetic import _sigmoid, _solve_base, write_day_partitions
 
 __all__ = [
     "CATEGORICAL_COLUMNS",

@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipelines.atomic import write_parquet_atomic
-from pipelines.contract import EventContract
+from recsys_moe.pipelines.atomic import write_parquet_atomic
+from recsys_moe.pipelines.contract import EventContract
 
 __all__ = [
     "IMPRESSIONS_SCHEMA",

@@ -17,12 +17,12 @@ from pathlib import Path
 import polars as pl
 from tqdm.auto import tqdm
 
-from features.spec import FeatureSpec
-from pipelines.fit import FittedState, fit
-from pipelines.manifest import EventsInfo, Manifest, SparseFeatureInfo, SplitInfo, TaskInfo
-from pipelines.sources import load_splits
-from pipelines.transform import encode, label_column, typed
-from pipelines.validate import REASON, validate
+from recsys_moe.features.spec import FeatureSpec
+from recsys_moe.pipelines.fit import FittedState, fit
+from recsys_moe.pipelines.manifest import EventsInfo, Manifest, SparseFeatureInfo, SplitInfo, TaskInfo
+from recsys_moe.pipelines.sources import load_splits
+from recsys_moe.pipelines.transform import encode, label_column, typed
+from recsys_moe.pipelines.validate import REASON, validate
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def build(
     if spec.history is None:
         raw = load_splits(spec.dataset, Path(data_dir))
         return build_frames(raw, spec, out_dir, source, rows_per_shard, max_reject_rate, progress)
-    from pipelines.event_log import prepare
+    from recsys_moe.pipelines.event_log import prepare
 
     ready = prepare(spec, Path(data_dir), history_dir, rebuild_history, progress)
     events = EventsInfo(rows_in=ready.rows_in, rows_out=ready.rows_in - ready.rejects.height,

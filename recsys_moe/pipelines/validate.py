@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from features.expressions import compile_expression
-from features.spec import Feature, FeatureSpec, Task
+from recsys_moe.features.expressions import compile_expression
+from recsys_moe.features.spec import Feature, FeatureSpec, Task
 
 REASON = "_reject_reason"
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import polars as pl
 
-from features.spec import FeatureSpec
-from pipelines.contract import REJECT_REASON, EventContract, check_events
-from pipelines.history import update_days
-from pipelines.sources import events as event_source
-from pipelines.validate import REASON
+from recsys_moe.features.spec import FeatureSpec
+from recsys_moe.pipelines.contract import REJECT_REASON, EventContract, check_events
+from recsys_moe.pipelines.history import update_days
+from recsys_moe.pipelines.sources import events as event_source
+from recsys_moe.pipelines.validate import REASON
 
 _RAW_ROW = "__raw_row"
 

@@ -15,8 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from features.expressions import ExpressionError, compile_expression
-from features.history import HistorySpec
+from recsys_moe.features.expressions import ExpressionError, compile_expression
+from recsys_moe.features.history import HistorySpec
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -225,7 +225,15 @@ def parse_spec(raw: Any, origin: str = "<spec>") -> FeatureSpec:
         raise SpecError(f"{origin}: invalid feature spec\n{_format_errors(exc, raw)}") from None
 
 
-BUNDLED_SPECS = Path(__file__).parent / "specs"
+def _bundled_specs() -> Path:
+    """The specs shipped with recsys-moe: package data (`recsys_moe/specs/`) in an installed
+    wheel; in a source checkout, the top-level `features/specs/` the wheel is built from."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "specs"
+    return installed if installed.is_dir() else package.parent / "features" / "specs"
+
+
+BUNDLED_SPECS = _bundled_specs()
 
 
 def resolve_spec_path(name_or_path: str | Path) -> Path:

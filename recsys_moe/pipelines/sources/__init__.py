@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from features.spec import DatasetSource
+from recsys_moe.features.spec import DatasetSource
 
 
 def load_splits(source: DatasetSource, data_dir: Path) -> dict[str, pl.LazyFrame]:
@@ -14,17 +14,17 @@ def load_splits(source: DatasetSource, data_dir: Path) -> dict[str, pl.LazyFrame
     if not data_dir.exists():
         raise FileNotFoundError(f"{data_dir}: raw data directory not found")
     if source.source == "census":
-        from pipelines.sources import census
+        from recsys_moe.pipelines.sources import census
 
         return census.splits(data_dir, **source.options)
     if source.source == "synthetic":
-        from pipelines.sources import events
+        from recsys_moe.pipelines.sources import events
 
         return events.splits(data_dir, **source.options)
     if source.source == "criteo_like":
-        from pipelines.sources import criteo
+        from recsys_moe.pipelines.sources import criteo
 
         return criteo.splits(data_dir, **source.options)
-    from pipelines.sources import files
+    from recsys_moe.pipelines.sources import files
 
     return files.splits(data_dir)

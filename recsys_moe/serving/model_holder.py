@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys_moe.scoring import Scorer
-from serving.schemas import RequestModels, request_models
-from serving.settings import ModelUri, ServingSettings
+from recsys_moe.serving.schemas import RequestModels, request_models
+from recsys_moe.serving.settings import ModelUri, ServingSettings
 
 if TYPE_CHECKING:
     from recsys_moe.registry.versions import Registry

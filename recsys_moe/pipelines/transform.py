@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from features.expressions import compile_expression
-from features.spec import Feature, FeatureSpec
-from pipelines.fit import OOV, FittedState, signed_log1p, stable_hash_ids, stable_hash_lists
+from recsys_moe.features.expressions import compile_expression
+from recsys_moe.features.spec import Feature, FeatureSpec
+from recsys_moe.pipelines.fit import OOV, FittedState, signed_log1p, stable_hash_ids, stable_hash_lists
 
 
 def key_column(name: str) -> str:

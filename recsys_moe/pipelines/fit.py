@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from features.spec import Feature, FeatureSpec
+from recsys_moe.features.spec import Feature, FeatureSpec
 
 OOV = 0  # row 0 of every table: unseen, rare or null values
 

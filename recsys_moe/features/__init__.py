@@ -1,6 +1,6 @@
 """Declarative feature specs: what the raw columns mean and which tasks the model predicts."""
 
-from features.spec import (
+from recsys_moe.features.spec import (
     BUNDLED_SPECS,
     DatasetSource,
     Feature,

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipelines.validate import REASON
+from recsys_moe.pipelines.validate import REASON
 from recsys_moe.scoring import RankingConfig, Scorer, ranking_score
 from recsys_moe.scoring.scorer import ROW
 

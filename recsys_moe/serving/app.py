@@ -37,13 +37,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from pipelines.validate import REASON, SchemaError
+from recsys_moe.pipelines.validate import REASON, SchemaError
 from recsys_moe.scoring import RankingConfig, ranking_score
 from recsys_moe.scoring.scorer import ROW, Scored
-from serving.model_holder import LoadedModel, ModelHolder
-from serving.prom import Metrics, MetricsMiddleware
-from serving.schemas import ErrorBody, RankResponse, ReadyBody, RequestModels, ScoreResponse
-from serving.settings import ServingSettings
+from recsys_moe.serving.model_holder import LoadedModel, ModelHolder
+from recsys_moe.serving.prom import Metrics, MetricsMiddleware
+from recsys_moe.serving.schemas import ErrorBody, RankResponse, ReadyBody, RequestModels, ScoreResponse
+from recsys_moe.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,143 @@
+"""Outputs that appear whole or not at all: every file and directory the platform writes goes
+through here.
+
+A file is written under a temporary name beside its destination (same directory, so same file
+system) and renamed onto it; a directory is built beside its destination and swapped in with
+renames. A reader, or a run resumed after a kill, sees the old output or the new one, never half
+of one. Temporary files are created by `open`/`mkdir` with the default modes, so what lands
+follows the process umask (0644 files and 0755 directories under the usual 022), like any other
+file the user writes: a shared-storage deployment reads them across users. (`tempfile.mkstemp`
+and `mkdtemp` would force 0600 and 0700.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import polars as pl
+
+
+def temp_path(target: Path) -> Path:
+    """A fresh, unused name beside `target` (hidden, unique per process and call)."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """A temporary path for a writer to create (a file, or a directory for writers that make
+    one); renamed onto `target` when the block succeeds, removed when it fails.
+
+        with atomic_path(out) as tmp:
+            frame.write_parquet(tmp)
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(target)
+    try:
+        yield tmp
+        if tmp.is_file():  # on disk before it gets the name: a crash cannot leave an empty file
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int = 1, sort_keys: bool = False) -> Path:
+    """JSON with `default=str` (paths, dates), so any of the platform's records serialise."""
+    return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str))
+
+
+def write_parquet(frame: pl.DataFrame, path: str | Path, **options: Any) -> Path:
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp, **options)
+    return Path(path)
+
+
+# -- directories -------------------------------------------------------------------------------
+def staging_dir(target: str | Path, *, reclaim: bool = False) -> Path:
+    """An empty directory beside `target` to build it in; `swap_in` then puts it in place.
+
+    By default the name is unique, so two writers of one target never share a staging area.
+    `reclaim=True` uses the fixed name `.<name>.tmp` and first removes what a killed earlier
+    attempt left there: for outputs with one writer at a time (a run's checkpoints), so a kill
+    leaves no orphaned copy of the model behind.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if reclaim:
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp = temp_path(target)
+    tmp.mkdir()
+    return tmp
+
+
+def _old(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def swap_in(work: str | Path, target: str | Path) -> Path:
+    """Replace directory `target` by `work` (a sibling) with renames only.
+
+    Between the two renames only `.<name>.old` holds the previous version: `committed` finds it,
+    so a kill at any moment leaves one whole version to read.
+    """
+    work, target = Path(work), Path(target)
+    old = _old(target)
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(work, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def committed(target: str | Path) -> Path | None:
+    """`target`, or its previous version when a kill fell between `swap_in`'s two renames."""
+    target = Path(target)
+    old = _old(target)
+    return target if target.exists() else old if old.exists() else None
+
+
+@contextmanager
+def building(target: str | Path, *, reclaim: bool = False) -> Iterator[Path]:
+    """A staging directory for `target`: swapped in when the block succeeds, removed when not.
+
+        with building(out_dir) as work:
+            (work / "part-0.parquet") ...
+    """
+    work = staging_dir(target, reclaim=reclaim)
+    try:
+        yield work
+        swap_in(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
