@@ -99,7 +99,8 @@ def sharded(manifest: Manifest, nproc: int, steps: int, work: Path) -> dict[str,
                           capture=True)  # fmt: skip
     if result is None:
         raise RuntimeError(f"{nproc}-rank training failed:\n{proc.stderr[-4000:]}")
-    return result
+    flat = result.to_json()
+    return {**flat, **flat["sharding"]}  # plan, world_size, memory per rank beside the metrics
 
 
 def tbe_vs_embedding_bags(manifest: Manifest, reps_budget_s: float) -> list[dict[str, Any]]:

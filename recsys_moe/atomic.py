@@ -40,7 +40,8 @@ def _remove(path: Path) -> None:
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """A temporary path for a writer to create (a file, or a directory for writers that make
-    one); renamed onto `target` when the block succeeds, removed when it fails.
+    one); renamed onto `target` when the block succeeds, removed when it fails. A block that
+    creates nothing leaves `target` as it was.
 
         with atomic_path(out) as tmp:
             frame.write_parquet(tmp)
@@ -50,6 +51,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp = temp_path(target)
     try:
         yield tmp
+        if not tmp.exists():
+            return
         if tmp.is_file():  # on disk before it gets the name: a crash cannot leave an empty file
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())

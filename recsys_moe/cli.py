@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING
 
-from recsys_moe.config import Arch
+from recsys_moe.config import ARCHITECTURES
 
-ARCHS = list(get_args(Arch))
+if TYPE_CHECKING:
+    from recsys_moe.config import RunConfig
+    from recsys_moe.training.loop import TrainResult
 
 EPILOG = """\
 the flow, step by step:
@@ -85,50 +87,31 @@ def _run_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return load_config(args.config, overrides)
 
 
-def _tracker(config, spec_name: str, resume_dir: Path | None = None):  # type: ignore[no-untyped-def]
-    from recsys_moe.tracking.tracker import MlflowTracker, NullTracker
-
-    if not config.tracking.enabled:
-        return NullTracker()
-    run_id = None
-    if resume_dir is not None and (resume_dir / "last" / "model_config.json").exists():
-        import json
-
-        run_id = json.loads((resume_dir / "last" / "model_config.json").read_text()).get("run_id")
-    experiment = config.tracking.experiment or f"recsys-moe/{spec_name}"
-    return MlflowTracker(experiment, run_name=config.tracking.run_name, run_id=run_id)
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from recsys_moe.pipelines.manifest import Manifest
-    from recsys_moe.distributed import checkpoint as sharded_checkpoint
     from recsys_moe.report import print_result
+    from recsys_moe.tracking.tracker import open_tracker
+    from recsys_moe.training import checkpoint
     from recsys_moe.training.trainer import train
 
     manifest = Manifest.load(args.data)
     config = _run_config(args)
-    run_dir = config.train.checkpoint_dir or Path("runs") / f"{manifest.spec.name}-{config.model.arch}"
+    run_dir = config.run_dir(manifest.spec.name)
     config.train.checkpoint_dir = run_dir
     if args.nproc is not None:
         result = _train_distributed(args, config, run_dir)
         if result is None:
             return 1
-        tracking_uri = result.tracking_uri
     else:
-        found = sharded_checkpoint.latest(run_dir) if args.resume else None
-        if found is not None:
-            ranks = sharded_checkpoint.read_progress(found)["world_size"]
+        found = checkpoint.latest(run_dir) if args.resume else None
+        if found is not None and checkpoint.is_sharded(found):
+            ranks = checkpoint.read_progress(found).world_size
             print(f"error: {found} was written by sharded training on {ranks} rank(s); resume it with "
                   f"--nproc N (any N: the tables are resharded)", file=sys.stderr)  # fmt: skip
             return 2
-        tracker = _tracker(config, manifest.spec.name, run_dir if args.resume else None)
-        try:
+        run_id = checkpoint.resume_run_id(run_dir) if args.resume else None
+        with open_tracker(config.tracking, manifest.spec.name, run_id) as tracker:
             result = train(manifest, config, tracker=tracker, progress=True, resume=args.resume)
-        except BaseException:
-            tracker.close("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
-            raise
-        tracker.close()
-        tracking_uri = tracker.uri
     print_result(result)
     if result.run_id is None:
         if args.register:
@@ -137,24 +120,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from recsys_moe.registry.publish import publish
 
-    published = publish(result, manifest, args.register, _promotion(args), tracking_uri)
+    published = publish(result, manifest, args.register, _promotion(args), result.tracking_uri)
     print(f"model: {published.model_uri}")
     if published.decision is not None:
         _print_decision(published.name, published.version, published.decision)
     return 0
 
 
-def _train_distributed(args: argparse.Namespace, config, run_dir: Path):  # type: ignore[no-untyped-def]
-    """torchrun with --nproc ranks; rank 0's result as a TrainResult, or None if a rank failed."""
-    from recsys_moe.distributed.launch import launch, train_result
+def _train_distributed(args: argparse.Namespace, config: RunConfig, run_dir: Path) -> TrainResult | None:
+    """torchrun with --nproc ranks; rank 0's result, or None if a rank failed."""
+    from recsys_moe.distributed.launch import launch
+    from recsys_moe.distributed.train import PLAN_FILE
 
     proc, result = launch(args.data, config, args.nproc, run_dir, resume=args.resume)
-    if result is None:
+    if result is None or result.sharding is None:
         print(f"error: distributed training failed (torchrun exit {proc.returncode}); each rank's "
               "traceback is above", file=sys.stderr)  # fmt: skip
         return None
-    print(f"trained on {result['world_size']} rank(s); sharding plan: {run_dir / 'sharding_plan.json'}")
-    return train_result(result)
+    print(f"trained on {result.sharding.world_size} rank(s); sharding plan: {run_dir / PLAN_FILE}")
+    return result
 
 
 def _promotion(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -341,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a multi-task model on a built dataset, tracked in MLflow")
     p.add_argument("--data", required=True, help="dataset directory (or its manifest.json)")
     p.add_argument("--config", help="run config YAML (model/train/tracking sections); defaults otherwise")
-    p.add_argument("--arch", choices=ARCHS, help="multi-task architecture (default mmoe)")
+    p.add_argument("--arch", choices=list(ARCHITECTURES), help="multi-task architecture (default mmoe): "
+                   + "; ".join(f"{name}: {what}" for name, what in ARCHITECTURES.items()))  # fmt: skip
     p.add_argument("--tasks", nargs="+", help="train only these tasks (single_task takes one)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)

@@ -12,7 +12,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-Arch = Literal["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple"]
+# The multi-task architectures, by `model.arch` name: the one list the CLI, config validation,
+# the model builder (`recsys_moe.model.ranker.ARCH_BUILDERS`) and the retraining DAG read.
+ARCHITECTURES: dict[str, str] = {
+    "single_task": "the network trained on one task (train.tasks=[NAME]), the papers' baseline",
+    "shared_bottom": "one shared MLP, one tower per task (Caruana, 1997)",
+    "omoe": "shared experts with one gate for all tasks (the MMoE paper's ablation)",
+    "mmoe": "shared experts, one gate per task, one tower per task (Ma et al., KDD 2018)",
+    "cgc": "task-specific experts + shared experts, one gate per task (Tang et al., RecSys 2020)",
+    "ple": "model.ple_levels stacked CGC extraction layers with shared gates in between",
+}
+
+
+def default_run_dir(spec_name: str, arch: str) -> Path:
+    """Where a run writes best/ and last/ unless train.checkpoint_dir says otherwise."""
+    return Path("runs") / f"{spec_name}-{arch}"
 
 
 class _Strict(BaseModel):
@@ -20,7 +34,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    arch: Arch = "mmoe"
+    arch: str = Field("mmoe", json_schema_extra={"enum": list(ARCHITECTURES)}, description="see ARCHITECTURES")
     num_experts: int = Field(8, ge=1, description="omoe/mmoe: experts shared by all tasks")
     num_task_experts: int = Field(2, ge=1, description="cgc/ple: experts owned by each task")
     num_shared_experts: int = Field(2, ge=1, description="cgc/ple: shared experts in every layer")
@@ -38,6 +52,13 @@ class ModelConfig(_Strict):
     pack_tables_below: int = Field(
         100_000, ge=0, description="tables with fewer rows and equal dims share one TBE table"
     )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r} (one of: {', '.join(ARCHITECTURES)})")
+        return arch
 
     @field_validator("expert_hidden", "tower_hidden", "bottom_hidden")
     @classmethod
@@ -93,6 +114,10 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def run_dir(self, spec_name: str) -> Path:
+        """This run's directory: train.checkpoint_dir, else `default_run_dir`."""
+        return self.train.checkpoint_dir or default_run_dir(spec_name, self.model.arch)
 
     def flat(self) -> dict[str, Any]:
         """'section.field' → value, for MLflow params."""

@@ -18,7 +18,8 @@ from recsys_moe.registry.publish import publish
 from recsys_moe.registry.versions import Registry
 from recsys_moe.report import print_result
 from recsys_moe.tracking.tracker import MlflowTracker
-from recsys_moe.training.trainer import TrainResult, train
+from recsys_moe.training.loop import TrainResult
+from recsys_moe.training.trainer import train
 
 EXPERIMENT = "recsys-moe/demo"
 MODEL_NAME = "demo-ranker"
@@ -41,13 +42,8 @@ def run_demo(workdir: Path, impressions: int = 400_000, epochs: int = 4, seed: i
     run_config = load_config(
         None, [f"train.epochs={epochs}", f"train.seed={seed}", f"train.checkpoint_dir={workdir / 'runs'}"]
     )
-    tracker = MlflowTracker(EXPERIMENT, run_name=f"demo-mmoe-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
+    with MlflowTracker(EXPERIMENT, run_name=f"demo-mmoe-{time.strftime('%Y%m%d-%H%M%S')}") as tracker:
         result = train(manifest, run_config, tracker=tracker)
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    tracker.close()
 
     print_result(result)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from recsys_moe.tracking.store import ui_command
-from recsys_moe.training.trainer import TrainResult
+from recsys_moe.training.loop import TrainResult
 
 
 def print_result(result: TrainResult, elapsed: float | None = None) -> None:

@@ -56,29 +56,29 @@ def runs(synthetic_manifest: Manifest, tmp_path_factory: pytest.TempPathFactory)
 
 def test_two_ranks_reach_the_validation_metrics_of_one_process(runs) -> None:
     _, two, one = runs
-    assert len(two["history"]) == len(one.history) == 2
+    assert len(two.history) == len(one.history) == 2
     for task, tol in TOLERANCE.items():
-        a, b = two["history"][-1][f"val_{task}_auc"], one.history[-1][f"val_{task}_auc"]
+        a, b = two.history[-1][f"val_{task}_auc"], one.history[-1][f"val_{task}_auc"]
         assert abs(a - b) <= tol, f"{task}: 2 ranks {a:.4f} vs 1 process {b:.4f} (tolerance {tol})"
-    assert two["valid"]["click"]["auc"] > 0.6
+    assert two.valid.metrics["click"]["auc"] > 0.6
     for task in TOLERANCE:  # the training loss fell on the ranks too
-        assert two["history"][-1][f"train_{task}_loss"] < two["history"][0][f"train_{task}_loss"]
+        assert two.history[-1][f"train_{task}_loss"] < two.history[0][f"train_{task}_loss"]
 
 
 def test_the_plan_is_printed_and_returned(runs, synthetic_manifest: Manifest) -> None:
     proc, two, _ = runs
     assert "sharding plan (2 ranks, cpu)" in proc.stdout
     tables = {t.name for t in plan_tables(synthetic_manifest.sparse_features, 100_000).tables}
-    plan = {row["table"]: row for row in two["plan"]}
+    plan = {row["table"]: row for row in two.sharding.plan}
     assert set(plan) == tables
     assert plan["packed_d4_sum"]["sharding"] == "data_parallel" and plan["packed_d4_sum"]["ranks"] == [0, 1]
     assert plan["packed_d8_mean"]["sharding"] == "column_wise"
     assert {plan[t]["sharding"] for t in tables - {"packed_d4_sum", "packed_d8_mean"}} == {"table_wise"}
     assert {r for row in plan.values() for r in row["ranks"]} == {0, 1}  # both ranks hold tables
-    for row in two["plan"]:
+    for row in two.sharding.plan:
         assert row["table"] in proc.stdout
     # TorchRec's TrainPipelineSparseDist found the sharded EBC and pipelines its input all-to-all.
-    assert [m.split("module.")[-1] for m in two["pipelined_modules"]] == ["ranker.sparse.ebc"]
+    assert [m.split("module.")[-1] for m in two.sharding.pipelined_modules] == ["ranker.sparse.ebc"]
 
 
 def test_the_export_loads_into_the_single_process_model_and_scorer(runs, synthetic_manifest: Manifest) -> None:
@@ -87,19 +87,19 @@ def test_the_export_loads_into_the_single_process_model_and_scorer(runs, synthet
     from recsys_moe.registry.promotion import read_holdout
     from recsys_moe.scoring import Scorer
     from recsys_moe.training import checkpoint
-    from recsys_moe.training.trainer import evaluate
+    from recsys_moe.training.evaluation import evaluate
 
     _, two, _ = runs
-    weights, config = checkpoint.load_weights(Path(two["model_dir"]))
+    weights, config = checkpoint.load_weights(two.model_dir)
     model = MultiTaskRanker(synthetic_manifest, ModelConfig.model_validate(config["model"]))
     model.load_state_dict(weights)  # strict: same keys and shapes as single-process training writes
     data = InMemoryDataset.from_split(synthetic_manifest, "valid", model.sparse.keys, model.task_names)
     ev = evaluate(model, data, 4096)
-    best = two["history"][two["best_epoch"] - 1]
+    best = two.history[two.best_epoch - 1]
     for task in model.task_names:  # exact all-gathered metrics, not a per-rank average
         assert ev.metrics[task]["auc"] == pytest.approx(best[f"val_{task}_auc"], abs=1e-6)
         assert ev.metrics[task]["logloss"] == pytest.approx(best[f"val_{task}_logloss"], abs=1e-6)
-    scored = Scorer(two["model_dir"]).score(read_holdout(synthetic_manifest.raw_path("test")).head(50))
+    scored = Scorer(two.model_dir).score(read_holdout(synthetic_manifest.raw_path("test")).head(50))
     assert scored.scores.shape == (50, 2) and torch.isfinite(torch.from_numpy(scored.scores)).all()
 
 
@@ -142,11 +142,11 @@ def test_cli_trains_sharded_registers_it_and_points_a_single_process_resume_to_n
 KILL_OVERRIDES = ["train.batch_size=128", "train.checkpoint_every=10"]
 
 
-def _kill_when_mid_epoch(proc: subprocess.Popen, run_dir: Path, epoch: int, timeout: float = 600) -> dict:
+def _kill_when_mid_epoch(proc: subprocess.Popen, run_dir: Path, epoch: int, timeout: float = 600):
     """SIGKILL torchrun and every rank as soon as last/ holds a checkpoint from inside `epoch`."""
     import psutil
 
-    from recsys_moe.distributed import checkpoint
+    from recsys_moe.training import checkpoint
 
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
@@ -155,7 +155,7 @@ def _kill_when_mid_epoch(proc: subprocess.Popen, run_dir: Path, epoch: int, time
             progress = checkpoint.read_progress(found) if found is not None else None
         except (OSError, json.JSONDecodeError):  # renamed away while we read it
             progress = None
-        if progress is not None and progress["epoch"] == epoch and progress["step"] > 0:
+        if progress is not None and progress.epoch == epoch and progress.step > 0:
             for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
                 p.kill()
             proc.wait()
@@ -185,33 +185,33 @@ def killed(synthetic_manifest: Manifest, tmp_path_factory: pytest.TempPathFactor
     for name, nproc in (("killed", 2), ("to_one", 1)):
         proc, out[name] = launch(synthetic_manifest.root, config, nproc, work / name, capture=True, resume=True)
         assert out[name] is not None, f"resume on {nproc} ranks failed:\n{proc.stderr[-6000:]}"
-        assert f"at epoch 2, step {at_kill['step']}" in proc.stdout
+        assert f"at epoch 2, step {at_kill.step}" in proc.stdout
     return reference, at_kill, out["killed"], out["to_one"], work
 
 
 def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(killed) -> None:
     reference, at_kill, resumed, _, _ = killed
-    assert 0 < at_kill["step"] < 67  # 8,644 rows / 128 per step: inside epoch 2
-    assert resumed["best_epoch"] == reference["best_epoch"]
+    assert 0 < at_kill.step < 67  # 8,644 rows / 128 per step: inside epoch 2
+    assert resumed.best_epoch == reference.best_epoch
     # Same data position, RNG and optimizer states: the run continues as if never stopped.
     for epoch in (0, 1):
         for key in ("val_click_auc", "val_conversion_auc", "val_click_logloss", "train_click_loss"):
-            assert resumed["history"][epoch][key] == pytest.approx(reference["history"][epoch][key], abs=1e-5)
+            assert resumed.history[epoch][key] == pytest.approx(reference.history[epoch][key], abs=1e-5)
     for task in TOLERANCE:
-        assert resumed["test"][task]["auc"] == pytest.approx(reference["test"][task]["auc"], abs=1e-5)
+        assert resumed.test.metrics[task]["auc"] == pytest.approx(reference.test.metrics[task]["auc"], abs=1e-5)
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank(killed) -> None:
     reference, _, _, on_one, _ = killed
-    assert on_one["world_size"] == 1 and len(on_one["history"]) == 2
+    assert on_one.sharding.world_size == 1 and len(on_one.history) == 2
     # Epoch 1 was trained on 2 ranks before the kill: carried over from the checkpoint as it was.
     timing = "train_samples_per_s"
-    assert {k: v for k, v in on_one["history"][0].items() if k != timing} == pytest.approx(
-        {k: v for k, v in reference["history"][0].items() if k != timing}
+    assert {k: v for k, v in on_one.history[0].items() if k != timing} == pytest.approx(
+        {k: v for k, v in reference.history[0].items() if k != timing}
     )
     # Epoch 2 finished on one rank over another split of the rows: a different but equally good run.
     for task, tol in TOLERANCE.items():
-        a, b = on_one["history"][1][f"val_{task}_auc"], reference["history"][1][f"val_{task}_auc"]
+        a, b = on_one.history[1][f"val_{task}_auc"], reference.history[1][f"val_{task}_auc"]
         assert abs(a - b) <= tol, f"{task}: resumed on 1 rank {a:.4f} vs 2 ranks {b:.4f}"
 
 
@@ -242,18 +242,18 @@ def test_checkpoints_reshard_between_world_sizes_without_loss(killed, synthetic_
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
-    from recsys_moe.distributed import checkpoint
-    from recsys_moe.training.checkpoint import commit_dir, staging_dir
+    from recsys_moe.atomic import staging_dir, swap_in
+    from recsys_moe.training import checkpoint
 
     last = tmp_path / "last"
     for value in ("old", "new"):
-        tmp = staging_dir(last)
+        tmp = staging_dir(last, reclaim=True)
         (tmp / ".metadata").write_text(value)
-        (tmp / "progress.json").write_text(json.dumps({"value": value}))
+        (tmp / "progress.json").write_text(json.dumps({"run_id": value}))
         if value == "old":
-            commit_dir(tmp, last)
+            swap_in(tmp, last)
     # Killed while writing `new`: last/ is still the old checkpoint.
-    assert checkpoint.read_progress(checkpoint.latest(tmp_path))["value"] == "old"
-    # Killed between commit_dir's two renames: only .last.old exists, and it is found.
+    assert checkpoint.read_progress(checkpoint.latest(tmp_path)).run_id == "old"
+    # Killed between swap_in's two renames: only .last.old exists, and it is found.
     last.rename(tmp_path / ".last.old")
-    assert checkpoint.read_progress(checkpoint.latest(tmp_path))["value"] == "old"
+    assert checkpoint.read_progress(checkpoint.latest(tmp_path)).run_id == "old"

@@ -12,7 +12,8 @@ from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.training import checkpoint
 from recsys_moe.training.metrics import auc
-from recsys_moe.training.trainer import evaluate, train
+from recsys_moe.training.evaluation import evaluate
+from recsys_moe.training.trainer import train
 
 
 def _config(tmp_path: Path, *extra: str):

@@ -16,7 +16,7 @@ moment leaves the previous checkpoint whole.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,24 +26,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from recsys_moe.training.checkpoint import commit_dir, committed, staging_dir
-
-PROGRESS = "progress.json"
-METADATA = ".metadata"  # DCP's index of what every rank wrote
-
-
-def is_sharded_checkpoint(directory: Path) -> bool:
-    return (directory / METADATA).exists() and (directory / PROGRESS).exists()
-
-
-def latest(run_dir: Path) -> Path | None:
-    """`last/` of a run, if it holds a sharded checkpoint."""
-    found = committed(run_dir / "last")
-    return found if found is not None and is_sharded_checkpoint(found) else None
-
-
-def read_progress(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / PROGRESS).read_text())
+from recsys_moe import atomic
+from recsys_moe.training.checkpoint import PROGRESS, CheckpointError, Progress, is_sharded, read_progress
 
 
 def _embedding_state(dmp: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -76,28 +60,31 @@ def save(
     dmp: nn.Module,
     optimizer: torch.optim.Optimizer,
     dense_names: list[str],
-    progress: dict[str, Any],
+    progress: Progress,
 ) -> Path:
     """A collective: every rank calls it with the same progress; returns `last/`."""
-    rank, target = dist.get_rank(), run_dir / "last"
-    tmp = target.with_name(f".{target.name}.tmp")
-    if rank == 0:
-        staging_dir(target)
-    dist.barrier()
+    rank, target = dist.get_rank(), Path(run_dir) / "last"
+    # Rank 0 makes the staging directory (reclaiming one a kill left) and tells the others.
+    where: list[Path | None] = [atomic.staging_dir(target, reclaim=True) if rank == 0 else None]
+    dist.broadcast_object_list(where, src=0)
+    tmp = where[0]
+    assert tmp is not None
     state: dict[str, Any] = {f"model.{k}": v for k, v in dmp.state_dict().items()}
     state.update(_embedding_state(dmp)[1])
     state.update(_dense_state(optimizer, dense_names, template=False))
     state[f"rng.rank{rank}"] = torch.get_rng_state()
     dcp.save(state, checkpoint_id=tmp)
     if rank == 0:
-        (tmp / PROGRESS).write_text(json.dumps({**progress, "world_size": dist.get_world_size()}, indent=1))
-        commit_dir(tmp, target)
+        atomic.write_text(tmp / PROGRESS, dataclasses.replace(progress, world_size=dist.get_world_size()).to_json())
+        atomic.swap_in(tmp, target)
     dist.barrier()
     return target
 
 
-def load(directory: Path, dmp: nn.Module, optimizer: torch.optim.Optimizer, dense_names: list[str]) -> dict[str, Any]:
+def load(directory: Path, dmp: nn.Module, optimizer: torch.optim.Optimizer, dense_names: list[str]) -> Progress:
     """Restore model, both optimizers and this rank's RNG in place; returns the progress."""
+    if not is_sharded(directory):
+        raise CheckpointError(f"{directory} was written by single-process training: resume it without --nproc")
     rank = dist.get_rank()
     stored = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     model = {f"model.{k}": v for k, v in dmp.state_dict().items()}

@@ -12,13 +12,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
-
 import yaml
 
+from recsys_moe import atomic
 from recsys_moe.config import RunConfig
 from recsys_moe.distributed.train import RESULT_FILE
-from recsys_moe.training.trainer import Evaluation, TrainResult
+from recsys_moe.training.loop import TrainResult
 
 CONFIG_FILE = "distributed_config.yaml"
 
@@ -40,7 +39,7 @@ def start(data: str | Path, config: RunConfig, nproc: int, run_dir: Path, env: d
     config.train.checkpoint_dir = run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / CONFIG_FILE
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    atomic.write_text(config_path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     child_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     pipe = subprocess.PIPE if capture else None
@@ -49,7 +48,7 @@ def start(data: str | Path, config: RunConfig, nproc: int, run_dir: Path, env: d
 
 
 def launch(data: str | Path, config: RunConfig, nproc: int, run_dir: Path, env: dict[str, str] | None = None,
-           capture: bool = False, resume: bool = False) -> tuple[subprocess.CompletedProcess, dict[str, Any] | None]:  # fmt: skip
+           capture: bool = False, resume: bool = False) -> tuple[subprocess.CompletedProcess, TrainResult | None]:  # fmt: skip
     """Run N ranks to completion; returns the process and rank 0's result (None if it failed)."""
     proc = start(data, config, nproc, run_dir, env, capture, resume)
     try:
@@ -60,15 +59,7 @@ def launch(data: str | Path, config: RunConfig, nproc: int, run_dir: Path, env: 
         raise
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     result_path = run_dir / RESULT_FILE
-    result = json.loads(result_path.read_text()) if proc.returncode == 0 and result_path.exists() else None
-    return done, result
-
-
-def train_result(result: dict[str, Any]) -> TrainResult:
-    """Rank 0's JSON result as the TrainResult single-process training returns (for the CLI and
-    `publish`: registering a sharded run needs no special case)."""
-    return TrainResult(
-        run_id=result["run_id"], tracking_uri=result["tracking_uri"], best_epoch=result["best_epoch"],
-        history=result["history"], valid=Evaluation(metrics=result["valid"]), test=Evaluation(metrics=result["test"]),
-        model_dir=Path(result["model_dir"]), train_samples_per_s=result["train_samples_per_s"], tasks=result["tasks"],
-    )  # fmt: skip
+    ok = proc.returncode == 0 and result_path.exists()
+    # Rank 0's result, as the TrainResult single-process training returns: registering a sharded
+    # run needs no special case.
+    return done, TrainResult.from_json(json.loads(result_path.read_text())) if ok else None

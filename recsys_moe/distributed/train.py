@@ -2,31 +2,30 @@
 
     torchrun --standalone --nproc-per-node 2 -m recsys_moe.distributed.train --data DIR --config RUN.yaml
 
-Same loop as single-process training (`recsys_moe.training.trainer`), with these differences:
+The loop is single-process training's (`recsys_moe.training.loop.fit`); `ShardedEngine` supplies
+what differs:
 
 * `train.batch_size` is the global batch: each rank takes `batch_size // world_size` rows per step,
   so a step sees as many rows as a single-process step and an epoch has as many steps.
-* Each rank reads its own share of the training rows (every world_size-th row, from its rank on)
-  and shuffles it per epoch; all ranks run the same number of steps (the smallest share).
-* Validation and test: each rank scores a contiguous slice; scores and labels are all-gathered, so
+* Each rank reads its own contiguous slice of the training rows and shuffles it per epoch; all
+  ranks run the same number of steps (the smallest share).
+* Validation: each rank scores a contiguous slice; scores and labels are all-gathered, so
   per-task AUC / logloss / R² are computed on all rows, exactly, and every rank sees the same
   numbers (early stopping agrees across ranks).
 * Rank 0 alone talks to MLflow, prints, and writes best/: the sharded tables gathered into the
   single-process state dict, loadable by `MultiTaskRanker` and `recsys_moe.scoring.Scorer`.
 * The final valid/test metrics are computed on rank 0 from the exported best/ model by the
   single-process `evaluate`, which also checks that the export loads.
-
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import math
 import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe import atomic, logs
 from recsys_moe.config import RunConfig, load_config
 from recsys_moe.data.loader import Batch, InMemoryDataset
 from recsys_moe.distributed import checkpoint as dcheckpoint
@@ -47,10 +46,12 @@ from recsys_moe.distributed.model import ShardedRanker, build_sharded, full_stat
 from recsys_moe.distributed.plan import plan_rows, plan_summary, weight_bytes_per_rank
 from recsys_moe.model.embeddings import plan_tables
 from recsys_moe.model.ranker import MultiTaskRanker
-from recsys_moe.tracking.tracker import NullTracker, Tracker
+from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.tracking.tracker import NullTracker, Tracker, open_tracker
 from recsys_moe.training import checkpoint
-from recsys_moe.training.metrics import task_metrics
-from recsys_moe.training.trainer import Evaluation, _log_results, _model_config, evaluate
+from recsys_moe.training.checkpoint import Progress
+from recsys_moe.training.evaluation import Evaluation, GateSums, per_task_metrics
+from recsys_moe.training.loop import EpochStats, ShardingInfo, TrainResult, fit
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +79,23 @@ def _table_batch(ranker: MultiTaskRanker, batch: Batch) -> Batch:
     return Batch(batch.dense, ranker.sparse.table_ids(batch.sparse), batch.labels)
 
 
-def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a [n_r, ...] tensor over ranks, in rank order (n_r may differ by rank)."""
+def _all_gather_rows(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Concatenate a [n_r, ...] tensor over ranks, in rank order (n_r may differ by rank), on the CPU."""
     world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], dtype=torch.int64)
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
     most = int(max(s.item() for s in sizes))
-    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype)
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=device)
     padded[: x.shape[0]] = x
     out = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded.contiguous())
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)]).cpu()
 
 
-def evaluate_sharded(model: ShardedRanker, share: InMemoryDataset, total_rows: int, batch_size: int) -> Evaluation:
+def evaluate_sharded(
+    model: ShardedRanker, share: InMemoryDataset, total_rows: int, batch_size: int, device: torch.device
+) -> Evaluation:
     """Exact per-task metrics over all ranks' slices. A collective: every rank runs the same
     number of forward passes (the sharded lookup exchanges embeddings with every rank)."""
     ranker, dmp = model.ranker, model.dmp
@@ -100,38 +103,28 @@ def evaluate_sharded(model: ShardedRanker, share: InMemoryDataset, total_rows: i
     n_batches = max(-(-(-(-total_rows // world)) // batch_size), 1)
     was_training = dmp.training
     dmp.eval()
-    logits, sums = [], None
+    logits, gates = [], GateSums()
     try:
         with torch.no_grad():  # not inference_mode: FBGEMM's CPU lookup rejects inference tensors
             for idx in torch.arange(len(share)).tensor_split(n_batches):
-                batch = share.batch(idx)
+                batch = share.batch(idx).to(device)
                 out = ranker(batch.dense, batch.sparse)
                 logits.append(out.logits)
-                if out.gate_weights is not None:
-                    w = out.gate_weights
-                    entropy = -(w * w.clamp_min(1e-12).log()).sum(dim=-1)
-                    step = (w.sum(0).double(), (w > 0).sum(0).double(), entropy.sum(0).double())
-                    sums = step if sums is None else tuple(a + b for a, b in zip(sums, step))
+                gates.add(out.gate_weights)
     finally:
         dmp.train(was_training)
-    local = torch.cat(logits) if logits else torch.zeros(0, len(ranker.task_names))
-    all_logits = _all_gather_rows(local.float())
-    labels = _all_gather_rows(share.labels)
-    scores = ranker.scores(all_logits)
-    metrics = {
-        task: task_metrics(kind, scores[:, i], labels[:, i])
-        for i, (task, kind) in enumerate(zip(ranker.task_names, ranker.task_types))
-    }
-    if sums is None:
-        return Evaluation(metrics=metrics, scores=scores)
-    for s in sums:
-        dist.all_reduce(s)
-    n = max(labels.shape[0], 1)
-    means, routed, entropy = (x.numpy() / n for x in sums)
-    return Evaluation(metrics=metrics, gate_means=means, gate_routed=routed, gate_entropy=entropy, scores=scores)
+    local = torch.cat(logits) if logits else torch.zeros(0, len(ranker.task_names), device=device)
+    scores = ranker.scores(_all_gather_rows(local.float(), device))
+    labels = _all_gather_rows(share.labels.to(device), device)
+    if gates.totals is not None:
+        for total in gates.totals:
+            dist.all_reduce(total)
+    metrics = per_task_metrics(scores, labels, ranker.task_names, ranker.task_types)
+    return gates.evaluation(metrics, labels.shape[0], scores)
 
 
-def _device() -> tuple[torch.device, str]:
+def device_and_backend() -> tuple[torch.device, str]:
+    """One GPU per rank with NCCL where there are GPUs, else the CPU with gloo."""
     if torch.cuda.is_available() and os.environ.get("RECSYS_MOE_FORCE_CPU") != "1":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
@@ -139,177 +132,143 @@ def _device() -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
-def _tracker(config: RunConfig, manifest: Manifest, rank: int, resume: bool) -> Tracker:
-    """Rank 0's MLflow run; a resumed run continues the run its checkpoint names."""
-    if rank != 0 or not config.tracking.enabled:
-        return NullTracker()
-    from recsys_moe.tracking.tracker import MlflowTracker
+class ShardedEngine:
+    """N ranks: the ranker's tables sharded by DistributedModelParallel, each rank on its share
+    of the rows, TorchRec's pipeline overlapping the next batch's all-to-all, DCP checkpoints."""
 
-    run_dir = config.train.checkpoint_dir or Path("runs") / f"{manifest.spec.name}-{config.model.arch}"
-    found = dcheckpoint.latest(run_dir) if resume else None
-    run_id = dcheckpoint.read_progress(found).get("run_id") if found is not None else None
-    experiment = config.tracking.experiment or f"recsys-moe/{manifest.spec.name}"
-    return MlflowTracker(experiment, run_name=config.tracking.run_name, run_id=run_id)
+    def __init__(self, manifest: Manifest, config: RunConfig) -> None:
+        tc = config.train
+        self.manifest, self.config = manifest, config
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.label = f" ({self.world} ranks)"
+        self.device, _ = device_and_backend()
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.run_dir = config.run_dir(manifest.spec.name)
+
+        self.model = build_sharded(manifest, config, self.device, self.world)
+        self.ranker, self.dmp = self.model.ranker, self.model.dmp
+        self.weighting = self.model.step.weighting
+        self.plan = plan_rows(self.model.plan)
+        self.plan_summary = plan_summary(self.model.plan)
+        if self.is_main:
+            print(f"sharding plan ({self.world} ranks, {self.device.type}):\n{self.plan_summary}", flush=True)
+            atomic.write_json(self.run_dir / PLAN_FILE, self.plan)
+        self.extra_params: dict[str, Any] = {
+            "world_size": self.world, "backend": dist.get_backend(),
+            **{f"plan.{r['table']}": f"{r['sharding']}:{r['ranks']}" for r in self.plan},
+        }  # fmt: skip
+        self.extra_tags = {"distributed": f"{self.world}x{self.device.type}"}
+        self.extra_files = [(self.run_dir / PLAN_FILE, "sharding")]
+
+        # Dense parameters (and data-parallel tables) under Adam; sharded tables carry their fused optimizer.
+        dense = list(in_backward_optimizer_filter(self.dmp.named_parameters()))
+        self.dense_names = [n for n, _ in dense]
+        self.optimizer = torch.optim.Adam([p for _, p in dense], lr=tc.lr, weight_decay=tc.weight_decay)
+
+        keys, tasks = self.ranker.sparse.keys, self.ranker.task_names
+        self.train_share = read_share(manifest, "train", keys, tasks, self.rank, self.world)
+        self.valid_share = read_share(manifest, "valid", keys, tasks, self.rank, self.world)
+        self.valid_rows = manifest.splits["valid"].rows_out
+        self.local_batch = max(tc.batch_size // self.world, 1)
+        self.rows_per_rank = manifest.splits["train"].rows_out // self.world  # the smallest share
+        self.steps = -(-self.rows_per_rank // self.local_batch)
+        if tc.max_steps_per_epoch:
+            self.steps = min(self.steps, tc.max_steps_per_epoch)
+        self.pipeline: TrainPipelineSparseDist | None = None  # made after a restore, at the first epoch
+        self.pipelined: list[str] = []
+        self.dmp.train()
+
+    def restore(self, found: Path) -> Progress:
+        progress = dcheckpoint.load(found, self.dmp, self.optimizer, self.dense_names)
+        if self.is_main:
+            print(f"resumed {found} (written by {progress.world_size} ranks) at epoch {progress.epoch + 1}, "
+                  f"step {progress.step}", flush=True)  # fmt: skip
+        return progress
+
+    def train_epoch(self, epoch: int, progress: Progress, bar: bool) -> EpochStats:
+        tc, tasks = self.config.train, self.ranker.task_names
+        first = progress.step if epoch == progress.epoch else 0
+        # A resumed epoch continues the rows and loss it had counted (rank 0 holds the sums).
+        loss_sum = torch.zeros(len(tasks), device=self.device)
+        rows = 0.0
+        if first and self.is_main:
+            loss_sum += torch.tensor(progress.loss_sum, device=self.device)
+            rows = progress.rows
+        if self.pipeline is None:
+            # TorchRec's pipeline: batch i+1's sparse all-to-all overlaps batch i's forward and backward.
+            self.pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
+        n_seen, start = 0, time.perf_counter()
+        order = epoch_order(len(self.train_share), tc.seed, epoch, self.rank)[: self.rows_per_rank]
+        chunks = order.split(self.local_batch)[: self.steps]
+        batches = (_table_batch(self.ranker, self.train_share.batch(idx)) for idx in chunks[first:])
+        for step in range(first, len(chunks)):
+            loss_sum += self.pipeline.progress(batches)  # forward, backward (tables updated inside), Adam step
+            rows += len(chunks[step])
+            n_seen += len(chunks[step])
+            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < self.steps:
+                partial = self._all_sum(loss_sum, rows)  # the epoch's loss so far, over all ranks
+                self.save_last(dataclasses.replace(
+                    progress, epoch=epoch, step=step + 1, loss_sum=partial[:-1].tolist(), rows=float(partial[-1])
+                ))  # fmt: skip
+        self.pipelined = [n for n, m in self.dmp.named_modules() if any(m is p for p in self.pipeline._pipelined_modules)]
+        self.pipeline.detach()  # validation calls the ranker's own forward
+        elapsed = time.perf_counter() - start
+        stats = self._all_sum(loss_sum, rows, float(n_seen))
+        return EpochStats(loss=(stats[:-2] / max(float(stats[-2]), 1.0)).tolist(), samples_per_s=float(stats[-1]) / elapsed)
+
+    def _all_sum(self, sums: torch.Tensor, *counts: float) -> torch.Tensor:
+        """[per-task sums..., counts...] summed over ranks, float64 on the CPU."""
+        both = torch.cat([sums.double(), torch.tensor(counts, dtype=torch.float64, device=sums.device)])
+        dist.all_reduce(both)
+        return both.cpu()
+
+    def validate(self) -> Evaluation:
+        return evaluate_sharded(self.model, self.valid_share, self.valid_rows, self.config.train.eval_batch_size,
+                                self.device)  # fmt: skip
+
+    def best_weights(self) -> dict[str, torch.Tensor] | None:
+        return full_state_dict(self.dmp)
+
+    def save_last(self, progress: Progress) -> None:
+        dcheckpoint.save(self.run_dir, self.dmp, self.optimizer, self.dense_names, progress)
+
+    def finish(self) -> ShardingInfo | None:
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)  # MiB
+        peaks = [torch.zeros_like(peak) for _ in range(self.world)]
+        dist.all_gather(peaks, peak)
+        dist.barrier()
+        if not self.is_main:
+            return None
+        tables = plan_tables(self.manifest.sparse_features, self.config.model.pack_tables_below).tables
+        return ShardingInfo(
+            world_size=self.world,
+            device=self.device.type,
+            plan=self.plan,
+            plan_summary=self.plan_summary,
+            pipelined_modules=self.pipelined,
+            peak_rss_mib_per_rank=[float(p) for p in peaks],
+            weight_bytes_per_rank=weight_bytes_per_rank(self.model.plan, tables, self.world),
+        )
+
+    def final_model(self, weights: dict[str, torch.Tensor]) -> MultiTaskRanker:
+        """The export, checked: loaded strictly into the single-process model."""
+        plain = MultiTaskRanker(self.manifest, self.config.model, self.config.train.tasks)
+        plain.load_state_dict(weights)
+        return plain
+
+    def holdout(self, split: str) -> InMemoryDataset:
+        keys, tasks = self.ranker.sparse.keys, self.ranker.task_names
+        return InMemoryDataset.from_split(self.manifest, split, keys, tasks)
 
 
 def train_distributed(
     manifest: Manifest, config: RunConfig, tracker: Tracker | None = None, resume: bool = False
-) -> dict[str, Any] | None:
-    """Train on every rank of the initialised process group; rank 0 returns a result summary."""
-    tc = config.train
-    rank, world = dist.get_rank(), dist.get_world_size()
-    tracker = tracker or NullTracker()
-    device, _ = _device()
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    run_dir = tc.checkpoint_dir or Path("runs") / f"{manifest.spec.name}-{config.model.arch}"
-    best_dir = run_dir / "best"
-
-    model = build_sharded(manifest, config, device, world)
-    ranker, dmp = model.ranker, model.dmp
-    tasks = ranker.task_names
-    summary = plan_summary(model.plan)
-    if rank == 0:
-        print(f"sharding plan ({world} ranks, {device.type}):\n{summary}", flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / PLAN_FILE).write_text(json.dumps(plan_rows(model.plan), indent=1))
-
-    # Dense parameters (and data-parallel tables) under Adam; sharded tables carry their fused optimizer.
-    dense = list(in_backward_optimizer_filter(dmp.named_parameters()))
-    dense_names = [n for n, _ in dense]
-    optimizer = torch.optim.Adam([p for _, p in dense], lr=tc.lr, weight_decay=tc.weight_decay)
-    weighting = model.step.weighting
-    model_config = {**_model_config(manifest, config, ranker), "run_id": tracker.run_id}
-
-    keys = ranker.sparse.keys
-    train_share = read_share(manifest, "train", keys, tasks, rank, world)
-    valid_share = read_share(manifest, "valid", keys, tasks, rank, world)
-    total = {s: manifest.splits[s].rows_out for s in ("train", "valid")}
-
-    progress: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "bad_epochs": 0,
-                                "history": [], "loss_sum": [0.0] * len(tasks), "rows": 0.0}  # fmt: skip
-    found = dcheckpoint.latest(run_dir) if resume else None
-    if found is not None:
-        progress = dcheckpoint.load(found, dmp, optimizer, dense_names)
-        if rank == 0:
-            print(f"resumed {found} (written by {progress['world_size']} ranks) at epoch {progress['epoch'] + 1}, "
-                  f"step {progress['step']}", flush=True)  # fmt: skip
-    elif resume and rank == 0:
-        print(f"no checkpoint in {run_dir / 'last'}: starting from scratch", flush=True)
-
-    if rank == 0 and progress["epoch"] == 0 and progress["step"] == 0:
-        tracker.log_params({**config.flat(), "tasks": ",".join(tasks), "spec": manifest.spec.name,
-                            "spec_hash": manifest.spec_hash, "train_rows": total["train"], "world_size": world,
-                            "backend": dist.get_backend(),
-                            **{f"plan.{r['table']}": f"{r['sharding']}:{r['ranks']}" for r in plan_rows(model.plan)}})  # fmt: skip
-        tracker.set_tags({"spec": manifest.spec.name, "arch": config.model.arch, "dataset_digest": manifest.digest,
-                          "distributed": f"{world}x{device.type}"})  # fmt: skip
-        tracker.log_file(run_dir / PLAN_FILE, "sharding")
-        if manifest.root is not None:
-            tracker.log_file(manifest.root / "manifest.json", "dataset")
-
-    local_bs = max(tc.batch_size // world, 1)
-    rows_per_rank = total["train"] // world  # the smallest share: equal steps on every rank
-    steps = -(-rows_per_rank // local_bs)
-    if tc.max_steps_per_epoch:
-        steps = min(steps, tc.max_steps_per_epoch)
-    history: list[dict[str, float]] = progress["history"]
-    pipelined: list[str] = []
-    rates: list[float] = [h["train_samples_per_s"] for h in history]
-
-    def save_checkpoint(epoch: int, step: int, loss_sum: torch.Tensor, rows: float) -> None:
-        partial = torch.cat([loss_sum.cpu().double(), torch.tensor([rows], dtype=torch.float64)])
-        dist.all_reduce(partial)  # the epoch's loss so far, over all ranks: independent of the world size
-        progress.update(epoch=epoch, step=step, loss_sum=partial[:-1].tolist(), rows=float(partial[-1]),
-                        history=history, run_id=tracker.run_id)  # fmt: skip
-        dcheckpoint.save(run_dir, dmp, optimizer, dense_names, progress)
-
-    # TorchRec's pipeline: batch i+1's sparse all-to-all overlaps batch i's forward and backward.
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
-    dmp.train()
-    for epoch in range(progress["epoch"], tc.epochs):
-        if progress["bad_epochs"] >= tc.patience:
-            break
-        first = progress["step"] if epoch == progress["epoch"] else 0
-        # A resumed epoch continues the rows and loss it had counted (rank 0 holds the sums).
-        loss_sum = torch.zeros(len(tasks), device=device)
-        rows = 0.0
-        if first and rank == 0:
-            loss_sum += torch.tensor(progress["loss_sum"], device=device)
-            rows = progress["rows"]
-        n_seen, start = 0, time.perf_counter()
-        order = epoch_order(len(train_share), tc.seed, epoch, rank)[:rows_per_rank]
-        chunks = order.split(local_bs)[:steps]
-        batches = (_table_batch(ranker, train_share.batch(idx)) for idx in chunks[first:])
-        for step in range(first, len(chunks)):
-            sums = pipeline.progress(batches)  # forward, backward (tables updated inside), Adam step
-            loss_sum += sums
-            rows += len(chunks[step])
-            n_seen += len(chunks[step])
-            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < steps:
-                save_checkpoint(epoch, step + 1, loss_sum, rows)
-        pipelined = [n for n, m in dmp.named_modules() if any(m is p for p in pipeline._pipelined_modules)]
-        pipeline.detach()  # validation calls the ranker's own forward
-        elapsed = time.perf_counter() - start
-        stats = torch.cat([loss_sum.cpu().double(), torch.tensor([rows, float(n_seen)], dtype=torch.float64)])
-        dist.all_reduce(stats)
-        train_loss = stats[:-2] / max(float(stats[-2]), 1.0)
-        rate = float(stats[-1]) / elapsed
-        rates.append(rate)
-
-        val = evaluate_sharded(model, valid_share, total["valid"], tc.eval_batch_size)
-        record: dict[str, float] = {"epoch": epoch + 1, "train_samples_per_s": rate, "val_mean_score": val.score}
-        record.update({f"train_{t}_loss": float(v) for t, v in zip(tasks, train_loss)})
-        record.update(val.flat("val"))
-        if weighting is not None:
-            record.update({f"task_weight_{t}": float(w) for t, w in zip(tasks, weighting.weights())})
-        history.append(record)
-        improved = val.score > progress["best_score"]
-        if improved:
-            progress.update(best_score=val.score, best_epoch=epoch + 1, bad_epochs=0)
-        else:
-            progress["bad_epochs"] += 1
-        weights = full_state_dict(dmp) if improved else None  # a collective: every rank takes part
-        if rank == 0:
-            tracker.log_metrics(val.gate_metrics(tasks, config.model.gate != "softmax"), step=epoch + 1)
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
-            line = "  ".join(f"{t} {m.get('auc', m.get('r2', float('nan'))):.4f}" for t, m in val.metrics.items())
-            print(f"epoch {epoch + 1}: validation {line} | mean {val.score:.4f} | {rate:,.0f} samples/s "
-                  f"({world} ranks)", flush=True)  # fmt: skip
-            if weights is not None:
-                checkpoint.save_weights(best_dir, weights, model_config)
-        save_checkpoint(epoch + 1, 0, torch.zeros(len(tasks)), 0.0)
-    best_epoch = progress["best_epoch"]
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)  # MiB
-    peaks = [torch.zeros_like(peak) for _ in range(world)]
-    dist.all_gather(peaks, peak)
-    dist.barrier()
-    if rank != 0:
-        return None
-
-    # The export, checked: loaded strictly into the single-process model and evaluated by it.
-    weights, _ = checkpoint.load_weights(best_dir)
-    plain = MultiTaskRanker(manifest, config.model, tc.tasks)
-    plain.load_state_dict(weights)
-    data = {s: InMemoryDataset.from_split(manifest, s, plain.sparse.keys, tasks) for s in ("valid", "test")}
-    valid = evaluate(plain, data["valid"], tc.eval_batch_size)
-    test = evaluate(plain, data["test"], tc.eval_batch_size)
-    if manifest.root is not None:
-        for rel in ["manifest.json", *manifest.vocab_files.values()]:
-            (best_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(manifest.root / rel, best_dir / rel)
-    _log_results(tracker, history, valid, test, tasks, plain.task_types, best_epoch, config.model.gate != "softmax")
-    result = {
-        "run_id": tracker.run_id, "tracking_uri": tracker.uri, "world_size": world, "device": device.type,
-        "best_epoch": best_epoch, "history": history, "model_dir": str(best_dir),
-        "valid": valid.metrics, "test": test.metrics, "plan": plan_rows(model.plan), "plan_summary": summary,
-        "train_samples_per_s": float(np.median(rates)) if rates else math.nan, "tasks": tasks,
-        "pipelined_modules": pipelined, "peak_rss_mib_per_rank": [float(p) for p in peaks],
-        "weight_bytes_per_rank": weight_bytes_per_rank(
-            model.plan, plan_tables(manifest.sparse_features, config.model.pack_tables_below).tables, world),
-    }  # fmt: skip
-    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=1))
-    return result
+) -> TrainResult | None:
+    """Train on every rank of the initialised process group; rank 0 returns the result."""
+    engine = ShardedEngine(manifest, config)
+    return fit(engine, manifest, config, tracker or NullTracker(), resume=resume, progress_bar=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,26 +278,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint dir's last/")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     config = load_config(args.config, args.set)
-    _, backend = _device()
+    _, backend = device_and_backend()
     dist.init_process_group(backend)
     rank = dist.get_rank()
+    if rank == 0:
+        logs.setup()
+    else:
+        logging.basicConfig(level=logging.WARNING)
     manifest = Manifest.load(args.data)
-    tracker = _tracker(config, manifest, rank, args.resume)
+    run_dir = config.run_dir(manifest.spec.name)
+    run_id = checkpoint.resume_run_id(run_dir) if args.resume else None
+    tracker = open_tracker(config.tracking, manifest.spec.name, run_id) if rank == 0 else NullTracker()
     try:
-        result = train_distributed(manifest, config, tracker, resume=args.resume)
-    except BaseException:
-        tracker.close("FAILED")
-        raise
+        with tracker:
+            result = train_distributed(manifest, config, tracker, resume=args.resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    tracker.close()
     if result is not None:
-        print(f"best epoch {result['best_epoch']}: " + "  ".join(
-            f"{t} auc {m['auc']:.4f}" if "auc" in m else f"{t} r2 {m['r2']:.4f}" for t, m in result["valid"].items()
-        ) + f" | model: {result['model_dir']}", flush=True)  # fmt: skip
+        atomic.write_json(run_dir / RESULT_FILE, result.to_json())
+        summary = "  ".join(f"{t} auc {m['auc']:.4f}" if "auc" in m else f"{t} r2 {m['r2']:.4f}"
+                            for t, m in result.valid.metrics.items())  # fmt: skip
+        print(f"best epoch {result.best_epoch}: {summary} | model: {result.model_dir}", flush=True)
     return 0
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.keyed import KeyedOptimizer
 
 from recsys_moe.pipelines.manifest import Manifest, SparseFeatureInfo
 
@@ -95,6 +96,12 @@ class SparseArch(nn.Module):
             weight = self.ebc.embedding_bags[table.name].weight  # type: ignore[index]
             with torch.no_grad():
                 weight.uniform_(-0.05, 0.05)
+
+    def fused_optimizer(self) -> KeyedOptimizer:
+        """The embedding optimizer that runs inside FBGEMM's backward (built with `fused_optimizer`)."""
+        if not isinstance(self.ebc, FusedEmbeddingBagCollection):
+            raise TypeError("this SparseArch was built without a fused optimizer")
+        return self.ebc.fused_optimizer()
 
     def table_ids(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Feature ids → row ids in their (possibly packed) table: what the EBC takes."""

@@ -1,22 +1,20 @@
 """Raw data + feature spec → validated, model-ready parquet shards and a manifest.
 
-The dataset directory is built beside its destination and swapped in with one rename, so a crash
-never leaves half a dataset that looks whole, and a re-run replaces rather than duplicates.
+The dataset directory is built beside its destination and swapped in (`recsys_moe.atomic`), so a
+crash never leaves half a dataset that looks whole, and a re-run replaces rather than duplicates.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
 from tqdm.auto import tqdm
 
+from recsys_moe import atomic
 from recsys_moe.features.spec import FeatureSpec
 from recsys_moe.pipelines.fit import FittedState, fit
 from recsys_moe.pipelines.manifest import EventsInfo, Manifest, SparseFeatureInfo, SplitInfo, TaskInfo
@@ -80,9 +78,7 @@ def build_frames(
     if "train" not in raw:
         raise ValueError(f"raw splits must include 'train' (got {sorted(raw)})")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic.building(out_dir) as work:
         if events is not None and event_rejects is not None and event_rejects.height:
             (work / "rejects").mkdir(exist_ok=True)
             events.rejects = "rejects/events.parquet"
@@ -165,24 +161,10 @@ def build_frames(
             digest=_digest(all_shards),
         )
         manifest.save(work)
-        _swap_in(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     manifest.root = out_dir
     for split, info in splits.items():
         log.info("%s: %d rows in, %d out, %d rejected", split, info.rows_in, info.rows_out, info.rows_rejected)
     return manifest
-
-
-def _swap_in(work: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(work, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out_dir)
 
 
 def build(

@@ -28,7 +28,7 @@ import polars as pl
 import pyarrow as pa
 
 from recsys_moe.features.history import HistorySpec
-from recsys_moe.pipelines.atomic import write_parquet_atomic
+from recsys_moe import atomic
 
 
 def _positions(times: pl.Series, at: pl.Series) -> pl.Series:
@@ -211,7 +211,7 @@ def write_days(events: pl.LazyFrame, spec: HistorySpec, out_dir: Path, days: lis
             lo, hi = _first_at(frame, spec, at), _first_at(frame, spec, at + datetime.timedelta(days=1))
             if lo == hi:
                 continue
-            written.append(write_parquet_atomic(_features(index, lo, hi), day_path(out_dir, day)))
+            written.append(atomic.write_parquet(_features(index, lo, hi), day_path(out_dir, day)))
     return written
 
 
@@ -229,5 +229,5 @@ def update_days(events: pl.LazyFrame, spec: HistorySpec, out_dir: Path, rebuild:
     days = [d for d in in_log if not day_path(out_dir, d).exists()]
     write_days(events, spec, out_dir, days, chunk_days, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(spec_json)
+    atomic.write_text(marker, spec_json)
     return days

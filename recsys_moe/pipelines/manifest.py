@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from recsys_moe import atomic
 from recsys_moe.features.spec import FeatureSpec
 
 FORMAT_VERSION = 1
@@ -96,9 +97,7 @@ class Manifest(BaseModel):
         return (self.root or Path(".")) / info.raw
 
     def save(self, directory: Path) -> Path:
-        path = directory / "manifest.json"
-        path.write_text(self.model_dump_json(indent=1))
-        return path
+        return atomic.write_text(directory / "manifest.json", self.model_dump_json(indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:

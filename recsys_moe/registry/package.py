@@ -8,8 +8,6 @@ needs only JSON, parquet and safetensors: nothing is unpickled.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from recsys_moe import atomic
 from recsys_moe.scoring import Scorer
 from recsys_moe.tracking.store import tracking_uri as default_tracking_uri
 
@@ -101,11 +100,8 @@ def download_bundle(model_uri: str, target: Path, tracking_uri: str | None = Non
     """
     import mlflow
 
-    if not (target / "MLmodel").exists():
+    if not (target / "MLmodel").exists():  # absent, or a partial download from an earlier crash
         mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))
-        shutil.rmtree(target, ignore_errors=True)  # a partial download from an earlier crash
-        tmp.replace(target)
+        with atomic.building(target) as tmp:
+            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))
     return bundle_path(target)

@@ -12,7 +12,7 @@ from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.registry.package import log_model
 from recsys_moe.registry.promotion import Decision, PromotionConfig, read_holdout
 from recsys_moe.registry.versions import Registry
-from recsys_moe.training.trainer import TrainResult
+from recsys_moe.training.loop import TrainResult
 
 
 @dataclass

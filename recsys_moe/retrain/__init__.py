@@ -26,11 +26,11 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from recsys_moe import atomic
 
 log = logging.getLogger(__name__)
 
@@ -102,35 +102,6 @@ def resolve_run(params: dict[str, Any], dag_id: str, day: date) -> dict[str, Any
         "scores_dir": str(run_dir / "scores"),
         "summary_path": str(run_dir / "summary.json"),
     }
-
-
-# -- atomic writes ---------------------------------------------------------------------------
-def write_json(path: Path, obj: Any) -> Path:
-    """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True, default=str)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other readers of shared storage
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _swap_in(work: Path, target: Path) -> None:
-    """Replace directory `target` by `work` (same parent) with renames only."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(work, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, target)
 
 
 # -- 1. events and features ------------------------------------------------------------------
@@ -258,13 +229,10 @@ def train_model(run: dict[str, Any]) -> dict[str, Any]:
                      run["day"], record["run_id"], model_dir)  # fmt: skip
             return {**record, "reused": True}
 
-    work = Path(tempfile.mkdtemp(prefix=".model.", dir=run_dir))
-    work.chmod(0o755)
-    config = _run_config(run, work)
     tracker = MlflowTracker(run["experiment"], run_name=f"{run['dag_id']}-{run['day']}", uri=run["tracking_uri"])
-    try:
+    with atomic.building(model_dir) as work, tracker:
         tracker.set_tags({TAG_DAG: run["dag_id"], TAG_DAY: run["day"], TAG_FINGERPRINT: fingerprint})
-        result = train(manifest, config, tracker=tracker, progress=False)
+        result = train(manifest, _run_config(run, work), tracker=tracker, progress=False)
         record = {
             "run_id": result.run_id,
             "experiment_id": tracker.experiment_id,
@@ -275,13 +243,7 @@ def train_model(run: dict[str, Any]) -> dict[str, Any]:
             "test": result.test.flat("test"),
             "tasks": result.tasks,
         }
-        write_json(work / "train.json", record)
-        _swap_in(work, model_dir)
-    except BaseException:
-        tracker.close("FAILED")
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    tracker.close()
+        atomic.write_json(work / "train.json", record, sort_keys=True)
     log.info("trained %s for %s: run %s, test %s", run["arch"], run["day"], result.run_id, record["test"])
     return {**record, "reused": False}
 
@@ -424,7 +386,6 @@ def score_next_period(run: dict[str, Any]) -> dict[str, Any]:
     import polars as pl
 
     from recsys_moe.features import load_spec
-    from recsys_moe.pipelines.atomic import write_parquet_atomic
     from recsys_moe.registry.promotion import CHAMPION
     from recsys_moe.registry.versions import Registry
     from recsys_moe.scoring.batch import score_parquet
@@ -435,7 +396,7 @@ def score_next_period(run: dict[str, Any]) -> dict[str, Any]:
     columns = list(dict.fromkeys([*spec.keys, *spec.input_columns]))
     candidates = _window_frames(Path(run["source_dir"]), [next_day]).select(columns).collect()
     candidates_path = scores_dir / "candidates.parquet"
-    write_parquet_atomic(candidates, candidates_path)
+    atomic.write_parquet(candidates, candidates_path)
 
     registry, name = Registry(run["tracking_uri"]), run["model_name"]
     champion = registry.alias_version(name, CHAMPION)
@@ -495,7 +456,7 @@ def summarize(run: dict[str, Any], features: dict[str, Any], trained: dict[str, 
         },
         "outputs": {k: run[k] for k in ("features_dir", "model_dir", "scores_dir", "summary_path")},
     }
-    write_json(Path(run["summary_path"]), summary)
+    atomic.write_json(run["summary_path"], summary, sort_keys=True)
     verdict = "promoted to champion" if summary["promoted"] else "not promoted (challenger)"
     log.info("day %s: %s v%s %s — %s; champion v%s; %s", run["day"], name, registration["version"], verdict,
              decision["reason"], summary["aliases"][CHAMPION], summary["mlflow"]["run_url"])  # fmt: skip

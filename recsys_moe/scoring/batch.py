@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from recsys_moe import atomic
 from recsys_moe.pipelines.validate import REASON
 from recsys_moe.scoring import RankingConfig, Scorer, ranking_score
 from recsys_moe.scoring.scorer import ROW
@@ -72,46 +73,44 @@ def score_parquet(
     files = input_files(Path(input_path))
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial")
     rejects_out = rejects_path(output)
+    rejects_out.unlink(missing_ok=True)  # from an earlier run of the same output
     writer: pq.ParquetWriter | None = None
     reject_writer: pq.ParquetWriter | None = None
-    rejects_out.unlink(missing_ok=True)  # from an earlier run of the same output
     rows_in = rows_out = rejected = 0
     start = time.perf_counter()
     bar = tqdm(total=total, desc=f"score {Path(input_path).name}", unit="row", unit_scale=True, disable=not progress)
-    try:
-        for chunk in _chunks(files, chunk_rows):
-            scored = scorer.score(chunk)
-            # Keys identify rows; without key columns in the input, the row number does.
-            ids = scored.keys if scored.keys.width else pl.DataFrame({ROW: scored.rows + rows_in})
-            out = ids.with_columns(
-                [pl.Series(t, scored.scores[:, i]) for i, t in enumerate(scorer.tasks)]
-                + [pl.Series(SCORE, ranking_score(scored.scores, scorer.tasks, ranking))]
-            )
-            table = out.to_arrow()
-            writer = writer or pq.ParquetWriter(partial, table.schema)
-            writer.write_table(table)
-            if scored.rejects.height:
-                bad = scored.rejects.with_columns(pl.col(ROW).cast(pl.Int64) + rows_in).to_arrow()
-                reject_writer = reject_writer or pq.ParquetWriter(rejects_out, bad.schema)
-                reject_writer.write_table(bad.cast(reject_writer.schema))
-            rows_in += chunk.height
-            rows_out += out.height
-            rejected += scored.rejects.height
-            bar.update(chunk.height)
-            bar.set_postfix(rejected=rejected)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-        if reject_writer is not None:
-            reject_writer.close()
-    if writer is None:  # empty input: still write a valid, empty output
-        schema = pa.schema([(t, pa.float32()) for t in scorer.tasks] + [(SCORE, pa.float64())])
-        pq.write_table(schema.empty_table(), partial)
-    partial.replace(output)
+    # Both files appear whole when the job is done, or not at all (the rejects only if any).
+    with atomic.atomic_path(output) as partial, atomic.atomic_path(rejects_out) as partial_rejects:
+        try:
+            for chunk in _chunks(files, chunk_rows):
+                scored = scorer.score(chunk)
+                # Keys identify rows; without key columns in the input, the row number does.
+                ids = scored.keys if scored.keys.width else pl.DataFrame({ROW: scored.rows + rows_in})
+                out = ids.with_columns(
+                    [pl.Series(t, scored.scores[:, i]) for i, t in enumerate(scorer.tasks)]
+                    + [pl.Series(SCORE, ranking_score(scored.scores, scorer.tasks, ranking))]
+                )
+                table = out.to_arrow()
+                writer = writer or pq.ParquetWriter(partial, table.schema)
+                writer.write_table(table)
+                if scored.rejects.height:
+                    bad = scored.rejects.with_columns(pl.col(ROW).cast(pl.Int64) + rows_in).to_arrow()
+                    reject_writer = reject_writer or pq.ParquetWriter(partial_rejects, bad.schema)
+                    reject_writer.write_table(bad.cast(reject_writer.schema))
+                rows_in += chunk.height
+                rows_out += out.height
+                rejected += scored.rejects.height
+                bar.update(chunk.height)
+                bar.set_postfix(rejected=rejected)
+            if writer is None:  # empty input: still write a valid, empty output
+                schema = pa.schema([(t, pa.float32()) for t in scorer.tasks] + [(SCORE, pa.float64())])
+                pq.write_table(schema.empty_table(), partial)
+        finally:
+            bar.close()
+            for w in (writer, reject_writer):
+                if w is not None:
+                    w.close()
     assert rows_in == rows_out + rejected, (rows_in, rows_out, rejected)
     seconds = time.perf_counter() - start
     if rejected:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
-from matplotlib.figure import Figure
-
+from recsys_moe.config import TrackingConfig
 from recsys_moe.tracking.store import ARTIFACTS_NAME, tracking_uri
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +32,30 @@ class Tracker(Protocol):
     def log_figure(self, figure: Figure, name: str) -> None: ...
     def log_dataset(self, name: str, digest: str, source: str, context: str) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
 
 
-class NullTracker:
+class _Closing:
+    """`with tracker:` ends the run FINISHED, FAILED on an error, KILLED on Ctrl-C."""
+
+    def close(self, status: str = "FINISHED") -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.close("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+
+
+class NullTracker(_Closing):
     run_id: str | None = None
     uri: str | None = None
 
@@ -44,7 +68,7 @@ class NullTracker:
     def close(self, status: str = "FINISHED") -> None: ...
 
 
-class MlflowTracker:
+class MlflowTracker(_Closing):
     """One MLflow run. Creates the experiment on first use; in the default embedded store its
     artifacts go to ./mlartifacts beside ./mlruns.db."""
 
@@ -120,3 +144,11 @@ class MlflowTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def open_tracker(config: TrackingConfig, spec_name: str, run_id: str | None = None) -> Tracker:
+    """The run's tracker: MLflow in the experiment `recsys-moe/<spec>` unless the config names
+    one, a new run or (resuming) `run_id`; nothing when tracking is off."""
+    if not config.enabled:
+        return NullTracker()
+    return MlflowTracker(config.experiment or f"recsys-moe/{spec_name}", run_name=config.run_name, run_id=run_id)

@@ -1,15 +1,20 @@
-"""Weights as safetensors plus a JSON config, never pickles.
+"""What a run writes to disk: the model bundle in `best/` and the resume point in `last/`.
 
-`best/` holds the model to ship (weights + model config + tasks); `last/` holds what a killed
-run needs to resume (weights, optimizer states, epoch, history, RNG), loaded with
-`weights_only=True` so a checkpoint cannot run code.
+`best/` is the bundle to ship, complete on its own: weights (safetensors), the model config
+(JSON), the dataset's manifest and vocabularies. `last/` holds what a killed run needs to resume:
+`progress.json` (epoch, step, early-stopping state, history) beside the tensors, either
+single-process (`train_state.pt`, loaded with `weights_only=True`, so a checkpoint cannot run
+code) or sharded (a `torch.distributed.checkpoint`, see `recsys_moe.distributed.checkpoint`).
+Nothing is ever unpickled, and every directory is written beside its destination and swapped in
+(`recsys_moe.atomic`).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,49 +22,109 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from recsys_moe import atomic
+from recsys_moe.config import ModelConfig
+from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.pipelines.manifest import Manifest
+
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
-TRAIN_STATE = "train_state.pt"
+TRAIN_STATE = "train_state.pt"  # single-process optimizer states and RNG
+PROGRESS = "progress.json"
+SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint's index: a sharded checkpoint
 
 
-def staging_dir(directory: Path) -> Path:
-    """An empty sibling to write into; `commit_dir` swaps it in, so a kill never leaves half a checkpoint."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed the way it was asked to."""
 
 
-def commit_dir(tmp: Path, directory: Path) -> None:
-    """Replace `directory` by `tmp`. Between the two renames only `.<name>.old` exists: see `committed`."""
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+@dataclass
+class Progress:
+    """Where a run stands, besides its tensors: stored as `last/progress.json`."""
+
+    epoch: int = 0  # epochs completed, i.e. the next epoch to run (0-based)
+    step: int = 0  # steps already done inside `epoch` (sharded runs checkpoint mid-epoch)
+    best_score: float = -math.inf
+    best_epoch: int = -1  # 1-based; -1 before the first validation
+    bad_epochs: int = 0  # epochs since the last improvement (early stopping)
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per epoch
+    loss_sum: list[float] = field(default_factory=list)  # the partial epoch's per-task loss sums
+    rows: float = 0.0  # and the rows they cover
+    run_id: str | None = None  # the MLflow run a resumed run keeps logging into
+    world_size: int = 1
+
+    @property
+    def fresh(self) -> bool:
+        return self.epoch == 0 and self.step == 0
+
+    def improved(self, score: float, epoch: int) -> bool:
+        """Record an epoch's validation score; True when it is the best so far."""
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Progress:
+        return cls(**json.loads(text))
 
 
-def committed(directory: Path) -> Path | None:
-    """The directory, or its previous version when a kill fell between `commit_dir`'s two renames."""
-    old = directory.with_name(f".{directory.name}.old")
-    return directory if directory.exists() else old if old.exists() else None
+def read_progress(directory: Path) -> Progress:
+    return Progress.from_json((Path(directory) / PROGRESS).read_text())
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The run's `last/` checkpoint (or its previous version, when a kill fell mid-swap)."""
+    found = atomic.committed(Path(run_dir) / "last")
+    return found if found is not None and (found / PROGRESS).is_file() else None
+
+
+def is_sharded(directory: Path) -> bool:
+    return (Path(directory) / SHARDED_METADATA).exists()
+
+
+def resume_run_id(run_dir: Path) -> str | None:
+    """The MLflow run of the run's last checkpoint, for a resumed run to log into."""
+    found = latest(run_dir)
+    return read_progress(found).run_id if found is not None else None
+
+
+# -- the bundle ------------------------------------------------------------------------------
+def bundle_config(manifest: Manifest, model: ModelConfig, ranker: MultiTaskRanker, run_id: str | None) -> dict[str, Any]:
+    """`model_config.json`: how to rebuild the model and where it came from."""
+    return {
+        "model": model.model_dump(mode="json"),
+        "tasks": ranker.task_names,
+        "task_types": ranker.task_types,
+        "sparse_keys": ranker.sparse.keys,
+        "dense_features": manifest.dense_features,
+        "spec_name": manifest.spec.name,
+        "spec_hash": manifest.spec_hash,
+        "dataset_digest": manifest.digest,
+        "run_id": run_id,
+    }
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_model(directory: Path, model: nn.Module, config: dict[str, Any]) -> Path:
-    return save_weights(directory, state_tensors(model), config)
-
-
-def save_weights(directory: Path, weights: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """A model directory from a state dict already in hand (e.g. gathered from sharded tables)."""
-    tmp = staging_dir(directory)
-    save_file(weights, str(tmp / WEIGHTS))
-    (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=1))
-    commit_dir(tmp, directory)
+def save_bundle(
+    directory: Path, weights: dict[str, torch.Tensor], config: dict[str, Any], manifest: Manifest | None = None
+) -> Path:
+    """A model directory, whole: weights, config and (from a manifest loaded from disk) the
+    manifest with its vocabularies, which scoring needs to encode raw rows."""
+    with atomic.building(directory, reclaim=True) as work:
+        save_file(weights, str(work / WEIGHTS))
+        atomic.write_json(work / MODEL_CONFIG, config)
+        if manifest is not None and manifest.root is not None:
+            for rel in ["manifest.json", *manifest.vocab_files.values()]:
+                (work / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(manifest.root / rel, work / rel)
     return directory
 
 
@@ -67,15 +132,24 @@ def load_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return load_file(str(directory / WEIGHTS)), json.loads((directory / MODEL_CONFIG).read_text())
 
 
-def save_train_state(directory: Path, model: nn.Module, config: dict[str, Any], state: dict[str, Any]) -> None:
-    tmp = staging_dir(directory)
-    save_file(state_tensors(model), str(tmp / WEIGHTS))
-    (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=1))
-    torch.save(state, tmp / TRAIN_STATE)
-    commit_dir(tmp, directory)
+# -- single-process resume point -------------------------------------------------------------
+def save_train_state(
+    directory: Path, model: nn.Module, config: dict[str, Any], state: dict[str, Any], progress: Progress
+) -> None:
+    """`last/`: the weights (a loadable model, like `best/`), optimizer states and RNG, progress."""
+    with atomic.building(directory, reclaim=True) as work:
+        save_file(state_tensors(model), str(work / WEIGHTS))
+        atomic.write_json(work / MODEL_CONFIG, config)
+        torch.save(state, work / TRAIN_STATE)
+        atomic.write_text(work / PROGRESS, progress.to_json())
 
 
-def load_train_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_train_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Progress]:
+    if is_sharded(directory):
+        raise CheckpointError(
+            f"{directory} was written by sharded training on {read_progress(directory).world_size} rank(s); "
+            "resume it with --nproc N (any N: the tables are resharded)"
+        )
     weights = load_file(str(directory / WEIGHTS))
     state = torch.load(directory / TRAIN_STATE, weights_only=True)
-    return weights, state
+    return weights, state, read_progress(directory)

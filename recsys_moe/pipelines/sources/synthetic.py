@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recsys_moe.pipelines.atomic import write_parquet_atomic
+from recsys_moe import atomic
 from recsys_moe.pipelines.contract import EventContract
 
 __all__ = [
@@ -618,8 +618,8 @@ def write(tables: SyntheticTables, out_dir: Path) -> dict[str, Path]:
 def _write_tables(tables: SyntheticTables, out_dir: Path) -> set[str]:
     """users, items and one impressions partition per day with events → the partition names."""
     imp_dir = out_dir / "impressions"
-    write_parquet_atomic(tables.users, out_dir / "users.parquet")
-    write_parquet_atomic(tables.items, out_dir / "items.parquet")
+    atomic.write_parquet(tables.users, out_dir / "users.parquet")
+    atomic.write_parquet(tables.items, out_dir / "items.parquet")
 
     return write_day_partitions(tables.impressions, imp_dir, "impression_id")
 
@@ -635,7 +635,7 @@ def write_day_partitions(frame: pl.DataFrame, directory: Path, id_column: str) -
     offset = 0
     for length, day in zip(runs.struct.field("len"), runs.struct.field("value")):
         part = f"day={day.isoformat()}"
-        write_parquet_atomic(frame.slice(offset, length), directory / part / "part-0.parquet")
+        atomic.write_parquet(frame.slice(offset, length), directory / part / "part-0.parquet")
         written.add(part)
         offset += length
     directory.mkdir(parents=True, exist_ok=True)
