@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from recsys_moe.kernels.grouped import topk_experts_combine  # noqa: E402
-from recsys_moe.model.gates import combine  # noqa: E402
+from recsys_moe.kernels.dense import combine  # noqa: E402
 from recsys_moe.model.stacked import StackedMLP  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -4,9 +4,10 @@ build_features → train → evaluate (vs the champion) → register → promote
 → promote | keep → score_next_period (with the champion) → publish_summary
 
 Each run works on the last complete day before its data interval ends, and writes under
-``<home>/retrain/retrain_ranking/<day>/`` (see ``recsys_moe/retrain.py``, which holds the logic of
-every step: this file only wires them, and imports nothing heavy at parse time). See
-``dags/README.md`` for running it and for the params.
+``<home>/retrain/retrain_ranking/<day>/``. The logic of every step is in
+``recsys_moe/retrain/steps.py`` and the run's params in ``recsys_moe/retrain/run.py``: this file
+only wires them, and imports nothing heavy at parse time. See ``dags/README.md`` for running it
+and for the params.
 """
 
 from __future__ import annotations
@@ -14,39 +15,34 @@ from __future__ import annotations
 import logging
 import os
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
+from recsys_moe.retrain.run import DAG_ID, RetrainRun, airflow_params, interval_day, resolve_run
+
 log = logging.getLogger(__name__)
 
-DAG_ID = "retrain_ranking"
 SCHEDULE = os.environ.get("RECSYS_MOE_RETRAIN_SCHEDULE", "@daily")
-ARCHS = ["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple"]
 
 
-def _run() -> dict:
-    """This run's resolved params and output paths (light: no heavy imports)."""
-    from recsys_moe import retrain
-
-    context = get_current_context()
-    dag_run = context["dag_run"]
-    day = retrain.interval_day(
-        context.get("data_interval_start"), context.get("data_interval_end"), getattr(dag_run, "run_after", None)
-    )
-    return retrain.resolve_run(dict(context["params"]), dag_run.dag_id, day)
+def _resolve(context: Any) -> RetrainRun:
+    """This run's params and output paths, from the task's context."""
+    day = interval_day(context.get("data_interval_start"), context.get("data_interval_end"),
+                       getattr(context.get("dag_run"), "run_after", None))  # fmt: skip
+    return resolve_run(dict(context.get("params") or {}), DAG_ID, day)
 
 
-def _on_failure(context) -> None:  # type: ignore[no-untyped-def]
+def _run() -> RetrainRun:
+    return _resolve(get_current_context())
+
+
+def _on_failure(context: Any) -> None:
     """Log what failed, for which day, on which try, and where its outputs live."""
     ti = context.get("ti")
-    where = "?"
     try:
-        from recsys_moe import retrain
-
-        day = retrain.interval_day(context.get("data_interval_start"), context.get("data_interval_end"),
-                                   getattr(context.get("dag_run"), "run_after", None))  # fmt: skip
-        where = retrain.resolve_run(dict(context.get("params") or {}), DAG_ID, day)["run_dir"]
-    except Exception as exc:  # noqa: BLE001 - a callback must not fail itself
+        where = str(_resolve(context).run_dir)
+    except Exception as exc:  # a callback must not fail itself
         where = f"? ({exc})"
     log.error(
         "%s: task %s failed (try %s of %s) for logical date %s; outputs under %s; error: %r",
@@ -65,34 +61,6 @@ DEFAULT_ARGS = {
     "on_retry_callback": _on_failure,
 }
 
-PARAMS = {
-    "spec": Param("synthetic", type="string", description="feature spec: a bundled name or a YAML path "
-                  "(its dataset source must be the day-partitioned event log)"),  # fmt: skip
-    "window_days": Param(7, type="integer", minimum=3, description="days of events ending on the run's day: "
-                         "training days, then the spec's validation and test days"),  # fmt: skip
-    "arch": Param("mmoe", type="string", enum=ARCHS, description="model architecture (model.arch)"),
-    "margin": Param(0.0, type="number", minimum=0, description="mean holdout improvement over the champion "
-                    "needed to promote"),  # fmt: skip
-    "tolerance": Param(0.002, type="number", minimum=0, description="largest regression allowed on any metric"),
-    "model_name": Param("recsys-ranker", type="string", description="registered model name"),
-    "experiment": Param("recsys-moe/retrain", type="string", description="MLflow experiment of the training runs"),
-    "run_config": Param(None, type=["null", "string"], description="run config YAML (e.g. configs/mmoe.yaml)"),
-    "overrides": Param([], type="array", items={"type": "string"},
-                       description="run config overrides, e.g. [\"train.epochs=3\"]"),  # fmt: skip
-    "home": Param(None, type=["null", "string"], description="data and output root; default $RECSYS_MOE_HOME "
-                  "or ~/recsys-moe"),  # fmt: skip
-    "source_dir": Param(None, type=["null", "string"], description="event log (impressions/day=YYYY-MM-DD/, "
-                        "users.parquet, items.parquet); default <home>/events/<spec>"),  # fmt: skip
-    "tracking_uri": Param(None, type=["null", "string"], description="MLflow tracking + registry URI; default "
-                          "$MLFLOW_TRACKING_URI or sqlite:///<home>/mlruns.db"),  # fmt: skip
-    "synthetic": Param(
-        {"emit": True, "n_users": 5_000, "n_items": 2_000, "impressions_per_day": 30_000, "seed": 0},
-        type="object",
-        description="emit missing days of the synthetic event log (demo, CI); emit=false when events land "
-        "from upstream",
-    ),
-}
-
 
 @dag(
     dag_id=DAG_ID,
@@ -101,34 +69,35 @@ PARAMS = {
     catchup=False,
     max_active_runs=1,  # the gate compares with *the* champion: one run at a time
     default_args=DEFAULT_ARGS,
-    params=PARAMS,
+    params={name: Param(**spec) for name, spec in airflow_params().items()},
     tags=["recsys-moe", "ranking", "retrain"],
     doc_md=__doc__,
 )
 def retrain_ranking() -> None:
     @task
     def build_features() -> dict:
-        from recsys_moe import retrain
+        from recsys_moe.retrain import steps
 
-        return retrain.build_features(_run())
+        return steps.build_features(_run()).to_xcom()
 
     @task
     def train(features: dict) -> dict:
-        from recsys_moe import retrain
+        from recsys_moe.retrain import steps
 
-        return retrain.train_model(_run())
+        return steps.train_model(_run()).to_xcom()
 
     @task
     def evaluate(trained: dict) -> dict:
-        from recsys_moe import retrain
+        from recsys_moe.retrain import steps
 
-        return retrain.evaluate(_run(), trained)
+        return steps.evaluate(_run(), steps.Trained.model_validate(trained)).to_xcom()
 
     @task
     def register(trained: dict, decision: dict) -> dict:
-        from recsys_moe import retrain
+        from recsys_moe.retrain import steps
 
-        return retrain.register(_run(), trained, decision)
+        trained_, decision_ = steps.Trained.model_validate(trained), steps.GateResult.model_validate(decision)
+        return steps.register(_run(), trained_, decision_).to_xcom()
 
     @task.branch
     def promote_or_keep(decision: dict, registration: dict) -> str:
@@ -136,27 +105,34 @@ def retrain_ranking() -> None:
 
     @task
     def promote(registration: dict) -> dict:
-        from recsys_moe import retrain
+        from recsys_moe.retrain import steps
 
-        return retrain.apply_decision(_run(), registration, promote=True)
+        return steps.apply_decision(_run(), steps.Registration.model_validate(registration), promote=True).to_xcom()
 
     @task
     def keep(registration: dict) -> dict:
-        from recsys_moe import retrain
+        from recsys_moe.retrain import steps
 
-        return retrain.apply_decision(_run(), registration, promote=False)
+        return steps.apply_decision(_run(), steps.Registration.model_validate(registration), promote=False).to_xcom()
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def score_next_period() -> dict:
-        from recsys_moe import retrain
+        from recsys_moe.retrain import steps
 
-        return retrain.score_next_period(_run())
+        return steps.score_next_period(_run()).to_xcom()
 
     @task
     def publish_summary(features: dict, trained: dict, decision: dict, registration: dict, scores: dict) -> dict:
-        from recsys_moe import retrain
+        from recsys_moe.retrain import steps
 
-        return retrain.summarize(_run(), features, trained, decision, registration, scores)
+        return steps.summarize(
+            _run(),
+            steps.Features.model_validate(features),
+            steps.Trained.model_validate(trained),
+            steps.GateResult.model_validate(decision),
+            steps.Registration.model_validate(registration),
+            steps.PeriodScores.model_validate(scores),
+        )
 
     features = build_features()
     trained = train(features)

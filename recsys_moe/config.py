@@ -7,10 +7,10 @@ sections; any field can be overridden from the command line with `--set train.ep
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 # The multi-task architectures, by `model.arch` name: the one list the CLI, config validation,
 # the model builder (`recsys_moe.model.ranker.ARCH_BUILDERS`) and the retraining DAG read.
@@ -24,6 +24,16 @@ ARCHITECTURES: dict[str, str] = {
 }
 
 
+def _known_arch(arch: str) -> str:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r} (one of: {', '.join(ARCHITECTURES)})")
+    return arch
+
+
+# An architecture's name, checked against the table (and listed in JSON schemas, e.g. the DAG's params).
+ArchName = Annotated[str, AfterValidator(_known_arch), WithJsonSchema({"type": "string", "enum": list(ARCHITECTURES)})]
+
+
 def default_run_dir(spec_name: str, arch: str) -> Path:
     """Where a run writes best/ and last/ unless train.checkpoint_dir says otherwise."""
     return Path("runs") / f"{spec_name}-{arch}"
@@ -34,7 +44,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    arch: str = Field("mmoe", json_schema_extra={"enum": list(ARCHITECTURES)}, description="see ARCHITECTURES")
+    arch: ArchName = "mmoe"
     num_experts: int = Field(8, ge=1, description="omoe/mmoe: experts shared by all tasks")
     num_task_experts: int = Field(2, ge=1, description="cgc/ple: experts owned by each task")
     num_shared_experts: int = Field(2, ge=1, description="cgc/ple: shared experts in every layer")
@@ -42,8 +52,11 @@ class ModelConfig(_Strict):
     gate: Literal["softmax", "topk", "noisy_topk"] = "softmax"
     gate_temperature: float = Field(1.0, gt=0)
     top_k: int = Field(2, ge=1, description="topk/noisy_topk: experts each sample is routed to")
-    expert_compute: Literal["auto", "dense", "routed"] = Field(
-        "auto", description="omoe/mmoe: routed runs experts only on their top-k rows; auto = routed for top-k gates"
+    expert_compute: Literal["auto", "dense", "routed", "triton"] = Field(
+        "auto",
+        description="omoe/mmoe: how the experts run (same result, other speed). dense: every expert on every "
+        "row; routed: experts only on their top-k rows; triton: the Triton kernels on CUDA (the torch path "
+        "elsewhere); auto: routed for top-k gates, else dense",
     )
     expert_hidden: list[int] = Field(default_factory=lambda: [64, 32], min_length=1)
     tower_hidden: list[int] = Field(default_factory=lambda: [16])
@@ -52,13 +65,6 @@ class ModelConfig(_Strict):
     pack_tables_below: int = Field(
         100_000, ge=0, description="tables with fewer rows and equal dims share one TBE table"
     )
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, arch: str) -> str:
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {arch!r} (one of: {', '.join(ARCHITECTURES)})")
-        return arch
 
     @field_validator("expert_hidden", "tower_hidden", "bottom_hidden")
     @classmethod

@@ -68,6 +68,7 @@ def _run(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 600) ->
 
 
 # -- parsing -----------------------------------------------------------------------------------
+PARSE_TIME_MODULES = {"recsys_moe", "recsys_moe.config", "recsys_moe.retrain", "recsys_moe.retrain.run"}
 PARSE_SCRIPT = textwrap.dedent(
     """
     import json, logging, sys, time
@@ -79,7 +80,8 @@ PARSE_SCRIPT = textwrap.dedent(
     dag = bag.dags.get("retrain_ranking")
     out = {"errors": {k: str(v) for k, v in bag.import_errors.items()}, "dag_ids": sorted(bag.dags),
            "wall_s": wall, "file_s": sum(s.duration.total_seconds() for s in bag.dagbag_stats),
-           "heavy": [m for m in ("torch", "torchrec", "polars", "mlflow", "recsys_moe") if m in sys.modules]}
+           "heavy": [m for m in ("torch", "torchrec", "polars", "mlflow") if m in sys.modules],
+           "recsys_moe": sorted(m for m in sys.modules if m.startswith("recsys_moe"))}
     if dag is not None:
         out["downstream"] = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
         out["trigger_rules"] = {t.task_id: getattr(t.trigger_rule, "value", t.trigger_rule) for t in dag.tasks}
@@ -116,6 +118,8 @@ def test_dagbag_parses_fast_with_expected_graph(tmp_path: Path) -> None:
     assert result["dag_ids"] == [DAG_ID]
     assert result["file_s"] < 1.0 and result["wall_s"] < 1.0, result
     assert result["heavy"] == [], f"the DAG file imports {result['heavy']} at parse time"
+    # Only the light modules that hold the DAG's id, params and architecture list.
+    assert set(result["recsys_moe"]) <= PARSE_TIME_MODULES, result["recsys_moe"]
     assert {k: set(v) for k, v in result["downstream"].items()} == EXPECTED_DOWNSTREAM
     assert result["trigger_rules"]["score_next_period"] == "none_failed_min_one_success"
     assert all(r == [2, True, True] for r in result["retries"].values())  # retries with backoff, callback
@@ -128,12 +132,33 @@ def test_dagbag_parses_fast_with_expected_graph(tmp_path: Path) -> None:
 
 
 def test_interval_day_is_the_last_complete_day() -> None:
-    from recsys_moe.retrain import interval_day
+    from recsys_moe.retrain.run import interval_day
 
     jan9 = datetime(2026, 1, 9, tzinfo=UTC)
     assert interval_day(jan9, jan9) == date(2026, 1, 8)  # @daily trigger: an empty interval at midnight
     assert interval_day(jan9 - timedelta(days=1), jan9) == date(2026, 1, 8)  # a [Jan 8, Jan 9) interval
     assert interval_day(None, None, jan9 + timedelta(hours=13)) == date(2026, 1, 8)  # manual, mid-day
+
+
+def test_the_run_is_typed_and_travels_as_an_xcom_dict() -> None:
+    from pydantic import ValidationError
+
+    from recsys_moe.config import ARCHITECTURES
+    from recsys_moe.retrain.run import RetrainRun, airflow_params, resolve_run
+
+    day = date(2026, 1, 8)
+    run = resolve_run({"window_days": 4, "synthetic": {"n_users": 10}, "home": "/srv/x", "spec": None}, DAG_ID, day)
+    assert run.window == (date(2026, 1, 5), day) and run.params.spec == "synthetic"  # None: the default
+    assert run.params.synthetic.n_users == 10 and run.params.synthetic.emit  # unset fields keep their defaults
+    assert run.run_dir == Path("/srv/x/retrain/retrain_ranking/2026-01-08") and run.source_dir == Path("/srv/x/events/synthetic")
+    assert RetrainRun.model_validate(json.loads(json.dumps(run.to_xcom()))) == run
+    with pytest.raises(ValidationError, match="windows_days"):  # a misspelt param is an error, not ignored
+        resolve_run({"windows_days": 3}, DAG_ID, day)
+    with pytest.raises(ValidationError, match="unknown architecture 'transformer'"):
+        resolve_run({"arch": "transformer"}, DAG_ID, day)
+    params = airflow_params()
+    assert params["arch"]["enum"] == list(ARCHITECTURES) and params["window_days"]["minimum"] == 3
+    assert params["synthetic"]["default"]["impressions_per_day"] == 30_000
 
 
 def test_synthetic_days_are_deterministic_and_distinct(tmp_path: Path) -> None:
@@ -155,10 +180,11 @@ def test_synthetic_days_are_deterministic_and_distinct(tmp_path: Path) -> None:
 def _degraded_source(directory: Path, day: date, window_days: int) -> None:
     """The events of `day`'s window with shuffled labels on every day but the test day (whose rows
     are the holdout) and the next day (the candidates): a broken upstream feed."""
-    from recsys_moe.retrain import ensure_events
+    from recsys_moe.retrain.run import SyntheticFeed
+    from recsys_moe.retrain.steps import ensure_events
 
     days = [day - timedelta(days=i) for i in range(-1, window_days)]
-    ensure_events(directory, days, SYNTHETIC)
+    ensure_events(directory, days, SyntheticFeed.model_validate(SYNTHETIC))
     rng = np.random.default_rng(0)
     for i in range(1, window_days):
         path = directory / "impressions" / f"day={(day - timedelta(days=i)).isoformat()}" / "part-0.parquet"

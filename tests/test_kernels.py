@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from recsys_moe.kernels import grouped
-from recsys_moe.kernels.grouped import dense_experts_combine, route, topk_experts_combine
-from recsys_moe.model.gates import combine
+from recsys_moe.kernels.dense import combine, dense_experts_combine
+from recsys_moe.kernels.grouped import route, topk_experts_combine
 from recsys_moe.model.stacked import StackedMLP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,5 +267,71 @@ def test_triton_kernels_on_gpu() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1: the interpreter test covers this")
     errors = triton_errors("cuda")
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-3, (worst, errors[worst])  # TF32 is allowed when torch allows it
+
+
+# ---- the Triton kernels inside the model (model.expert_compute=triton) ------------------------
+
+
+def mmoe_triton_errors(device: str) -> dict[str, float]:
+    """MMoE with expert_compute=triton against the same weights computed by the torch path, for a
+    softmax and a top-k gate: the largest relative error of the logits and of every gradient."""
+    from recsys_moe.model.mmoe import MMoE
+
+    errors = {}
+    for gate, reference in (("softmax", "dense"), ("topk", "routed")):
+        torch.manual_seed(0)
+        ref = MMoE(14, 2, num_experts=5, expert_hidden=(12, 8), gate=gate, top_k=2, compute=reference).to(device)
+        tri = MMoE(14, 2, num_experts=5, expert_hidden=(12, 8), gate=gate, top_k=2, compute="triton").to(device)
+        tri.load_state_dict(ref.state_dict())
+        x = torch.randn(33, 14, device=device)
+        outs = []
+        for model in (ref, tri):
+            logits = model(x).logits
+            logits.square().sum().backward()
+            outs.append([logits.detach(), *(p.grad for p in model.parameters())])
+        for i, (a, b) in enumerate(zip(outs[1], outs[0])):
+            errors[f"{gate}/{'logits' if i == 0 else f'grad{i}'}"] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+    return errors
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_mmoe_runs_the_triton_kernels_under_interpreter() -> None:
+    code = "import json, tests.test_kernels as t; print(json.dumps(t.mmoe_triton_errors('cpu')))"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {k.split("/")[0] for k in errors} == {"softmax", "topk"}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-5, (worst, errors[worst])
+
+
+def test_triton_compute_falls_back_to_torch_off_cuda() -> None:
+    """A model trained with the Triton kernels evaluates and serves on a CPU: same outputs as the
+    torch path, and nothing of Triton runs (it would refuse CPU tensors outside the interpreter)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("under the interpreter Triton takes CPU tensors")
+    from recsys_moe.config import ModelConfig
+    from recsys_moe.model.mmoe import MMoE
+    from recsys_moe.model.ranker import build_arch
+
+    for gate in ("softmax", "topk"):
+        torch.manual_seed(0)
+        ref = MMoE(10, 2, num_experts=4, expert_hidden=(8,), gate=gate)
+        tri = build_arch(ModelConfig(arch="mmoe", num_experts=4, expert_hidden=[8], gate=gate, expert_compute="triton"), 10, 2)
+        tri.load_state_dict(ref.state_dict())
+        x = torch.randn(7, 10)
+        torch.testing.assert_close(tri(x).logits, ref(x).logits)
+    with pytest.raises(ValueError, match="without dropout"):
+        build_arch(ModelConfig(arch="mmoe", dropout=0.1, expert_compute="triton"), 10, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA GPU and triton")
+def test_mmoe_runs_the_triton_kernels_on_gpu() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1: the interpreter test covers this")
+    errors = mmoe_triton_errors("cuda")
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-3, (worst, errors[worst])  # TF32 is allowed when torch allows it

@@ -8,7 +8,8 @@ from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.embeddings import plan_tables
-from recsys_moe.model.gates import Gates, combine
+from recsys_moe.kernels.dense import combine
+from recsys_moe.model.gates import Gates
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.model.stacked import StackedMLP
 

@@ -5,7 +5,7 @@ all of its FLOPs on them. The grouped path computes an expert only on the rows r
 (row, expert) pairs are grouped by expert, each expert runs its MLP on its own gathered rows, and
 the scatter back to [G, B, H] is the gate-weighted combine itself (`index_add`).
 
-Weights use `StackedMLP`'s layout, so a StackedMLP's parameters pass straight in: layer 0 weight
+Weights use `StackedMLP`'s layout (see `kernels.dense`), so a StackedMLP's parameters pass straight in: layer 0 weight
 [d_in, E, h1], deeper weights [E, h_in, h_out], biases [E, 1, h]; ReLU after every layer (experts
 are built with activate_last=True).
 """
@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from recsys_moe.model.gates import combine
-from recsys_moe.model.stacked import stacked_mlp
 
 
 @dataclass(frozen=True)
@@ -108,8 +106,3 @@ def topk_experts_combine(x: Tensor, weights: list[Tensor], biases: list[Tensor],
     mlp = _padded_mlp if _pads(r) else _loop_mlp
     y = mlp(x.index_select(0, r.rows), weights, biases, r)  # [N, H]
     return out.index_add(1, r.rows, r.pair_weights.t().unsqueeze(-1) * y.unsqueeze(0))
-
-
-def dense_experts_combine(x: Tensor, weights: list[Tensor], biases: list[Tensor], gate_weights: Tensor) -> Tensor:
-    """The dense reference: every expert on every row, then the gate-weighted sum → [G, B, H]."""
-    return combine(stacked_mlp(x, weights, biases), gate_weights)

@@ -45,6 +45,11 @@ def triton_available() -> bool:
     return triton is not None and (INTERPRET or torch.cuda.is_available())
 
 
+def runs_on(x: Tensor) -> bool:
+    """Whether these kernels take `x`: a CUDA tensor, or any tensor under the interpreter."""
+    return x.is_cuda or INTERPRET
+
+
 def _precision() -> str:
     """fp32 dot precision that follows torch's own matmul setting (TF32 only when torch allows it)."""
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -428,7 +433,7 @@ class _TopkExperts(torch.autograd.Function):
 def _check(x: Tensor) -> None:
     if not triton_available():
         raise RuntimeError("Triton kernels need triton and a CUDA GPU (or TRITON_INTERPRET=1 set before import)")
-    if not INTERPRET and not x.is_cuda:
+    if not runs_on(x):
         raise ValueError("Triton kernels run on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
 
 

@@ -82,18 +82,3 @@ def balance_loss(gates: GateOutput) -> torch.Tensor:
     importance = gates.weights.sum(dim=0)  # [G, E]
     load = gates.probs.sum(dim=0)
     return (_cv_squared(importance) + _cv_squared(load)).mean()
-
-
-def combine(expert_out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """Gate-weighted sum of experts for every gate at once: expert_out [E, B, H], gates [B, G, E] → [G, B, H].
-
-    The contraction is per sample. Usually a multiply-and-sum: a bmm over B tiny [G, E] x [E, H]
-    matrices is ~8x slower. But the multiply-sum's [G, E, B, H] temporary costs memory traffic,
-    and once it is large (many experts, big batches) the per-sample bmm wins: measured forward +
-    backward on a 2-core AVX2 CPU, 3x faster at E = 64, B = 8192, G = 2; slower for E < 16.
-    """
-    num_experts, batch, hidden = expert_out.shape
-    if num_experts >= 16 and gates.shape[1] * num_experts * batch * hidden >= 1 << 23:
-        return torch.einsum("ebh,bge->gbh", expert_out, gates)
-    weights = gates.permute(1, 2, 0).unsqueeze(-1)  # [G, E, B, 1]
-    return (weights * expert_out.unsqueeze(0)).sum(dim=1)

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from recsys_moe.model.gates import GateKind, GateOutput, Gates, combine
+from recsys_moe.kernels.dense import combine
+from recsys_moe.model.gates import GateKind, GateOutput, Gates
 from recsys_moe.model.outputs import ArchOutput
 from recsys_moe.model.stacked import StackedMLP
 from recsys_moe.model.towers import TaskTowers

@@ -6,6 +6,9 @@ trains any architecture with a one-word config change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor, KeyedTensor
@@ -20,21 +23,43 @@ from recsys_moe.model.ple import PLE
 from recsys_moe.model.shared_bottom import SharedBottom
 
 
-def build_arch(config: ModelConfig, d_in: int, num_tasks: int) -> nn.Module:
-    """The multi-task part of the model, by name: every architecture maps [B, d_in] → ArchOutput."""
-    c = config
-    gating = {"gate": c.gate, "temperature": c.gate_temperature, "top_k": c.top_k, "dropout": c.dropout}
-    if c.arch in ("single_task", "shared_bottom"):
-        return SharedBottom(d_in, num_tasks, c.bottom_hidden, c.tower_hidden, c.dropout)
-    if c.arch in ("mmoe", "omoe"):
-        make = MMoE if c.arch == "mmoe" else OMoE
-        sparse_gate = c.gate != "softmax" and c.dropout == 0
-        routed = c.expert_compute == "routed" or (c.expert_compute == "auto" and sparse_gate)
-        return make(d_in, num_tasks, num_experts=c.num_experts, expert_hidden=c.expert_hidden,
-                    tower_hidden=c.tower_hidden, routed=routed, **gating)  # fmt: skip
-    levels = 1 if c.arch == "cgc" else c.ple_levels  # CGC is PLE with one extraction layer
+def _shared_bottom(c: ModelConfig, d_in: int, num_tasks: int) -> nn.Module:
+    return SharedBottom(d_in, num_tasks, c.bottom_hidden, c.tower_hidden, c.dropout)
+
+
+def _experts(c: ModelConfig) -> dict[str, Any]:
+    """The expert block's settings shared by MMoE, OMoE, CGC and PLE."""
+    return {"gate": c.gate, "temperature": c.gate_temperature, "top_k": c.top_k, "dropout": c.dropout}
+
+
+def _moe(c: ModelConfig) -> dict[str, Any]:
+    """MMoE's and OMoE's settings, with how their experts run."""
+    compute = c.expert_compute
+    if compute == "auto":  # top-k gates without dropout run experts on their routed rows only
+        compute = "routed" if c.gate != "softmax" and c.dropout == 0 else "dense"
+    return {"num_experts": c.num_experts, "expert_hidden": c.expert_hidden, "tower_hidden": c.tower_hidden,
+            "compute": compute, **_experts(c)}  # fmt: skip
+
+
+def _ple(c: ModelConfig, d_in: int, num_tasks: int, levels: int) -> nn.Module:
     return PLE(d_in, num_tasks, c.num_task_experts, c.num_shared_experts, c.expert_hidden, c.tower_hidden,
-               levels=levels, **gating)  # fmt: skip
+               levels=levels, **_experts(c))  # fmt: skip
+
+
+# `model.arch` → the multi-task part of the model; every one maps [B, d_in] → ArchOutput. The
+# names are `recsys_moe.config.ARCHITECTURES` (a test keeps the two in step).
+ARCH_BUILDERS: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
+    "single_task": _shared_bottom,
+    "shared_bottom": _shared_bottom,
+    "omoe": lambda c, d_in, num_tasks: OMoE(d_in, num_tasks, **_moe(c)),
+    "mmoe": lambda c, d_in, num_tasks: MMoE(d_in, num_tasks, **_moe(c)),
+    "cgc": lambda c, d_in, num_tasks: _ple(c, d_in, num_tasks, levels=1),  # PLE with one extraction layer
+    "ple": lambda c, d_in, num_tasks: _ple(c, d_in, num_tasks, levels=c.ple_levels),
+}
+
+
+def build_arch(config: ModelConfig, d_in: int, num_tasks: int) -> nn.Module:
+    return ARCH_BUILDERS[config.arch](config, d_in, num_tasks)
 
 
 class MultiTaskRanker(nn.Module):

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from recsys_moe.kernels.dense import stacked_mlp
 
 
 class StackedMLP(nn.Module):
@@ -54,35 +55,3 @@ class StackedMLP(nn.Module):
         return stacked_mlp(
             x, list(self.weights), list(self.biases), self.activate_last, self.dropout if self.training else 0.0
         )
-
-
-def stacked_mlp(
-    x: torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor],
-    activate_last: bool = True,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """StackedMLP's forward on its raw parameters (the routed kernels take the same layout).
-
-    x [B, d_in] (shared) or [num, B, d_in] → [num, B, h_last]. ReLUs run in place: addmm/baddbmm
-    keep their inputs, not their outputs, for backward, so nothing autograd needs is overwritten.
-    """
-    d_in, num, h0 = weights[0].shape
-    last = len(weights) - 1
-    for i in range(len(weights)):
-        if i > 0:
-            h = torch.baddbmm(biases[i], h, weights[i])
-        elif x.dim() == 2:  # shared input: all MLPs' first layers in one [B, d] x [d, num*h] GEMM
-            h = torch.addmm(biases[0].view(1, -1), x, weights[0].view(d_in, num * h0))
-        else:
-            h = torch.baddbmm(biases[0], x, weights[0].permute(1, 0, 2))
-        if i < last or activate_last:
-            # Before the [B, num*h] → [num, B, h] view: an in-place op on a view makes autograd
-            # copy the whole gradient back into the base in backward.
-            h = h.relu_()
-            if dropout > 0:
-                h = F.dropout(h, dropout)
-        if h.dim() == 2:
-            h = h.view(-1, num, h0).transpose(0, 1)
-    return h

@@ -24,7 +24,6 @@ Layout on disk (see :func:`write`): ``out_dir/events/day=YYYY-MM-DD/part-0.parqu
 from __future__ import annotations
 
 import datetime
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,8 @@ import polars as pl
 import pyarrow as pa
 
 from recsys_moe.pipelines.sources.events import time_splits
-from recsys_moe.pipelines.sources.synthetic import _sigmoid, _solve_base, write_day_partitions
+from recsys_moe.pipelines.sources.calibration import sigmoid, solve_intercept
+from recsys_moe.pipelines.sources.partitions import remove_other_days, write_day_partitions
 
 __all__ = [
     "CATEGORICAL_COLUMNS",
@@ -205,12 +205,12 @@ def generate(config: CriteoConfig) -> pl.DataFrame:
     n_streams = N_CATEGORICAL + 4
     streams = np.random.SeedSequence(cfg.seed).spawn(n_streams)
     cal = np.random.SeedSequence([cfg.seed, 1]).spawn(n_streams)
-    base = _solve_base(_click_logits(cfg, _draw(cfg, _CALIBRATION_SAMPLE, cal)), cfg.target_ctr)
+    base = solve_intercept(_click_logits(cfg, _draw(cfg, _CALIBRATION_SAMPLE, cal)), cfg.target_ctr)
 
     n = cfg.n_rows
     d = _draw(cfg, n, streams)
     rng_label = np.random.default_rng(streams[N_CATEGORICAL + 2])
-    click = (rng_label.random(n) < _sigmoid(base + _click_logits(cfg, d))).astype(np.int8)
+    click = (rng_label.random(n) < sigmoid(base + _click_logits(cfg, d))).astype(np.int8)
     rng_time = np.random.default_rng(streams[N_CATEGORICAL + 3])
     ts = np.sort(rng_time.integers(0, cfg.n_days * _US_PER_DAY, n, dtype=np.int64))
     ts += (cfg.start_date - _EPOCH).days * _US_PER_DAY
@@ -236,10 +236,7 @@ def write(frame: pl.DataFrame, out_dir: Path) -> Path:
     Stale ``day=`` partitions from an earlier write are removed. Returns the events directory.
     """
     events = Path(out_dir) / "events"
-    written = write_day_partitions(frame, events, "event_id")
-    for stale in events.glob("day=*"):
-        if stale.name not in written:
-            shutil.rmtree(stale)
+    remove_other_days(events, write_day_partitions(frame, events, "event_id"))
     return events
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +46,8 @@ import numpy as np
 import polars as pl
 
 from recsys_moe import atomic
+from recsys_moe.pipelines.sources.calibration import sigmoid, solve_intercept
+from recsys_moe.pipelines.sources.partitions import remove_other_days, write_day_partitions
 from recsys_moe.pipelines.contract import EventContract
 
 __all__ = [
@@ -269,20 +270,6 @@ def _sample_cdf(rng: np.random.Generator, cdf: np.ndarray, size: int) -> np.ndar
     np.minimum(idx, len(cdf) - 1, out=idx)
     rng.shuffle(idx)
     return idx.astype(np.int64, copy=False)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _solve_base(logits: np.ndarray, target: float, weights: np.ndarray | None = None) -> float:
-    """Bisect the intercept b so that the (weighted) mean of sigmoid(b + logits) hits target."""
-    lo, hi = -30.0, 30.0
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        mean = np.average(_sigmoid(mid + logits), weights=weights)
-        lo, hi = (mid, hi) if mean < target else (lo, mid)
-    return 0.5 * (lo + hi)
 
 
 def _make_users(
@@ -518,9 +505,9 @@ def generate(config: SyntheticConfig, *, events_key: int | None = None) -> Synth
     start_day = (cfg.start_date - _EPOCH).days
     cal_days = start_day + cfg.n_days * rng_cal.random(_CALIBRATION_SAMPLE)
     cal_click, cal_conv, _, _ = _logits(world, *cal_context, cal_days)
-    base_click = _solve_base(cal_click.astype(np.float64), TARGET_CTR)
-    p_cal = _sigmoid(base_click + cal_click.astype(np.float64))
-    base_conv = _solve_base(cal_conv.astype(np.float64), TARGET_CVR, weights=p_cal)
+    base_click = solve_intercept(cal_click.astype(np.float64), TARGET_CTR)
+    p_cal = sigmoid(base_click + cal_click.astype(np.float64))
+    base_conv = solve_intercept(cal_conv.astype(np.float64), TARGET_CVR, weights=p_cal)
 
     ts = _make_timestamps(cfg, rng_time)
     n = cfg.n_impressions
@@ -536,8 +523,8 @@ def generate(config: SyntheticConfig, *, events_key: int | None = None) -> Synth
         m = e - s
         c_uid, c_iid, c_pos, c_dev = _draw_context(world, rng_imp, m)
         l_click, l_conv, aff, interest = _logits(world, c_uid, c_iid, c_pos, c_dev, _days(ts[s:e]))
-        c_click = rng_imp.random(m) < _sigmoid(base_click + l_click)
-        c_conv = c_click & (rng_imp.random(m) < _sigmoid(base_conv + l_conv))
+        c_click = rng_imp.random(m) < sigmoid(base_click + l_click)
+        c_conv = c_click & (rng_imp.random(m) < sigmoid(base_conv + l_conv))
         log_dwell = 3.0 + 0.35 * aff + 0.2 * interest + 0.4 * c_conv + rng_imp.normal(0.0, 0.6, m)
         uid[s:e], iid[s:e], pos[s:e], device[s:e] = c_uid, c_iid, c_pos, c_dev
         click[s:e], conv[s:e] = c_click, c_conv
@@ -608,10 +595,7 @@ def write(tables: SyntheticTables, out_dir: Path) -> dict[str, Path]:
         "items": out_dir / "items.parquet",
         "impressions": imp_dir,
     }
-    written = _write_tables(tables, out_dir)
-    for stale in imp_dir.glob("day=*"):
-        if stale.name not in written:
-            shutil.rmtree(stale)
+    remove_other_days(imp_dir, _write_tables(tables, out_dir))
     return paths
 
 
@@ -622,24 +606,6 @@ def _write_tables(tables: SyntheticTables, out_dir: Path) -> set[str]:
     atomic.write_parquet(tables.items, out_dir / "items.parquet")
 
     return write_day_partitions(tables.impressions, imp_dir, "impression_id")
-
-
-def write_day_partitions(frame: pl.DataFrame, directory: Path, id_column: str) -> set[str]:
-    """``directory/day=YYYY-MM-DD/part-0.parquet`` by the ``ts`` column, each written atomically
-    → the partition names written (callers decide what to do with other days)."""
-    if not frame["ts"].is_sorted():
-        frame = frame.sort("ts", id_column)
-    # ts is sorted, so each day is a contiguous slice: find run boundaries, no partition_by copy.
-    runs = frame["ts"].dt.date().rle()
-    written: set[str] = set()
-    offset = 0
-    for length, day in zip(runs.struct.field("len"), runs.struct.field("value")):
-        part = f"day={day.isoformat()}"
-        atomic.write_parquet(frame.slice(offset, length), directory / part / "part-0.parquet")
-        written.add(part)
-        offset += length
-    directory.mkdir(parents=True, exist_ok=True)
-    return written
 
 
 def write_partitions(tables: SyntheticTables, out_dir: Path) -> list[Path]:
