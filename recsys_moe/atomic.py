@@ -4,10 +4,10 @@ through here.
 A file is written under a temporary name beside its destination (same directory, so same file
 system) and renamed onto it; a directory is built beside its destination and swapped in with
 renames. A reader, or a run resumed after a kill, sees the old output or the new one, never half
-of one. Temporary files are created by `open`/`mkdir` with the default modes, so what lands
-follows the process umask (0644 files and 0755 directories under the usual 022), like any other
-file the user writes: a shared-storage deployment reads them across users. (`tempfile.mkstemp`
-and `mkdtemp` would force 0600 and 0700.)
+of one. What lands has the modes the process umask gives (0644 files and 0755 directories under
+the usual 022), like any other file the user writes, so a shared-storage deployment reads them
+across users: directories are made with `mkdir`, and a file a writer creates with a mode of its
+own (safetensors writes 0600, as `tempfile.mkstemp` would) is set to the umask's mode.
 """
 
 from __future__ import annotations
@@ -23,6 +23,21 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import polars as pl
+    import torch
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (setting it races with other threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): the only portable way, set and restore
+    os.umask(mask)
+    return mask
 
 
 def temp_path(target: Path) -> Path:
@@ -54,6 +69,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         if not tmp.exists():
             return
         if tmp.is_file():  # on disk before it gets the name: a crash cannot leave an empty file
+            os.chmod(tmp, 0o666 & ~_umask())
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -80,6 +96,14 @@ def write_json(path: str | Path, obj: Any, *, indent: int = 1, sort_keys: bool =
 def write_parquet(frame: pl.DataFrame, path: str | Path, **options: Any) -> Path:
     with atomic_path(path) as tmp:
         frame.write_parquet(tmp, **options)
+    return Path(path)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
     return Path(path)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from recsys_moe import atomic
@@ -119,7 +119,7 @@ def save_bundle(
     """A model directory, whole: weights, config and (from a manifest loaded from disk) the
     manifest with its vocabularies, which scoring needs to encode raw rows."""
     with atomic.building(directory, reclaim=True) as work:
-        save_file(weights, str(work / WEIGHTS))
+        atomic.write_safetensors(weights, work / WEIGHTS)
         atomic.write_json(work / MODEL_CONFIG, config)
         if manifest is not None and manifest.root is not None:
             for rel in ["manifest.json", *manifest.vocab_files.values()]:
@@ -138,7 +138,7 @@ def save_train_state(
 ) -> None:
     """`last/`: the weights (a loadable model, like `best/`), optimizer states and RNG, progress."""
     with atomic.building(directory, reclaim=True) as work:
-        save_file(state_tensors(model), str(work / WEIGHTS))
+        atomic.write_safetensors(state_tensors(model), work / WEIGHTS)
         atomic.write_json(work / MODEL_CONFIG, config)
         torch.save(state, work / TRAIN_STATE)
         atomic.write_text(work / PROGRESS, progress.to_json())
