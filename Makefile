@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed-$(shell cat $(PINS) | sha256sum | cut -c1-16)
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TEST_ARGS ?=
 
-.PHONY: install demo test bench bench-experts bench-serving bench-census bench-distributed bench-pipelines lock clean help
+.PHONY: install demo test lint typecheck format bench bench-experts bench-serving bench-census bench-distributed bench-pipelines lock clean help
 
 help:
 	@echo "make demo          synthetic data -> pipeline -> MMoE -> MLflow, end to end"
-	@echo "make test          the whole test suite"
+	@echo "make test          lint, types, then the whole test suite"
+	@echo "make format        apply the formatter and the linter's fixes"
 	@echo "make bench         all benchmarks (writes benchmarks/results/)"
 	@echo "make bench-experts the fused/routed expert kernels against a loop and torch.mm"
 	@echo "make bench-serving batch scoring rows/s; online /v1/rank latency vs mlflow models serve"
@@ -37,8 +38,19 @@ $(STAMP): $(PINS)
 demo: $(STAMP)
 	$(BIN)/recsys-moe demo
 
-test: $(STAMP)
+test: lint typecheck
 	$(BIN)/python -m pytest $(TEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: bench-experts bench-serving bench-census bench-distributed bench-pipelines
 
@@ -61,4 +73,4 @@ lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(torch|torchrec|fbgemm-gpu-cpu)==' > requirements/lock.txt
 
 clean:
-	rm -rf $(VENV) demo runs mlruns.db mlartifacts .pytest_cache
+	rm -rf $(VENV) demo runs mlruns.db mlartifacts .pytest_cache .mypy_cache .ruff_cache

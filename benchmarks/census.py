@@ -10,6 +10,7 @@ rate measured in the same run (the compute ceiling of this machine), not a remem
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import platform
@@ -25,12 +26,12 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recsys_moe.features import load_spec  # noqa: E402
-from recsys_moe.pipelines.build import build  # noqa: E402
-from recsys_moe.pipelines.manifest import Manifest  # noqa: E402
 from recsys_moe.config import RunConfig, load_config  # noqa: E402
 from recsys_moe.data.loader import InMemoryDataset  # noqa: E402
+from recsys_moe.features import load_spec  # noqa: E402
 from recsys_moe.model.ranker import MultiTaskRanker  # noqa: E402
+from recsys_moe.pipelines.build import build  # noqa: E402
+from recsys_moe.pipelines.manifest import Manifest  # noqa: E402
 from recsys_moe.training import checkpoint  # noqa: E402
 from recsys_moe.training.trainer import train  # noqa: E402
 
@@ -98,10 +99,10 @@ def gemm_rate(seconds: float = 2.0) -> float:
 def mmoe_flops_per_sample(d_in: int, experts: int, hidden: list[int], towers: list[int], tasks: int) -> float:
     """Forward + backward FLOPs (backward = 2x forward) of the dense part of an MMoE."""
     dims = [d_in, *hidden]
-    macs = experts * sum(a * b for a, b in zip(dims, dims[1:]))
+    macs = experts * sum(a * b for a, b in itertools.pairwise(dims))
     macs += d_in * experts * tasks  # gates
     tower_dims = [hidden[-1], *towers, 1]
-    macs += tasks * sum(a * b for a, b in zip(tower_dims, tower_dims[1:]))
+    macs += tasks * sum(a * b for a, b in itertools.pairwise(tower_dims))
     macs += tasks * experts * hidden[-1]  # combine
     return 3 * 2 * macs
 
@@ -126,22 +127,34 @@ def inference_rate(manifest: Manifest, config: RunConfig, model_dir: Path, tasks
 def run_one(
     manifest: Manifest, group: str, arch: str, tasks: list[str], seed: int, epochs: int, workdir: Path
 ) -> RunRecord:
-    overrides = [*MODEL, f"model.arch={arch}", f"train.seed={seed}", f"train.epochs={epochs}",
-                 "train.patience=3", f"train.checkpoint_dir={workdir}", "tracking.enabled=false",
-                 f"train.tasks=[{','.join(tasks)}]"]  # fmt: skip
+    overrides = [
+        *MODEL,
+        f"model.arch={arch}",
+        f"train.seed={seed}",
+        f"train.epochs={epochs}",
+        "train.patience=3",
+        f"train.checkpoint_dir={workdir}",
+        "tracking.enabled=false",
+        f"train.tasks=[{','.join(tasks)}]",
+    ]
     config = load_config(None, overrides)
     gflops = gemm_rate(1.0)
     start = time.perf_counter()
     result = train(manifest, config, progress=False)
     seconds = time.perf_counter() - start
     return RunRecord(
-        group=group, arch=arch, tasks=tasks, seed=seed,
+        group=group,
+        arch=arch,
+        tasks=tasks,
+        seed=seed,
         test_auc={t: result.test.metrics[t]["auc"] for t in tasks},
-        best_epoch=result.best_epoch, epochs_run=len(result.history),
+        best_epoch=result.best_epoch,
+        epochs_run=len(result.history),
         train_samples_per_s=result.train_samples_per_s,
         infer_samples_per_s=inference_rate(manifest, config, result.model_dir, tasks),
-        seconds=seconds, gemm_gflops=gflops,
-    )  # fmt: skip
+        seconds=seconds,
+        gemm_gflops=gflops,
+    )
 
 
 def _mean_std(values: list[float]) -> str:
@@ -297,8 +310,10 @@ def main() -> int:
             CACHE / "runs" / f"{group}-{arch}-{'-'.join(tasks)}-{seed}",
         )
         records.append(rec)
-        tqdm.write(f"{group} {arch:<13} seed {seed} {rec.test_auc} best epoch {rec.best_epoch} "
-                   f"{rec.train_samples_per_s:,.0f} train / {rec.infer_samples_per_s:,.0f} infer samples/s")  # fmt: skip
+        tqdm.write(
+            f"{group} {arch:<13} seed {seed} {rec.test_auc} best epoch {rec.best_epoch} "
+            f"{rec.train_samples_per_s:,.0f} train / {rec.infer_samples_per_s:,.0f} infer samples/s"
+        )
         (args.out / "census.json").write_text(
             json.dumps({"meta": meta, "runs": [asdict(r) for r in records]}, indent=1)
         )

@@ -42,13 +42,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from experts import mm_rate, timed  # noqa: E402
 
+from recsys_moe.config import load_config  # noqa: E402
+from recsys_moe.data.loader import InMemoryDataset  # noqa: E402
+from recsys_moe.distributed.launch import launch  # noqa: E402
 from recsys_moe.features import load_spec  # noqa: E402
 from recsys_moe.pipelines.build import build  # noqa: E402
 from recsys_moe.pipelines.manifest import Manifest  # noqa: E402
 from recsys_moe.pipelines.sources import criteo  # noqa: E402
-from recsys_moe.config import load_config  # noqa: E402
-from recsys_moe.data.loader import InMemoryDataset  # noqa: E402
-from recsys_moe.distributed.launch import launch  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache"
@@ -66,9 +66,16 @@ def dataset(rows: int, days: int) -> Manifest:
 
 
 def overrides(steps: int, threads: int, workdir: Path) -> list[str]:
-    return ["train.epochs=1", f"train.batch_size={BATCH}", f"train.max_steps_per_epoch={steps}",
-            "train.eval_batch_size=16384", f"train.threads={threads}", "tracking.enabled=false",
-            "model.num_experts=4", f"train.checkpoint_dir={workdir}"]  # fmt: skip
+    return [
+        "train.epochs=1",
+        f"train.batch_size={BATCH}",
+        f"train.max_steps_per_epoch={steps}",
+        "train.eval_batch_size=16384",
+        f"train.threads={threads}",
+        "tracking.enabled=false",
+        "model.num_experts=4",
+        f"train.checkpoint_dir={workdir}",
+    ]
 
 
 SINGLE = """
@@ -85,8 +92,13 @@ print(json.dumps({"samples_per_s": r.train_samples_per_s,
 
 def single_process(manifest: Manifest, steps: int, work: Path) -> dict[str, Any]:
     args = json.dumps(overrides(steps, 2, work / "single"))
-    done = subprocess.run([sys.executable, "-c", SINGLE, str(manifest.root), args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"}, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", SINGLE, str(manifest.root), args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"single-process training failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -95,8 +107,9 @@ def single_process(manifest: Manifest, steps: int, work: Path) -> dict[str, Any]
 def sharded(manifest: Manifest, nproc: int, steps: int, work: Path) -> dict[str, Any]:
     threads = max(2 // nproc, 1)
     config = load_config(None, overrides(steps, threads, work / f"ranks{nproc}"))
-    proc, result = launch(manifest.root, config, nproc, work / f"ranks{nproc}", env={"OMP_NUM_THREADS": str(threads)},
-                          capture=True)  # fmt: skip
+    proc, result = launch(
+        manifest.root, config, nproc, work / f"ranks{nproc}", env={"OMP_NUM_THREADS": str(threads)}, capture=True
+    )
     if result is None:
         raise RuntimeError(f"{nproc}-rank training failed:\n{proc.stderr[-4000:]}")
     flat = result.to_json()
@@ -113,8 +126,12 @@ def tbe_vs_embedding_bags(manifest: Manifest, reps_budget_s: float) -> list[dict
     assert len(feats) == 26, [f.name for f in feats]
     keys = [f.name for f in feats]
     data = InMemoryDataset.from_split(manifest, "train", keys, [])
-    tables = [EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=f.embedding_dim, num_embeddings=f.num_embeddings,
-                                 feature_names=[f.name]) for f in feats]  # fmt: skip
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t_{f.name}", embedding_dim=f.embedding_dim, num_embeddings=f.num_embeddings, feature_names=[f.name]
+        )
+        for f in feats
+    ]
     tbe = FusedEmbeddingBagCollection(tables=tables, optimizer_type=torch.optim.Adagrad, optimizer_kwargs={"lr": 0.05})
     bags = nn.ModuleList(nn.EmbeddingBag(f.num_embeddings, f.embedding_dim, mode="sum", sparse=True) for f in feats)
     adagrad = torch.optim.Adagrad(bags.parameters(), lr=0.05)
@@ -124,15 +141,13 @@ def tbe_vs_embedding_bags(manifest: Manifest, reps_budget_s: float) -> list[dict
         kjt: KeyedJaggedTensor = data.batch(idx).sparse
         per_key = kjt.to_dict()
 
-        def run_tbe() -> None:
+        def run_tbe(kjt: KeyedJaggedTensor = kjt) -> None:
             pooled = tbe(kjt)
             pooled.values().sum().backward()  # Adagrad runs inside this backward
 
-        def run_bags() -> None:
+        def run_bags(per_key: dict = per_key) -> None:
             adagrad.zero_grad(set_to_none=True)
-            total = sum(
-                bag(per_key[k].values(), per_key[k].offsets()[:-1]).sum() for bag, k in zip(bags, keys)
-            )
+            total = sum(bag(per_key[k].values(), per_key[k].offsets()[:-1]).sum() for bag, k in zip(bags, keys))
             total.backward()  # type: ignore[union-attr]
             adagrad.step()
 
@@ -140,10 +155,19 @@ def tbe_vs_embedding_bags(manifest: Manifest, reps_budget_s: float) -> list[dict
         for name, fn in (("tbe", run_tbe), ("embedding_bags", run_bags)):
             fn()  # warm-up: allocates Adagrad state
             times[name], _ = timed(fn, reps_budget_s, 50)
-        out.append({"batch": batch, "tbe_ms": times["tbe"] * 1e3, "embedding_bags_ms": times["embedding_bags"] * 1e3,
-                    "speedup": times["embedding_bags"] / times["tbe"]})  # fmt: skip
-        print(f"  batch {batch:>6}: TBE {times['tbe'] * 1e3:7.2f} ms | 26 x nn.EmbeddingBag "
-              f"{times['embedding_bags'] * 1e3:7.2f} ms | {out[-1]['speedup']:.1f}x", flush=True)  # fmt: skip
+        out.append(
+            {
+                "batch": batch,
+                "tbe_ms": times["tbe"] * 1e3,
+                "embedding_bags_ms": times["embedding_bags"] * 1e3,
+                "speedup": times["embedding_bags"] / times["tbe"],
+            }
+        )
+        print(
+            f"  batch {batch:>6}: TBE {times['tbe'] * 1e3:7.2f} ms | 26 x nn.EmbeddingBag "
+            f"{times['embedding_bags'] * 1e3:7.2f} ms | {out[-1]['speedup']:.1f}x",
+            flush=True,
+        )
     return out
 
 
@@ -169,44 +193,74 @@ def report(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     base = runs["single"]["samples_per_s"]
-    for key, label, layout in (("single", "single process (fused EBC, no process group)", "1 x 2"),
-                               ("ranks1", "`--nproc 1` (DMP, gloo, TrainPipelineSparseDist)", "1 x 2"),
-                               ("ranks2", "`--nproc 2` (DMP, gloo, TrainPipelineSparseDist)", "2 x 1")):  # fmt: skip
+    for key, label, layout in (
+        ("single", "single process (fused EBC, no process group)", "1 x 2"),
+        ("ranks1", "`--nproc 1` (DMP, gloo, TrainPipelineSparseDist)", "1 x 2"),
+        ("ranks2", "`--nproc 2` (DMP, gloo, TrainPipelineSparseDist)", "2 x 1"),
+    ):
         rate = runs[key]["samples_per_s"]
         both = ", ".join(f"{r:,.0f}" for r in runs[key]["rates"])
         lines.append(f"| {label} | {layout} | {rate:,.0f} | {both} | {rate / base:.2f}x |")
     two = runs["ranks2"]
-    lines += ["", "The runs went in the order single, 1 rank, 2 ranks, 2 ranks, 1 rank, single; `torch.mm` "
-              "measured right after each: " + "; ".join(f"{k} {', '.join(f'{m:.0f}' for m in runs[k]['mm_gflops'])}"
-                                                       for k in ("single", "ranks1", "ranks2")) + " GFLOP/s.",
-              "", "Both ranks share the same two cores, so two ranks cannot be faster than one process here: "
-              "the gain of sharding is memory per rank (below) and, on real hardware, one device per rank. "
-              "The cost shown is the all-to-all of pooled embeddings and the gradient all-reduce over gloo.",
-              "", "## The plan used (2 ranks)", "", "| table | sharding | ranks | shards (offsets+sizes@placement) |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "The runs went in the order single, 1 rank, 2 ranks, 2 ranks, 1 rank, single; `torch.mm` "
+        "measured right after each: "
+        + "; ".join(
+            f"{k} {', '.join(f'{m:.0f}' for m in runs[k]['mm_gflops'])}" for k in ("single", "ranks1", "ranks2")
+        )
+        + " GFLOP/s.",
+        "",
+        "Both ranks share the same two cores, so two ranks cannot be faster than one process here: "
+        "the gain of sharding is memory per rank (below) and, on real hardware, one device per rank. "
+        "The cost shown is the all-to-all of pooled embeddings and the gradient all-reduce over gloo.",
+        "",
+        "## The plan used (2 ranks)",
+        "",
+        "| table | sharding | ranks | shards (offsets+sizes@placement) |",
+        "|---|---|---|---|",
+    ]
     for row in two["plan"]:
         lines.append(f"| {row['table']} | {row['sharding']} | {row['ranks']} | {'; '.join(row['shards'])} |")
-    lines += ["", "## Memory per rank", "",
-              "| run | rank | embedding weights (MiB) | weights + Adagrad state (MiB) | peak RSS (MiB) |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Memory per rank",
+        "",
+        "| run | rank | embedding weights (MiB) | weights + Adagrad state (MiB) | peak RSS (MiB) |",
+        "|---|---|---|---|---|",
+    ]
     for key in ("ranks1", "ranks2"):
         r = runs[key]
         for rank, (w, rss) in enumerate(zip(r["weight_bytes_per_rank"], r["peak_rss_mib_per_rank"])):
             lines.append(f"| {r['world_size']} rank(s) | {rank} | {_mib(w)} | {_mib(2 * w)} | {rss:,.0f} |")
-    lines.append(f"| single process | 0 | {_mib(res['weight_bytes_total'])} | {_mib(2 * res['weight_bytes_total'])} "
-                 f"| {runs['single']['peak_rss_mib']:,.0f} |")  # fmt: skip
-    lines += ["", "Peak RSS includes the process's copy of its share of the training data, Python, torch and "
-              "TorchRec; the weights are the planner's placement (table-wise by default: each 10M-row "
-              "table lives on one rank). A sharded rank peaks higher than the single process holding the "
-              "same tables; where that extra goes (TorchRec's sharded-module buffers, the table "
-              "initialisation, gloo) has not been broken down yet.", "",
-              "## FBGEMM TBE vs one nn.EmbeddingBag per table (26 tables, forward + backward + Adagrad)", "",
-              "| batch | TBE (ms) | 26 x nn.EmbeddingBag (ms) | TBE speedup |", "|---|---|---|---|"]  # fmt: skip
+    lines.append(
+        f"| single process | 0 | {_mib(res['weight_bytes_total'])} | {_mib(2 * res['weight_bytes_total'])} "
+        f"| {runs['single']['peak_rss_mib']:,.0f} |"
+    )
+    lines += [
+        "",
+        "Peak RSS includes the process's copy of its share of the training data, Python, torch and "
+        "TorchRec; the weights are the planner's placement (table-wise by default: each 10M-row "
+        "table lives on one rank). A sharded rank peaks higher than the single process holding the "
+        "same tables; where that extra goes (TorchRec's sharded-module buffers, the table "
+        "initialisation, gloo) has not been broken down yet.",
+        "",
+        "## FBGEMM TBE vs one nn.EmbeddingBag per table (26 tables, forward + backward + Adagrad)",
+        "",
+        "| batch | TBE (ms) | 26 x nn.EmbeddingBag (ms) | TBE speedup |",
+        "|---|---|---|---|",
+    ]
     for row in res["tbe"]:
-        lines.append(f"| {row['batch']:,} | {row['tbe_ms']:.2f} | {row['embedding_bags_ms']:.2f} | "
-                     f"{row['speedup']:.1f}x |")  # fmt: skip
-    lines += ["", "Same tables at their real sizes (three 10M x 4, one 1M x 8, ...), same ids (a batch of "
-              "training rows), best of the reps, 2 threads. The baseline uses sparse gradients, so its "
-              "Adagrad also touches only the looked-up rows.", ""]  # fmt: skip
+        lines.append(
+            f"| {row['batch']:,} | {row['tbe_ms']:.2f} | {row['embedding_bags_ms']:.2f} | {row['speedup']:.1f}x |"
+        )
+    lines += [
+        "",
+        "Same tables at their real sizes (three 10M x 4, one 1M x 8, ...), same ids (a batch of "
+        "training rows), best of the reps, 2 threads. The baseline uses sparse gradients, so its "
+        "Adagrad also touches only the looked-up rows.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -228,9 +282,11 @@ def main() -> int:
     mm_before = mm_rate(2e10, 1024, 1.0, 20)
     print(f"torch.mm: {mm_before:.0f} GFLOP/s", flush=True)
     training: dict[str, Any] = {}
-    runners = {"single": lambda: single_process(manifest, args.steps, work),
-               "ranks1": lambda: sharded(manifest, 1, args.steps, work),
-               "ranks2": lambda: sharded(manifest, 2, args.steps, work)}  # fmt: skip
+    runners = {
+        "single": lambda: single_process(manifest, args.steps, work),
+        "ranks1": lambda: sharded(manifest, 1, args.steps, work),
+        "ranks2": lambda: sharded(manifest, 2, args.steps, work),
+    }
     # Each way twice, in the order a b c c b a, so a drift of the VM's speed hits all alike.
     for key in [*runners, *reversed(runners)]:
         start = time.perf_counter()
@@ -242,19 +298,28 @@ def main() -> int:
         run["rates"].append(rate)
         run["mm_gflops"].append(mm)
         run["samples_per_s"] = max(run["rates"])
-        print(f"{key}: {rate:,.0f} samples/s ({time.perf_counter() - start:.0f} s with setup and validation); "
-              f"torch.mm {mm:.0f} GFLOP/s", flush=True)  # fmt: skip
+        print(
+            f"{key}: {rate:,.0f} samples/s ({time.perf_counter() - start:.0f} s with setup and validation); "
+            f"torch.mm {mm:.0f} GFLOP/s",
+            flush=True,
+        )
     print("TBE vs nn.EmbeddingBag:", flush=True)
     tbe = tbe_vs_embedding_bags(manifest, 2.0 if not args.quick else 0.3)
     mm_after = mm_rate(2e10, 1024, 1.0, 20)
     from recsys_moe.model.embeddings import embedding_memory_bytes
 
     res = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "rows": args.rows, "train_rows": manifest.splits["train"].rows_out, "steps": args.steps,
-        "mm_gflops_before": mm_before, "mm_gflops_after": mm_after, "training": training, "tbe": tbe,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "rows": args.rows,
+        "train_rows": manifest.splits["train"].rows_out,
+        "steps": args.steps,
+        "mm_gflops_before": mm_before,
+        "mm_gflops_after": mm_after,
+        "training": training,
+        "tbe": tbe,
         "weight_bytes_total": embedding_memory_bytes(manifest),
-    }  # fmt: skip
+    }
     text = report(res)
     print(text)
     if not args.quick:

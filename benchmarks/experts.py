@@ -25,6 +25,7 @@ and experts.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -41,8 +42,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recsys_moe.kernels.grouped import topk_experts_combine  # noqa: E402
 from recsys_moe.kernels.dense import combine  # noqa: E402
+from recsys_moe.kernels.grouped import topk_experts_combine  # noqa: E402
 from recsys_moe.model.stacked import StackedMLP  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -74,7 +75,7 @@ def block_flops(rows: int, d_in: int, hidden: tuple[int, ...], combine_terms: in
     """Forward + backward FLOPs: experts on `rows` (row, expert) pairs, a combine of `combine_terms`
     weighted [H] vectors; backward costs twice the forward (input and weight gradients)."""
     dims = [d_in, *hidden]
-    forward = 2 * rows * sum(a * b for a, b in zip(dims, dims[1:])) + 2 * combine_terms * hidden[-1]
+    forward = 2 * rows * sum(a * b for a, b in itertools.pairwise(dims)) + 2 * combine_terms * hidden[-1]
     return 3.0 * forward
 
 
@@ -168,8 +169,21 @@ def run_case(
             per_row = num_experts
             flops = block_flops(num_experts * batch, d_in, hidden, GATES * num_experts * batch)
         mm = mm_rate(flops, batch, budget_s / 2, max_reps)
-        records.append(Record(num_experts, batch, d_in, hidden, name, seconds * 1e3, reps, flops / 1e9,
-                              flops / seconds / 1e9, mm, per_row))  # fmt: skip
+        records.append(
+            Record(
+                num_experts,
+                batch,
+                d_in,
+                hidden,
+                name,
+                seconds * 1e3,
+                reps,
+                flops / 1e9,
+                flops / seconds / 1e9,
+                mm,
+                per_row,
+            )
+        )
     return records
 
 
@@ -312,8 +326,10 @@ def main() -> int:
         case = run_case(e, b, d, hidden, budget_s, max_reps)
         records += case
         cells = "  ".join(f"{r.method} {r.ms:8.1f} ms ({r.gflops / r.mm_gflops:4.0%})" for r in case)
-        print(f"E={e:<3} B={b:<5} d_in={d:<4} hidden={list(hidden)}  {cells}  [{time.perf_counter() - start:.0f} s]",
-              flush=True)  # fmt: skip
+        print(
+            f"E={e:<3} B={b:<5} d_in={d:<4} hidden={list(hidden)}  {cells}  [{time.perf_counter() - start:.0f} s]",
+            flush=True,
+        )
     report = write_report(records, meta)
     print(report)
     if not args.quick:

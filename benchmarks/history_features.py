@@ -124,23 +124,31 @@ def first_days(raw: Path, days: int) -> Path:
 
 def training(impressions: int, epochs: int) -> dict[str, Any]:
     """Validation/test AUC of the same model with and without the history features."""
+    from recsys_moe.config import load_config
     from recsys_moe.features import load_spec
     from recsys_moe.pipelines.build import build
-    from recsys_moe.config import load_config
     from recsys_moe.training.trainer import train
 
     raw = event_log(20_000, 5_000, impressions, 30)
     out = {}
     for name in ("synthetic", "synthetic_history"):
         manifest = build(load_spec(name), raw, CACHE / f"ds_{name}_{impressions}", progress=False)
-        config = load_config(None, [f"train.epochs={epochs}", "train.batch_size=2048", "tracking.enabled=false",
-                                    f"train.checkpoint_dir={CACHE / f'run_{name}_{impressions}'}"])  # fmt: skip
+        config = load_config(
+            None,
+            [
+                f"train.epochs={epochs}",
+                "train.batch_size=2048",
+                "tracking.enabled=false",
+                f"train.checkpoint_dir={CACHE / f'run_{name}_{impressions}'}",
+            ],
+        )
         result = train(manifest, config, progress=False)
         out[name] = {
-            "features": len(manifest.spec.features), "best_epoch": result.best_epoch,
+            "features": len(manifest.spec.features),
+            "best_epoch": result.best_epoch,
             "valid": {t: m["auc"] for t, m in result.valid.metrics.items()},
             "test": {t: m["auc"] for t, m in result.test.metrics.items()},
-        }  # fmt: skip
+        }
         print(f"{name}: valid {out[name]['valid']} test {out[name]['test']}", flush=True)
     return out
 
@@ -204,8 +212,10 @@ def report(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, r in res["training"].items():
-        lines.append(f"| `{name}` | {r['features']} | {r['valid']['click']:.4f} | {r['valid']['conversion']:.4f} | "
-                     f"{r['test']['click']:.4f} | {r['test']['conversion']:.4f} |")  # fmt: skip
+        lines.append(
+            f"| `{name}` | {r['features']} | {r['valid']['click']:.4f} | {r['valid']['conversion']:.4f} | "
+            f"{r['test']['click']:.4f} | {r['test']['conversion']:.4f} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -221,8 +231,11 @@ def main() -> int:
     parser.add_argument("--train-epochs", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="rewrite pipelines.md from pipelines.json")
-    parser.add_argument("--dense-only", action="store_true", help="re-run only the dense random-log comparison "
-                        "and merge it into pipelines.json")  # fmt: skip
+    parser.add_argument(
+        "--dense-only",
+        action="store_true",
+        help="re-run only the dense random-log comparison and merge it into pipelines.json",
+    )
     args = parser.parse_args()
     if args.report_only:
         (RESULTS / "pipelines.md").write_text(report(json.loads((RESULTS / "pipelines.json").read_text())))
@@ -234,12 +247,25 @@ def main() -> int:
         (RESULTS / "pipelines.md").write_text(report(res))
         return 0
     if args.quick:
-        args.impressions, args.users, args.items, args.train_impressions, args.train_epochs = 300_000, 30_000, 6_000, 100_000, 1
+        args.impressions, args.users, args.items, args.train_impressions, args.train_epochs = (
+            300_000,
+            30_000,
+            6_000,
+            100_000,
+            1,
+        )
     raw = event_log(args.users, args.items, args.impressions, args.days)
     out = CACHE / "history_bench"
-    res: dict[str, Any] = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, 2 cores",
-                           "users": args.users, "items": args.items, "days": args.days, "sample_days": args.sample_days,
-                           "train_impressions": args.train_impressions, "train_epochs": args.train_epochs}  # fmt: skip
+    res: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, 2 cores",
+        "users": args.users,
+        "items": args.items,
+        "days": args.days,
+        "sample_days": args.sample_days,
+        "train_impressions": args.train_impressions,
+        "train_epochs": args.train_epochs,
+    }
     sample = first_days(raw, args.sample_days)
     res["polars_full"] = _run(POLARS_RUN, str(raw), str(out / "full"))
     print(f"Polars, full log: {res['polars_full']}", flush=True)

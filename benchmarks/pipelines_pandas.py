@@ -55,8 +55,17 @@ def _before(key: pd.Series, q: pd.Series, cum: pd.DataFrame) -> np.ndarray:
     return found["n"].fillna(0).to_numpy("int64")
 
 
-def _sequence(df: pd.DataFrame, key: pd.Series, mask: pd.Series, times: pd.Series, value: str,
-              event_id: str, horizon: pd.Timedelta, max_length: int, t: pd.Series) -> pd.Series:
+def _sequence(
+    df: pd.DataFrame,
+    key: pd.Series,
+    mask: pd.Series,
+    times: pd.Series,
+    value: str,
+    event_id: str,
+    horizon: pd.Timedelta,
+    max_length: int,
+    t: pd.Series,
+) -> pd.Series:
     """Per row: the values of its key's stream events in [t - horizon, t), most recent first."""
     ev = pd.DataFrame({"key": key[mask], "t": times[mask], "id": df.loc[mask, event_id], "v": df.loc[mask, value]})
     ev = ev.sort_values(["key", "t", "id"])  # oldest first; reversed below, so ties: larger id first
@@ -85,8 +94,16 @@ def pandas_history(events: pd.DataFrame, spec: HistorySpec) -> pd.DataFrame:
         for name, stream in spec.streams.items():
             mask, times = _stream_mask(df, stream, spec.time)
             # Events of the key at or before each distinct event time, sorted by time for merge_asof.
-            cum = (pd.DataFrame({"key": key[mask], "t": times[mask]}).groupby(["key", "t"]).size()
-                   .groupby(level="key").cumsum().rename("n").reset_index().sort_values("t", kind="stable"))
+            cum = (
+                pd.DataFrame({"key": key[mask], "t": times[mask]})
+                .groupby(["key", "t"])
+                .size()
+                .groupby(level="key")
+                .cumsum()
+                .rename("n")
+                .reset_index()
+                .sort_values("t", kind="stable")
+            )
             now = _before(key, t, cum)
             for w in spec.windows_days:  # [t - w, t) = (before t) - (before t - w)
                 out[f"{entity}_{name}_{w}d"] = now - _before(key, t - pd.Timedelta(days=w), cum)
@@ -98,8 +115,9 @@ def pandas_history(events: pd.DataFrame, spec: HistorySpec) -> pd.DataFrame:
     for seq in spec.sequences:
         mask, times = _stream_mask(df, spec.streams[seq.stream], spec.time)
         horizon = pd.Timedelta(days=max(spec.windows_days))
-        out[seq.name] = _sequence(df, keys[seq.entity], mask, times, seq.value, spec.event_id, horizon,
-                                  seq.max_length, t)
+        out[seq.name] = _sequence(
+            df, keys[seq.entity], mask, times, seq.value, spec.event_id, horizon, seq.max_length, t
+        )
     if spec.time_features:
         out["event_hour"] = t.dt.hour.astype("int8")
         out["event_dow"] = (t.dt.day_of_week + 1).astype("int8")  # ISO: Monday = 1 ... Sunday = 7
@@ -115,13 +133,18 @@ def random_events(rows: int, seed: int = 0, days: int = 60) -> pd.DataFrame:
     click = (rng.random(rows) < 0.08).astype("int64")
     conversion = click * (rng.random(rows) < 0.15)
     delay = rng.integers(0, 7 * 86_400_000_000, rows).astype("timedelta64[us]")
-    return pd.DataFrame({
-        "impression_id": np.arange(rows, dtype="int64"),
-        "ts": ts,
-        "user_id": rng.integers(0, users, rows), "item_id": item, "category": item % 20,
-        "click": click, "conversion": conversion,
-        "conversion_ts": np.where(conversion == 1, ts + delay, np.datetime64("NaT", "us")),
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "impression_id": np.arange(rows, dtype="int64"),
+            "ts": ts,
+            "user_id": rng.integers(0, users, rows),
+            "item_id": item,
+            "category": item % 20,
+            "click": click,
+            "conversion": conversion,
+            "conversion_ts": np.where(conversion == 1, ts + delay, np.datetime64("NaT", "us")),
+        }
+    )
 
 
 def main() -> None:
@@ -137,9 +160,11 @@ def main() -> None:
         result = pandas_history(events, spec)
         seconds.append(time.perf_counter() - start)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"pandas_history: {len(result):,} rows, {result.shape[1] - 1} features, runs "
-          f"{', '.join(f'{s:.2f}' for s in seconds)} s; best {len(result) / min(seconds):,.0f} rows/s, "
-          f"peak RSS {peak_mib:,.0f} MiB")
+    print(
+        f"pandas_history: {len(result):,} rows, {result.shape[1] - 1} features, runs "
+        f"{', '.join(f'{s:.2f}' for s in seconds)} s; best {len(result) / min(seconds):,.0f} rows/s, "
+        f"peak RSS {peak_mib:,.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

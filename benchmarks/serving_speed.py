@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,14 +40,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from recsys_moe.config import load_config  # noqa: E402
 from recsys_moe.features import load_spec  # noqa: E402
 from recsys_moe.pipelines.build import build  # noqa: E402
 from recsys_moe.pipelines.sources import synthetic  # noqa: E402
-from recsys_moe.config import load_config  # noqa: E402
 from recsys_moe.registry.promotion import read_holdout  # noqa: E402
 from recsys_moe.scoring import Scorer  # noqa: E402
-from recsys_moe.training.trainer import train  # noqa: E402
 from recsys_moe.scoring.batch import score_parquet  # noqa: E402
+from recsys_moe.training.trainer import train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "serving"
@@ -60,8 +59,16 @@ RATES = (50, 100, 200)
 
 
 def _train(manifest: Any, workdir: Path, steps: int) -> Path:
-    config = load_config(None, [*MODEL, "train.epochs=1", f"train.max_steps_per_epoch={steps}",
-                                f"train.checkpoint_dir={workdir}", "tracking.enabled=false"])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            *MODEL,
+            "train.epochs=1",
+            f"train.max_steps_per_epoch={steps}",
+            f"train.checkpoint_dir={workdir}",
+            "tracking.enabled=false",
+        ],
+    )
     return train(manifest, config, progress=False).model_dir
 
 
@@ -81,8 +88,13 @@ def bench_batch(target_rows: int) -> dict[str, Any]:
     score_parquet(scorer, source, CACHE / "warmup.parquet", progress=False)  # warm caches, page in
     runs = [score_parquet(scorer, source, CACHE / "scores.parquet", progress=False) for _ in range(3)]
     best = min(runs, key=lambda r: r.seconds)
-    return {"data": name, "rows": best.rows_in, "seconds": best.seconds, "rows_per_s": best.rows_per_s,
-            "all_rows_per_s": [r.rows_per_s for r in runs]}  # fmt: skip
+    return {
+        "data": name,
+        "rows": best.rows_in,
+        "seconds": best.seconds,
+        "rows_per_s": best.rows_per_s,
+        "all_rows_per_s": [r.rows_per_s for r in runs],
+    }
 
 
 def _free_port() -> int:
@@ -131,9 +143,15 @@ async def _open_loop(url: str, body: dict, rate: float, seconds: float) -> dict[
         await asyncio.gather(*(one(i) for i in range(n)))
         elapsed = time.perf_counter() - start
     ms = np.array(latencies) * 1e3
-    return {"rate": rate, "requests": n, "errors": errors, "achieved_rps": n / elapsed,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "max_ms": float(ms.max())}  # fmt: skip
+    return {
+        "rate": rate,
+        "requests": n,
+        "errors": errors,
+        "achieved_rps": n / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "max_ms": float(ms.max()),
+    }
 
 
 async def _closed_loop(url: str, body: dict, clients: int, seconds: float) -> dict[str, float]:
@@ -159,8 +177,13 @@ async def _closed_loop(url: str, body: dict, clients: int, seconds: float) -> di
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         elapsed = time.perf_counter() - start
-    return {"clients": clients, "requests": done, "errors": errors, "rps": done / elapsed,
-            "p50_ms": float(np.percentile(np.array(latencies) * 1e3, 50))}  # fmt: skip
+    return {
+        "clients": clients,
+        "requests": done,
+        "errors": errors,
+        "rps": done / elapsed,
+        "p50_ms": float(np.percentile(np.array(latencies) * 1e3, 50)),
+    }
 
 
 def bench_online(seconds: float) -> dict[str, Any]:
@@ -172,8 +195,9 @@ def bench_online(seconds: float) -> dict[str, Any]:
     manifest = build(load_spec("synthetic"), raw, CACHE / "synthetic-online", progress=False)
     store_dir = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     uri = f"sqlite:///{store_dir / 'mlruns.db'}"
-    config = load_config(None, ["train.epochs=1", "train.max_steps_per_epoch=30",
-                                f"train.checkpoint_dir={CACHE / 'run-online'}"])  # fmt: skip
+    config = load_config(
+        None, ["train.epochs=1", "train.max_steps_per_epoch=30", f"train.checkpoint_dir={CACHE / 'run-online'}"]
+    )
     tracker = MlflowTracker("serving-bench", uri=uri)
     result = train(manifest, config, tracker=tracker, progress=False)
     tracker.close()
@@ -188,20 +212,59 @@ def bench_online(seconds: float) -> dict[str, Any]:
     ours_body = {"context": context, "candidates": candidates}
     mlflow_body = {"dataframe_records": merged}
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RECSYS_MOE_CACHE": str(store_dir / "cache"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # mlflow runs `uvicorn`
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "RECSYS_MOE_CACHE": str(store_dir / "cache"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # mlflow runs `uvicorn`
     out: dict[str, Any] = {"candidates": CANDIDATES, "seconds_per_rate": seconds}
     servers = {
-        "recsys-moe": ([sys.executable, "-m", "recsys_moe.cli", "serve", "--model", str(result.model_dir),
-                        "--host", "127.0.0.1", "--port", "{port}"], "/readyz", "/v1/rank", ours_body),
-        "mlflow": ([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-                    "--host", "127.0.0.1", "--port", "{port}", "--workers", "1"], "/ping", "/invocations",
-                   mlflow_body),
-    }  # fmt: skip
+        "recsys-moe": (
+            [
+                sys.executable,
+                "-m",
+                "recsys_moe.cli",
+                "serve",
+                "--model",
+                str(result.model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+            ],
+            "/readyz",
+            "/v1/rank",
+            ours_body,
+        ),
+        "mlflow": (
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                model_uri,
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+                "--workers",
+                "1",
+            ],
+            "/ping",
+            "/invocations",
+            mlflow_body,
+        ),
+    }
     for name, (cmd, ready, path, body) in servers.items():
         port = _free_port()
-        proc = subprocess.Popen([c.format(port=port) for c in cmd], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)  # fmt: skip
+        proc = subprocess.Popen(
+            [c.format(port=port) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         try:
             _wait_ready(f"http://127.0.0.1:{port}{ready}")
             url = f"http://127.0.0.1:{port}{path}"
@@ -210,8 +273,11 @@ def bench_online(seconds: float) -> dict[str, Any]:
             for rate in RATES:
                 r = asyncio.run(_open_loop(url, body, rate, seconds))
                 rates.append(r)
-                print(f"{name:<11} {rate:>4} req/s: p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-                      f"achieved {r['achieved_rps']:6.1f}/s  errors {r['errors']}", flush=True)  # fmt: skip
+                print(
+                    f"{name:<11} {rate:>4} req/s: p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+                    f"achieved {r['achieved_rps']:6.1f}/s  errors {r['errors']}",
+                    flush=True,
+                )
             peak = asyncio.run(_closed_loop(url, body, 8, seconds))
             print(f"{name:<11} peak: {peak['rps']:.1f} req/s (8 clients), errors {peak['errors']}", flush=True)
             out[name] = {"rates": rates, "peak": peak}
@@ -257,8 +323,10 @@ def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, 
     ]
     for name in ("recsys-moe", "mlflow"):
         for r in online[name]["rates"]:
-            lines.append(f"| {name} | {r['rate']} | {r['achieved_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-                         f"| {r['max_ms']:.1f} | {r['errors']} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {r['rate']} | {r['achieved_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+                f"| {r['max_ms']:.1f} | {r['errors']} |"
+            )
     lines += [
         "",
         "Closed loop, 8 concurrent clients (peak throughput):",
@@ -268,8 +336,9 @@ def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, 
     ]
     for name in ("recsys-moe", "mlflow"):
         p = online[name]["peak"]
-        lines.append(f"| {name} | {p['rps']:.1f} | {p['rps'] * online['candidates']:,.0f} | {p['p50_ms']:.1f} "
-                     f"| {p['errors']} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {p['rps']:.1f} | {p['rps'] * online['candidates']:,.0f} | {p['p50_ms']:.1f} | {p['errors']} |"
+        )
     lines += [
         "",
         "## Batch scoring (`recsys-moe score`: parquet → parquet, chunks of 65,536 rows)",
@@ -299,8 +368,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}  # fmt: skip
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
     meta["mm_gflops_before"] = mm_rate()
     batch = bench_batch(args.batch_rows)
     print(f"batch scoring: {batch['rows_per_s']:,.0f} rows/s on {batch['rows']:,} {batch['data']} rows", flush=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
@@ -28,8 +28,11 @@ SCHEDULE = os.environ.get("RECSYS_MOE_RETRAIN_SCHEDULE", "@daily")
 
 def _resolve(context: Any) -> RetrainRun:
     """This run's params and output paths, from the task's context."""
-    day = interval_day(context.get("data_interval_start"), context.get("data_interval_end"),
-                       getattr(context.get("dag_run"), "run_after", None))  # fmt: skip
+    day = interval_day(
+        context.get("data_interval_start"),
+        context.get("data_interval_end"),
+        getattr(context.get("dag_run"), "run_after", None),
+    )
     return resolve_run(dict(context.get("params") or {}), DAG_ID, day)
 
 
@@ -46,9 +49,14 @@ def _on_failure(context: Any) -> None:
         where = f"? ({exc})"
     log.error(
         "%s: task %s failed (try %s of %s) for logical date %s; outputs under %s; error: %r",
-        DAG_ID, getattr(ti, "task_id", "?"), getattr(ti, "try_number", "?"),
-        (getattr(ti, "max_tries", 0) or 0) + 1, context.get("logical_date"), where, context.get("exception"),
-    )  # fmt: skip
+        DAG_ID,
+        getattr(ti, "task_id", "?"),
+        getattr(ti, "try_number", "?"),
+        (getattr(ti, "max_tries", 0) or 0) + 1,
+        context.get("logical_date"),
+        where,
+        context.get("exception"),
+    )
 
 
 DEFAULT_ARGS = {
@@ -65,7 +73,7 @@ DEFAULT_ARGS = {
 @dag(
     dag_id=DAG_ID,
     schedule=SCHEDULE,
-    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,  # the gate compares with *the* champion: one run at a time
     default_args=DEFAULT_ARGS,

@@ -158,8 +158,8 @@ def committed(target: str | Path) -> Path | None:
 def building(target: str | Path, *, reclaim: bool = False) -> Iterator[Path]:
     """A staging directory for `target`: swapped in when the block succeeds, removed when not.
 
-        with building(out_dir) as work:
-            (work / "part-0.parquet") ...
+    with building(out_dir) as work:
+        (work / "part-0.parquet") ...
     """
     work = staging_dir(target, reclaim=reclaim)
     try:

@@ -14,6 +14,8 @@ from recsys_moe.config import ARCHITECTURES
 
 if TYPE_CHECKING:
     from recsys_moe.config import RunConfig
+    from recsys_moe.registry.promotion import Decision, PromotionConfig
+    from recsys_moe.scoring import RankingConfig, Scorer
     from recsys_moe.training.loop import TrainResult
 
 EPILOG = """\
@@ -39,8 +41,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         cc = criteo.CriteoConfig(n_rows=args.impressions, n_days=args.days, seed=args.seed)
         events = criteo.write(criteo.generate(cc), Path(args.out))
-        print(f"wrote {cc.n_rows:,} Criteo-like rows over {cc.n_days} days to {events} "
-              f"(build it with --spec criteo_like)")  # fmt: skip
+        print(
+            f"wrote {cc.n_rows:,} Criteo-like rows over {cc.n_days} days to {events} (build it with --spec criteo_like)"
+        )
         return 0
     config = synthetic.SyntheticConfig(
         n_users=args.users, n_items=args.items, n_impressions=args.impressions, n_days=args.days, seed=args.seed
@@ -55,14 +58,22 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from recsys_moe.pipelines.build import build
 
     manifest = build(
-        load_spec(args.spec), Path(args.data), Path(args.out), args.rows_per_shard, args.max_reject_rate, progress=True,
-        history_dir=Path(args.history_dir) if args.history_dir else None, rebuild_history=args.rebuild_history,
-    )  # fmt: skip
+        load_spec(args.spec),
+        Path(args.data),
+        Path(args.out),
+        args.rows_per_shard,
+        args.max_reject_rate,
+        progress=True,
+        history_dir=Path(args.history_dir) if args.history_dir else None,
+        rebuild_history=args.rebuild_history,
+    )
     if manifest.events is not None:
         ev = manifest.events
         rejected = f", {ev.rows_rejected:,} rejected → {args.out}/{ev.rejects}" if ev.rows_rejected else ""
-        print(f"events: {ev.rows_in:,} in, {ev.rows_out:,} valid{rejected}; history features: "
-              f"{ev.days_computed} new day(s) in {ev.history_dir}")  # fmt: skip
+        print(
+            f"events: {ev.rows_in:,} in, {ev.rows_out:,} valid{rejected}; history features: "
+            f"{ev.days_computed} new day(s) in {ev.history_dir}"
+        )
     for split, info in manifest.splits.items():
         rejected = f", {info.rows_rejected:,} rejected → {args.out}/{info.rejects}" if info.rows_rejected else ""
         print(f"{split:>5}: {info.rows_in:,} rows in, {info.rows_out:,} out{rejected}")
@@ -70,13 +81,18 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _run_config(args: argparse.Namespace) -> RunConfig:
     from recsys_moe.config import load_config
 
     overrides = list(args.set or [])
-    for flag, key in (("arch", "model.arch"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
-                      ("seed", "train.seed"), ("checkpoint_dir", "train.checkpoint_dir"),
-                      ("experiment", "tracking.experiment")):  # fmt: skip
+    for flag, key in (
+        ("arch", "model.arch"),
+        ("epochs", "train.epochs"),
+        ("batch_size", "train.batch_size"),
+        ("seed", "train.seed"),
+        ("checkpoint_dir", "train.checkpoint_dir"),
+        ("experiment", "tracking.experiment"),
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -106,8 +122,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         found = checkpoint.latest(run_dir) if args.resume else None
         if found is not None and checkpoint.is_sharded(found):
             ranks = checkpoint.read_progress(found).world_size
-            print(f"error: {found} was written by sharded training on {ranks} rank(s); resume it with "
-                  f"--nproc N (any N: the tables are resharded)", file=sys.stderr)  # fmt: skip
+            print(
+                f"error: {found} was written by sharded training on {ranks} rank(s); resume it with "
+                f"--nproc N (any N: the tables are resharded)",
+                file=sys.stderr,
+            )
             return 2
         run_id = checkpoint.resume_run_id(run_dir) if args.resume else None
         with open_tracker(config.tracking, manifest.spec.name, run_id) as tracker:
@@ -122,8 +141,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     published = publish(result, manifest, args.register, _promotion(args), result.tracking_uri)
     print(f"model: {published.model_uri}")
-    if published.decision is not None:
-        _print_decision(published.name, published.version, published.decision)
+    if published.registered is not None:
+        _print_decision(published.registered.name, published.registered.version, published.registered.decision)
     return 0
 
 
@@ -134,20 +153,22 @@ def _train_distributed(args: argparse.Namespace, config: RunConfig, run_dir: Pat
 
     proc, result = launch(args.data, config, args.nproc, run_dir, resume=args.resume)
     if result is None or result.sharding is None:
-        print(f"error: distributed training failed (torchrun exit {proc.returncode}); each rank's "
-              "traceback is above", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: distributed training failed (torchrun exit {proc.returncode}); each rank's traceback is above",
+            file=sys.stderr,
+        )
         return None
     print(f"trained on {result.sharding.world_size} rank(s); sharding plan: {run_dir / PLAN_FILE}")
     return result
 
 
-def _promotion(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _promotion(args: argparse.Namespace) -> PromotionConfig:
     from recsys_moe.registry.promotion import PromotionConfig
 
     return PromotionConfig(metrics=args.metrics or [], margin=args.margin, tolerance=args.tolerance)
 
 
-def _print_decision(name, version, decision) -> None:  # type: ignore[no-untyped-def]
+def _print_decision(name: str, version: str, decision: Decision) -> None:
     verdict = "PROMOTED to champion" if decision.promote else "kept as challenger"
     print(f"{name} v{version}: {verdict} — {decision.reason}")
     for metric, value in decision.candidate.items():
@@ -159,7 +180,9 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     from recsys_moe.registry.promotion import read_holdout
     from recsys_moe.registry.versions import Registry
 
-    decision = Registry().gate(args.name, str(args.version), read_holdout(Path(args.holdout)), _promotion(args), args.force)
+    decision = Registry().gate(
+        args.name, str(args.version), read_holdout(Path(args.holdout)), _promotion(args), args.force
+    )
     _print_decision(args.name, args.version, decision)
     return 0
 
@@ -192,7 +215,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scorer(model: str):  # type: ignore[no-untyped-def]
+def _scorer(model: str) -> Scorer:
     """A bundle directory, or a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION)."""
     from recsys_moe.scoring import Scorer
 
@@ -206,7 +229,7 @@ def _scorer(model: str):  # type: ignore[no-untyped-def]
     return Scorer(Path(model))
 
 
-def _ranking(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _ranking(args: argparse.Namespace) -> RankingConfig:
     from recsys_moe.scoring import RankingConfig
 
     weights = {}
@@ -220,8 +243,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from recsys_moe.scoring.batch import score_parquet
 
     report = score_parquet(_scorer(args.model), Path(args.input), Path(args.output), _ranking(args), args.chunk_rows)
-    print(f"{report.rows_in:,} rows in, {report.rows_out:,} scored → {report.output}"
-          f" ({report.rows_per_s:,.0f} rows/s)")  # fmt: skip
+    print(f"{report.rows_in:,} rows in, {report.rows_out:,} scored → {report.output} ({report.rows_per_s:,.0f} rows/s)")
     if report.rejects is not None:
         print(f"{report.rows_rejected:,} rows rejected → {report.rejects}")
     return 0
@@ -233,10 +255,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     source = {"model_uri": args.model} if args.model.startswith("models:/") else {"model_dir": Path(args.model)}
     settings = ServingSettings(
-        **source, host=args.host, port=args.port, poll_seconds=args.poll_seconds, max_rows=args.max_rows,
-        torch_threads=args.threads, ranking=_ranking(args), wait_for_model=args.wait,
+        **source,
+        host=args.host,
+        port=args.port,
+        poll_seconds=args.poll_seconds,
+        max_rows=args.max_rows,
+        torch_threads=args.threads,
+        ranking=_ranking(args),
+        wait_for_model=args.wait,
         **({"token": args.token} if args.token else {}),
-    )  # fmt: skip
+    )
     print(f"serving {args.model} on http://{args.host}:{args.port}  (docs: /docs, metrics: /metrics)")
     run(settings)
     return 0
@@ -277,16 +305,26 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _gate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics", nargs="+", metavar="TASK.METRIC",
-                   help="metrics the gate compares (default: auc of every binary task, r2 of every regression task)")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        metavar="TASK.METRIC",
+        help="metrics the gate compares (default: auc of every binary task, r2 of every regression task)",
+    )
     p.add_argument("--margin", type=float, default=0.0, help="required mean improvement over the champion")
     p.add_argument("--tolerance", type=float, default=0.002, help="largest allowed regression on any one metric")
 
 
 def _ranking_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ranking", choices=["weighted_sum", "weighted_product"], default="weighted_sum",
-                   help="how task scores combine into the ranking score")
-    p.add_argument("--weight", action="append", metavar="TASK=W", help="a task's weight in the ranking score (default 1)")
+    p.add_argument(
+        "--ranking",
+        choices=["weighted_sum", "weighted_product"],
+        default="weighted_sum",
+        help="how task scores combine into the ranking score",
+    )
+    p.add_argument(
+        "--weight", action="append", metavar="TASK=W", help="a task's weight in the ranking score (default 1)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,9 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.add_argument("--users", type=int, default=5_000)
     p.add_argument("--items", type=int, default=2_000)
-    p.add_argument("--source", choices=["synthetic", "criteo_like"], default="synthetic",
-                   help="synthetic: feed impressions with users/items/side tables (spec synthetic); criteo_like: "
-                   "26 power-law categoricals up to 10M ids, 13 counts, a history (spec criteo_like)")  # fmt: skip
+    p.add_argument(
+        "--source",
+        choices=["synthetic", "criteo_like"],
+        default="synthetic",
+        help="synthetic: feed impressions with users/items/side tables (spec synthetic); criteo_like: "
+        "26 power-law categoricals up to 10M ids, 13 counts, a history (spec criteo_like)",
+    )
     p.add_argument("--impressions", type=int, default=200_000, help="rows to generate")
     p.add_argument("--days", type=int, default=14)
     p.add_argument("--seed", type=int, default=0)
@@ -317,16 +359,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset directory to (re)build")
     p.add_argument("--rows-per-shard", type=int, default=1_000_000)
     p.add_argument("--max-reject-rate", type=float, default=0.05, help="fail when more rows than this are rejected")
-    p.add_argument("--history-dir", help="specs with history features: where their day partitions live "
-                   "(default <data>/history/<spec>); only days not there yet are computed")  # fmt: skip
+    p.add_argument(
+        "--history-dir",
+        help="specs with history features: where their day partitions live "
+        "(default <data>/history/<spec>); only days not there yet are computed",
+    )
     p.add_argument("--rebuild-history", action="store_true", help="recompute every day's history features")
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("train", help="train a multi-task model on a built dataset, tracked in MLflow")
     p.add_argument("--data", required=True, help="dataset directory (or its manifest.json)")
     p.add_argument("--config", help="run config YAML (model/train/tracking sections); defaults otherwise")
-    p.add_argument("--arch", choices=list(ARCHITECTURES), help="multi-task architecture (default mmoe): "
-                   + "; ".join(f"{name}: {what}" for name, what in ARCHITECTURES.items()))  # fmt: skip
+    p.add_argument(
+        "--arch",
+        choices=list(ARCHITECTURES),
+        help="multi-task architecture (default mmoe): "
+        + "; ".join(f"{name}: {what}" for name, what in ARCHITECTURES.items()),
+    )
     p.add_argument("--tasks", nargs="+", help="train only these tasks (single_task takes one)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -337,17 +386,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint dir's last/ checkpoint")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--register", metavar="NAME", help="register the model as a new version of NAME and run the gate")
-    p.add_argument("--nproc", type=int, help="sharded training (TorchRec DistributedModelParallel) on this many "
-                   "ranks under torchrun: gloo on the CPU, NCCL on CUDA; 1 is allowed, e.g. to resume a "
-                   "sharded checkpoint on one process. Default: single-process training")  # fmt: skip
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="sharded training (TorchRec DistributedModelParallel) on this many "
+        "ranks under torchrun: gloo on the CPU, NCCL on CUDA; 1 is allowed, e.g. to resume a "
+        "sharded checkpoint on one process. Default: single-process training",
+    )
     _gate_args(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("promote", help="gate a registered version against the champion; promote it if better")
     p.add_argument("name", help="registered model name")
     p.add_argument("--version", required=True, help="the candidate version")
-    p.add_argument("--holdout", required=True, help="raw labeled rows (parquet file or directory), e.g. "
-                   "<dataset>/raw/test.parquet")  # fmt: skip
+    p.add_argument(
+        "--holdout", required=True, help="raw labeled rows (parquet file or directory), e.g. <dataset>/raw/test.parquet"
+    )
     p.add_argument("--force", action="store_true", help="promote even if the gate says no (recorded as forced)")
     _gate_args(p)
     p.set_defaults(func=_cmd_promote)
@@ -369,8 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("serve", help="online endpoint: POST /v1/score, POST /v1/rank, /healthz, /readyz, /metrics")
-    p.add_argument("--model", required=True, help="models:/NAME@champion (follows the alias), models:/NAME/VERSION "
-                   "or a model directory")  # fmt: skip
+    p.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@champion (follows the alias), models:/NAME/VERSION or a model directory",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--poll-seconds", type=float, default=30.0, help="how often to check the alias for a new version")
@@ -402,16 +459,15 @@ def main(argv: list[str] | None = None) -> int:
     from recsys_moe import logs
 
     logs.setup(args.verbose)
+    from recsys_moe.config import ConfigError
     from recsys_moe.features.expressions import ExpressionError
     from recsys_moe.features.spec import SpecError
-    from recsys_moe.config import ConfigError
 
     expected: tuple[type[BaseException], ...] = (SpecError, ConfigError, ExpressionError, FileNotFoundError)
     try:
         from recsys_moe.pipelines.build import RejectRateError
         from recsys_moe.pipelines.manifest import ManifestError
         from recsys_moe.pipelines.validate import SchemaError
-
         from recsys_moe.registry.versions import RegistryError
 
         expected += (RejectRateError, SchemaError, ManifestError, RegistryError, ValueError)

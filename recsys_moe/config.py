@@ -97,7 +97,9 @@ class TrainConfig(_Strict):
     tasks: list[str] | None = Field(None, description="train only these tasks (single_task needs one)")
     max_steps_per_epoch: int | None = Field(None, ge=1)
     checkpoint_every: int | None = Field(
-        None, ge=1, description="sharded runs: steps between checkpoints of last/ (it is also written at every epoch end)"
+        None,
+        ge=1,
+        description="sharded runs: steps between checkpoints of last/ (it is also written at every epoch end)",
     )
     checkpoint_dir: Path | None = Field(None, description="default: runs/<run name>")
     sharding: dict[str, Literal["table_wise", "row_wise", "column_wise", "data_parallel"]] = Field(

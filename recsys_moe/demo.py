@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from recsys_moe.config import load_config
 from recsys_moe.features import load_spec
 from recsys_moe.pipelines.build import build
 from recsys_moe.pipelines.sources import synthetic
-from recsys_moe.config import load_config
 from recsys_moe.registry.publish import publish
 from recsys_moe.registry.versions import Registry
 from recsys_moe.report import print_result
@@ -29,8 +29,10 @@ def run_demo(workdir: Path, impressions: int = 400_000, epochs: int = 4, seed: i
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     config = synthetic.SyntheticConfig(n_impressions=impressions, seed=seed)
-    print(f"[1/6] generating {impressions:,} impressions ({config.n_users:,} users, {config.n_items:,} items, "
-          f"{config.n_days} days)")  # fmt: skip
+    print(
+        f"[1/6] generating {impressions:,} impressions ({config.n_users:,} users, {config.n_items:,} items, "
+        f"{config.n_days} days)"
+    )
     synthetic.write(synthetic.generate(config), workdir / "raw")
 
     print("[2/6] building features (Polars pipeline, spec features/specs/synthetic.yaml)")
@@ -48,11 +50,10 @@ def run_demo(workdir: Path, impressions: int = 400_000, epochs: int = 4, seed: i
     print_result(result)
 
     print(f"[4/6] registering as {MODEL_NAME!r}; the gate compares it with the champion on the test rows")
-    published = publish(result, manifest, MODEL_NAME, tracking_uri=tracker.uri)
-    decision = published.decision
-    assert decision is not None
-    verdict = "promoted to champion" if decision.promote else "kept as challenger"
-    print(f"      v{published.version}: {verdict} — {decision.reason}")
+    registered = publish(result, manifest, MODEL_NAME, tracking_uri=tracker.uri).registered
+    assert registered is not None  # publish registers when given a name
+    verdict = "promoted to champion" if registered.decision.promote else "kept as challenger"
+    print(f"      v{registered.version}: {verdict} — {registered.decision.reason}")
 
     print("[5/6] batch scoring the test rows with the champion")
     from recsys_moe.scoring.batch import score_parquet

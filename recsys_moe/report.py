@@ -13,7 +13,7 @@ def print_result(result: TrainResult, elapsed: float | None = None) -> None:
         print(f"  {task:<16} {shown}")
     print(f"training throughput: {result.train_samples_per_s:,.0f} samples/s")
     print(f"model weights: {result.model_dir}")
-    if result.run_id:
+    if result.run_id and result.tracking_uri:
         print(f"MLflow run: {result.run_id}  (store: {result.tracking_uri})")
         print(f"open the UI: {ui_command(result.tracking_uri)}")
     if elapsed is not None:

@@ -1,6 +1,6 @@
 """torchrun worker for tests: load a sharded checkpoint on this world size and write it again.
 
-    torchrun --nproc-per-node N tests/reshard_worker.py DATA CONFIG SRC DST
+torchrun --nproc-per-node N tests/reshard_worker.py DATA CONFIG SRC DST
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import load_config
 from recsys_moe.distributed import checkpoint
 from recsys_moe.distributed.model import build_sharded
+from recsys_moe.pipelines.manifest import Manifest
 
 
 def main() -> None:

@@ -6,12 +6,12 @@ import mlflow
 import pytest
 import torch
 
-from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.gates import Gates, balance_loss
 from recsys_moe.model.ple import PLE
 from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.training.losses import UncertaintyWeighting
 
 GATED = ["omoe", "mmoe", "cgc", "ple"]
@@ -134,10 +134,10 @@ def test_uncertainty_weighting_downweights_the_noisier_task() -> None:
 @pytest.mark.slow
 def test_every_architecture_trains_from_the_cli_and_logs_gates(synthetic_raw: Path, tmp_path: Path) -> None:
     """`recsys-moe train` with a config switch, on a spec with a binary and a regression task."""
+    from recsys_moe.cli import main
     from recsys_moe.features import load_spec
     from recsys_moe.features.spec import parse_spec
     from recsys_moe.pipelines.build import build
-    from recsys_moe.cli import main
 
     raw = load_spec("synthetic").model_dump(mode="json")
     raw["tasks"] = [raw["tasks"][0], {"name": "dwell", "label": "log1p(dwell_seconds)", "type": "regression"}]
@@ -145,8 +145,21 @@ def test_every_architecture_trains_from_the_cli_and_logs_gates(synthetic_raw: Pa
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     for arch in ["single_task", "shared_bottom", *GATED]:
-        args = ["train", "--data", str(tmp_path / "ds"), "--arch", arch, "--epochs", "2", "--experiment", "archs",
-                "--checkpoint-dir", str(tmp_path / arch), "--set", "train.batch_size=512"]  # fmt: skip
+        args = [
+            "train",
+            "--data",
+            str(tmp_path / "ds"),
+            "--arch",
+            arch,
+            "--epochs",
+            "2",
+            "--experiment",
+            "archs",
+            "--checkpoint-dir",
+            str(tmp_path / arch),
+            "--set",
+            "train.batch_size=512",
+        ]
         if arch == "single_task":
             args += ["--tasks", "dwell"]
         if arch == "ple":
@@ -160,7 +173,9 @@ def test_every_architecture_trains_from_the_cli_and_logs_gates(synthetic_raw: Pa
             assert main(args) == 0
         finally:
             del os.environ["MLFLOW_TRACKING_URI"]
-        run = client.search_runs([client.get_experiment_by_name("archs").experiment_id], f"params.`model.arch` = '{arch}'")[0]
+        run = client.search_runs(
+            [client.get_experiment_by_name("archs").experiment_id], f"params.`model.arch` = '{arch}'"
+        )[0]
         assert run.info.status == "FINISHED"
         metrics = run.data.metrics
         for task in ["dwell"] if arch == "single_task" else ["click", "dwell"]:
@@ -184,7 +199,10 @@ def test_routed_experts_match_dense_experts(synthetic_manifest: Manifest, arch: 
     routed = MultiTaskRanker(synthetic_manifest, ModelConfig(**config, expert_compute="routed"))
     dense = MultiTaskRanker(synthetic_manifest, ModelConfig(**config, expert_compute="dense"))
     assert routed.arch.routed and not dense.arch.routed
-    assert ModelConfig(**config).expert_compute == "auto" and MultiTaskRanker(synthetic_manifest, ModelConfig(**config)).arch.routed
+    assert (
+        ModelConfig(**config).expert_compute == "auto"
+        and MultiTaskRanker(synthetic_manifest, ModelConfig(**config)).arch.routed
+    )
     dense.load_state_dict(routed.state_dict())
     data = InMemoryDataset.from_split(synthetic_manifest, "train", routed.sparse.keys, routed.task_names)
     batch = data.batch(torch.arange(300))

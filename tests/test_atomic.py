@@ -101,12 +101,19 @@ def test_platform_outputs_are_readable_by_the_group_and_others(
 
     with umask(0o022):
         raw = tmp_path / "raw"
-        synthetic.write(synthetic.generate(synthetic.SyntheticConfig(n_users=50, n_items=40, n_impressions=3_000,
-                                                                     n_days=5, seed=1)), raw)  # fmt: skip
+        synthetic.write(
+            synthetic.generate(
+                synthetic.SyntheticConfig(n_users=50, n_items=40, n_impressions=3_000, n_days=5, seed=1)
+            ),
+            raw,
+        )
         manifest = build(load_spec("synthetic"), raw, tmp_path / "ds", progress=False)
-        config = load_config(None, ["train.epochs=1", "model.num_experts=2", f"train.checkpoint_dir={tmp_path / 'run'}"])
+        config = load_config(
+            None, ["train.epochs=1", "model.num_experts=2", f"train.checkpoint_dir={tmp_path / 'run'}"]
+        )
         result = train(manifest, config, progress=False)
-        score_parquet(Scorer(result.model_dir), manifest.raw_path("test"), tmp_path / "scores" / "s.parquet",
-                      progress=False)  # fmt: skip
+        score_parquet(
+            Scorer(result.model_dir), manifest.raw_path("test"), tmp_path / "scores" / "s.parquet", progress=False
+        )
     for root in (raw, tmp_path / "ds", tmp_path / "run", tmp_path / "scores"):
         assert modes(root) == {"files": {0o644}, "dirs": {0o755}}, root

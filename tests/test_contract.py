@@ -249,9 +249,15 @@ def test_partition_day_as_text_and_hive_scan(tmp_path: Path) -> None:
 def test_counts_reconcile_with_many_problems() -> None:
     df = clean(200)
     for row, column, value in [
-        (3, "user_id", None), (8, "click", 3), (10, "conversion", 1), (21, "conversion_ts", None),
-        (40, "impression_id", 41), (50, "impression_id", 3), (60, "ts", None), (70, "click", None),
-    ]:  # fmt: skip
+        (3, "user_id", None),
+        (8, "click", 3),
+        (10, "conversion", 1),
+        (21, "conversion_ts", None),
+        (40, "impression_id", 41),
+        (50, "impression_id", 3),
+        (60, "ts", None),
+        (70, "click", None),
+    ]:
         df = set_cell(df, row, column, value)
     df = pl.concat([df, df.slice(100, 30)])  # 30 exact duplicates appended
     valid, rejected = run(df)
@@ -323,8 +329,10 @@ def test_synthetic_log_satisfies_its_contract(tmp_path: Path) -> None:
 
 COLUMNS = [c for c in clean().columns if c != "tag"]
 GARBAGE = st.sampled_from(
-    ["", "abc", "2", "-1", "1.5", "nan", "9" * 30]
-    + ["2026-13-45", "2026-01-03 09:00:00", "2026-01-02 00:00", "2025-12-31"]  # near-miss times and days
+    [
+        *["", "abc", "2", "-1", "1.5", "nan", "9" * 30],
+        *["2026-13-45", "2026-01-03 09:00:00", "2026-01-02 00:00", "2025-12-31"],  # near-miss times and days
+    ]
 )
 ROW = st.integers(0, N - 1)
 CORRUPTION = st.one_of(

@@ -46,16 +46,18 @@ OVERRIDES = ["train.epochs=2", "model.num_experts=2", "model.expert_hidden=[32]"
 
 def _airflow_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_"))}
-    env.update({
-        "AIRFLOW_HOME": str(tmp / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp / 'airflow.db'}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlruns.db'}",
-        "RECSYS_MOE_CACHE": str(tmp / "cache"),
-        "RECSYS_MOE_HOME": str(tmp / "home"),
-        "RECSYS_MOE_RETRAIN_RETRIES": "0",  # fail fast here instead of waiting out the backoff
-    })  # fmt: skip
+    env.update(
+        {
+            "AIRFLOW_HOME": str(tmp / "airflow"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp / 'airflow.db'}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlruns.db'}",
+            "RECSYS_MOE_CACHE": str(tmp / "cache"),
+            "RECSYS_MOE_HOME": str(tmp / "home"),
+            "RECSYS_MOE_RETRAIN_RETRIES": "0",  # fail fast here instead of waiting out the backoff
+        }
+    )
     return env
 
 
@@ -150,7 +152,9 @@ def test_the_run_is_typed_and_travels_as_an_xcom_dict() -> None:
     run = resolve_run({"window_days": 4, "synthetic": {"n_users": 10}, "home": "/srv/x", "spec": None}, DAG_ID, day)
     assert run.window == (date(2026, 1, 5), day) and run.params.spec == "synthetic"  # None: the default
     assert run.params.synthetic.n_users == 10 and run.params.synthetic.emit  # unset fields keep their defaults
-    assert run.run_dir == Path("/srv/x/retrain/retrain_ranking/2026-01-08") and run.source_dir == Path("/srv/x/events/synthetic")
+    assert run.run_dir == Path("/srv/x/retrain/retrain_ranking/2026-01-08") and run.source_dir == Path(
+        "/srv/x/events/synthetic"
+    )
     assert RetrainRun.model_validate(json.loads(json.dumps(run.to_xcom()))) == run
     with pytest.raises(ValidationError, match="windows_days"):  # a misspelt param is an error, not ignored
         resolve_run({"windows_days": 3}, DAG_ID, day)

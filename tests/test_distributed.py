@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import load_config
 from recsys_moe.model.embeddings import plan_tables
 from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.pipelines.manifest import Manifest
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun + gloo on Linux/macOS")
 
@@ -37,8 +37,15 @@ SHARDING = "train.sharding={'*': table_wise, packed_d4_sum: data_parallel, inter
 
 
 def _overrides(workdir: Path) -> list[str]:
-    return ["train.epochs=2", "train.batch_size=256", "train.patience=10", "model.num_experts=4",
-            "tracking.enabled=false", f"train.checkpoint_dir={workdir}", SHARDING]  # fmt: skip
+    return [
+        "train.epochs=2",
+        "train.batch_size=256",
+        "train.patience=10",
+        "model.num_experts=4",
+        "tracking.enabled=false",
+        f"train.checkpoint_dir={workdir}",
+        SHARDING,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +131,28 @@ def test_cli_trains_sharded_registers_it_and_points_a_single_process_resume_to_n
 
     store = f"sqlite:///{tmp_path / 'mlruns.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
-    run = ["train", "--data", str(synthetic_manifest.root), "--checkpoint-dir", str(tmp_path / "run"),
-           "--epochs", "1", "--set", "train.batch_size=512", "--set", "model.num_experts=4"]  # fmt: skip
+    run = [
+        "train",
+        "--data",
+        str(synthetic_manifest.root),
+        "--checkpoint-dir",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--set",
+        "train.batch_size=512",
+        "--set",
+        "model.num_experts=4",
+    ]
     cli = [sys.executable, "-m", "recsys_moe.cli"]
-    done = subprocess.run([*cli, *run, "--nproc", "2", "--register", "ranker"], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [*cli, *run, "--nproc", "2", "--register", "ranker"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-6000:]
     assert "trained on 2 rank(s)" in done.stdout and "test metrics" in done.stdout and "ranker" in done.stdout
     assert Registry(store).alias_version("ranker", "champion") == "1"  # the sharded model went through the gate
@@ -226,12 +250,24 @@ def test_checkpoints_reshard_between_world_sizes_without_loss(killed, synthetic_
     src = work / "ref"
     hops = [(src / "last", work / "one", 1), (work / "one" / "last", work / "two_again", 2)]
     for source, target, nproc in hops:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(worker), str(synthetic_manifest.root), str(src / CONFIG_FILE), str(source), str(target)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(worker),
+            str(synthetic_manifest.root),
+            str(src / CONFIG_FILE),
+            str(source),
+            str(target),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-6000:]
     original = load_full(src / "last")
-    assert any(k.startswith("embedding_optim.") for k in original) and any(k.startswith("dense_optim.") for k in original)
+    assert any(k.startswith("embedding_optim.") for k in original) and any(
+        k.startswith("dense_optim.") for k in original
+    )
     for _, target, nproc in hops:
         moved = load_full(target / "last")
         assert json.loads((target / "last" / "progress.json").read_text())["world_size"] == nproc

@@ -23,16 +23,30 @@ def dirty_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     day = sorted((raw / "impressions").glob("day=*"))[3] / "part-0.parquet"
     frame = pl.read_parquet(day)
     clicked = frame.filter(pl.col("click") == 1)
-    bad = pl.concat([
-        frame.head(2),  # duplicates of events already in the log
-        frame.filter(pl.col("click") == 0).head(1).with_columns(pl.lit(1, pl.Int8).alias("conversion"),
-            pl.col("ts").alias("conversion_ts"), pl.col("impression_id") + 10_000_000),  # conversion without click
-        clicked.head(1).with_columns(pl.lit(None, pl.Int64).alias("user_id"), pl.col("impression_id") + 20_000_000),
-        clicked.head(1).with_columns(pl.lit(1, pl.Int8).alias("conversion"),
-            (pl.col("ts") - dt.timedelta(hours=1)).alias("conversion_ts"), pl.col("impression_id") + 30_000_000),
-        frame.head(1).with_columns(pl.col("ts") + dt.timedelta(days=2), pl.col("impression_id") + 40_000_000,
-            pl.col("conversion_ts") + dt.timedelta(days=2)),  # filed under the wrong day
-    ], how="vertical_relaxed")  # fmt: skip
+    bad = pl.concat(
+        [
+            frame.head(2),  # duplicates of events already in the log
+            frame.filter(pl.col("click") == 0)
+            .head(1)
+            .with_columns(
+                pl.lit(1, pl.Int8).alias("conversion"),
+                pl.col("ts").alias("conversion_ts"),
+                pl.col("impression_id") + 10_000_000,
+            ),  # conversion without click
+            clicked.head(1).with_columns(pl.lit(None, pl.Int64).alias("user_id"), pl.col("impression_id") + 20_000_000),
+            clicked.head(1).with_columns(
+                pl.lit(1, pl.Int8).alias("conversion"),
+                (pl.col("ts") - dt.timedelta(hours=1)).alias("conversion_ts"),
+                pl.col("impression_id") + 30_000_000,
+            ),
+            frame.head(1).with_columns(
+                pl.col("ts") + dt.timedelta(days=2),
+                pl.col("impression_id") + 40_000_000,
+                pl.col("conversion_ts") + dt.timedelta(days=2),
+            ),  # filed under the wrong day
+        ],
+        how="vertical_relaxed",
+    )
     pl.concat([frame, bad.cast(frame.schema)]).write_parquet(day)
     return raw
 
@@ -64,5 +78,11 @@ def test_bad_events_are_rejected_with_reasons_and_counts_reconcile(dirty_raw: Pa
 
 def test_too_many_bad_events_fail_loudly(dirty_raw: Path, tmp_path: Path) -> None:
     with pytest.raises(RejectRateError, match=r"events: 6 of 6006 rows rejected .*conversion"):
-        build(load_spec("synthetic_history"), dirty_raw, tmp_path / "ds", max_reject_rate=0.0005, progress=False,
-              history_dir=tmp_path / "h")  # fmt: skip
+        build(
+            load_spec("synthetic_history"),
+            dirty_raw,
+            tmp_path / "ds",
+            max_reject_rate=0.0005,
+            progress=False,
+            history_dir=tmp_path / "h",
+        )

@@ -31,12 +31,18 @@ def event_log(n: int, seed: int, days: int = 40, users: int = 8, items: int = 12
     conv = ((r.random(n) < 0.4) & (click == 1)).astype(np.int8)
     delay = r.integers(0, 7 * 24 + 1, n)
     return pl.DataFrame(
-        {"impression_id": r.permutation(n).astype(np.int64), "ts": ts, "user_id": r.integers(0, users, n),
-         "item_id": r.integers(0, items, n), "category": r.choice(["a", "b", "c"], n), "click": click,
-         "conversion": conv,
-         "conversion_ts": [t + dt.timedelta(hours=int(d)) if c else None for t, c, d in zip(ts, conv, delay)]},
+        {
+            "impression_id": r.permutation(n).astype(np.int64),
+            "ts": ts,
+            "user_id": r.integers(0, users, n),
+            "item_id": r.integers(0, items, n),
+            "category": r.choice(["a", "b", "c"], n),
+            "click": click,
+            "conversion": conv,
+            "conversion_ts": [t + dt.timedelta(hours=int(d)) if c else None for t, c, d in zip(ts, conv, delay)],
+        },
         schema_overrides={"ts": pl.Datetime("us"), "conversion_ts": pl.Datetime("us")},
-    )  # fmt: skip
+    )
 
 
 def brute_force(frame: pl.DataFrame, spec: HistorySpec) -> list[dict]:
@@ -50,7 +56,9 @@ def brute_force(frame: pl.DataFrame, spec: HistorySpec) -> list[dict]:
             for name, stream in spec.streams.items():
                 for w in spec.windows_days:
                     times = [x[stream.time or "ts"] for x in same if stream.flag is None or x[stream.flag] == 1]
-                    o[f"{entity}_{name}_{w}d"] = sum(1 for x in times if x is not None and t - dt.timedelta(days=w) <= x < t)
+                    o[f"{entity}_{name}_{w}d"] = sum(
+                        1 for x in times if x is not None and t - dt.timedelta(days=w) <= x < t
+                    )
             for name, rate in spec.rates.items():
                 for w in spec.windows_days:
                     num, den = o[f"{entity}_{rate.numerator}_{w}d"], o[f"{entity}_{rate.denominator}_{w}d"]
@@ -70,7 +78,10 @@ def test_every_feature_matches_the_definition(seed: int) -> None:
     frame = event_log(220, seed)
     got = add_history(frame, SPEC)
     assert got.columns == [*frame.columns, *SPEC.columns()]
-    assert got.select("impression_id").to_series().to_list() == frame.sort(["ts", "impression_id"])["impression_id"].to_list()
+    assert (
+        got.select("impression_id").to_series().to_list()
+        == frame.sort(["ts", "impression_id"])["impression_id"].to_list()
+    )
     want = brute_force(frame, SPEC)
     for i, (row, expected) in enumerate(zip(got.select(SPEC.columns()).to_dicts(), want)):
         for col, value in expected.items():
@@ -107,7 +118,9 @@ def test_no_feature_at_or_before_t_depends_on_what_happens_after_t(
     elif action == "delete":
         changed = frame.filter(~after)
     elif action == "shift_later":  # events after t move further into the future
-        changed = frame.with_columns(pl.when(after).then(pl.col("ts") + pl.duration(days=3)).otherwise(pl.col("ts")).alias("ts"))
+        changed = frame.with_columns(
+            pl.when(after).then(pl.col("ts") + pl.duration(days=3)).otherwise(pl.col("ts")).alias("ts")
+        )
     elif action == "add":  # new events after t, some on existing users and items
         offset = cut - START + dt.timedelta(hours=1)
         extra = event_log(80, seed + 2).with_columns(
@@ -154,9 +167,19 @@ def test_the_look_back_covers_conversions_of_older_impressions(tmp_path: Path) -
         (1, day - dt.timedelta(days=36), 7, 1, 1, 1, day - dt.timedelta(days=29, hours=12)),
         (2, day + dt.timedelta(hours=9), 7, 2, 0, 0, None),
     ]
-    frame = pl.DataFrame(rows, schema={"impression_id": pl.Int64, "ts": pl.Datetime("us"), "user_id": pl.Int64,
-                                       "item_id": pl.Int64, "click": pl.Int8, "conversion": pl.Int8,
-                                       "conversion_ts": pl.Datetime("us")}, orient="row")  # fmt: skip
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "impression_id": pl.Int64,
+            "ts": pl.Datetime("us"),
+            "user_id": pl.Int64,
+            "item_id": pl.Int64,
+            "click": pl.Int8,
+            "conversion": pl.Int8,
+            "conversion_ts": pl.Datetime("us"),
+        },
+        orient="row",
+    )
     frame = frame.with_columns(pl.lit("a").alias("category"))
     write_days(frame.lazy(), SPEC, tmp_path, [day.date()], progress=False)
     built = pl.read_parquet(day_path(tmp_path, day.date()))
@@ -178,11 +201,21 @@ def test_update_computes_only_the_missing_days(tmp_path: Path) -> None:
 
 def test_history_spec_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="rates.ctr: 'views' is not a stream"):
-        HistorySpec.model_validate({"entities": {"user": ["u"]}, "streams": {"clicks": {"flag": "c"}},
-                                    "rates": {"ctr": {"numerator": "clicks", "denominator": "views", "prior": 0.1}}})  # fmt: skip
+        HistorySpec.model_validate(
+            {
+                "entities": {"user": ["u"]},
+                "streams": {"clicks": {"flag": "c"}},
+                "rates": {"ctr": {"numerator": "clicks", "denominator": "views", "prior": 0.1}},
+            }
+        )
     with pytest.raises(ValueError, match=r"sequences\[0\].entity: 'item'"):
-        HistorySpec.model_validate({"entities": {"user": ["u"]}, "streams": {"clicks": {}},
-                                    "sequences": [{"name": "s", "entity": "item", "value": "i", "stream": "clicks"}]})  # fmt: skip
+        HistorySpec.model_validate(
+            {
+                "entities": {"user": ["u"]},
+                "streams": {"clicks": {}},
+                "sequences": [{"name": "s", "entity": "item", "value": "i", "stream": "clicks"}],
+            }
+        )
 
 
 def test_polars_and_the_pandas_baseline_agree() -> None:

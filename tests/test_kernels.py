@@ -292,7 +292,9 @@ def mmoe_triton_errors(device: str) -> dict[str, float]:
             logits.square().sum().backward()
             outs.append([logits.detach(), *(p.grad for p in model.parameters())])
         for i, (a, b) in enumerate(zip(outs[1], outs[0])):
-            errors[f"{gate}/{'logits' if i == 0 else f'grad{i}'}"] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+            errors[f"{gate}/{'logits' if i == 0 else f'grad{i}'}"] = (
+                (a - b).abs().max() / b.abs().max().clamp_min(1e-6)
+            ).item()
     return errors
 
 
@@ -320,7 +322,9 @@ def test_triton_compute_falls_back_to_torch_off_cuda() -> None:
     for gate in ("softmax", "topk"):
         torch.manual_seed(0)
         ref = MMoE(10, 2, num_experts=4, expert_hidden=(8,), gate=gate)
-        tri = build_arch(ModelConfig(arch="mmoe", num_experts=4, expert_hidden=[8], gate=gate, expert_compute="triton"), 10, 2)
+        tri = build_arch(
+            ModelConfig(arch="mmoe", num_experts=4, expert_hidden=[8], gate=gate, expert_compute="triton"), 10, 2
+        )
         tri.load_state_dict(ref.state_dict())
         x = torch.randn(7, 10)
         torch.testing.assert_close(tri(x).logits, ref(x).logits)

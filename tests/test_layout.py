@@ -76,7 +76,11 @@ def imported_modules(tree: ast.AST, importer: str, is_package: bool) -> list[tup
             for alias in node.names:
                 child = f"{base}.{alias.name}"
                 out.append((node.lineno, child, []) if is_module(child) else (node.lineno, base, [alias.name]))
-    return [(line, m, names) for line, m, names in out if m.split(".")[0] in ("recsys_moe", "features", "pipelines", "serving")]
+    return [
+        (line, m, names)
+        for line, m, names in out
+        if m.split(".")[0] in ("recsys_moe", "features", "pipelines", "serving")
+    ]
 
 
 def violations(source: str, importer: str, is_package: bool = False) -> list[str]:
@@ -136,8 +140,10 @@ def test_the_layer_check_catches_what_it_should() -> None:
     assert old and "not part of the package" in old[0]
     private = violations("from recsys_moe.training.trainer import _helper\n", "recsys_moe.registry.publish")
     assert private and "private _helper" in private[0]
-    attr = violations("from recsys_moe.pipelines.sources import synthetic\nsynthetic._sigmoid(1)\n",
-                      "recsys_moe.pipelines.sources.criteo")  # fmt: skip
+    attr = violations(
+        "from recsys_moe.pipelines.sources import synthetic\nsynthetic._sigmoid(1)\n",
+        "recsys_moe.pipelines.sources.criteo",
+    )
     assert attr and "synthetic._sigmoid" in attr[0]
 
 

@@ -4,14 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig
 from recsys_moe.data.loader import InMemoryDataset
-from recsys_moe.model.embeddings import plan_tables
 from recsys_moe.kernels.dense import combine
+from recsys_moe.model.embeddings import plan_tables
 from recsys_moe.model.gates import Gates
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.model.stacked import StackedMLP
+from recsys_moe.pipelines.manifest import Manifest
 
 
 def _data(manifest: Manifest, model: MultiTaskRanker, split: str = "train") -> InMemoryDataset:

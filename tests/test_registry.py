@@ -8,8 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.cli import main
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.registry.promotion import PromotionConfig, decide, read_holdout
 from recsys_moe.registry.versions import Registry, RegistryError
 from recsys_moe.scoring import Scorer
@@ -25,15 +25,20 @@ def test_decide_needs_every_metric_to_hold() -> None:
     ok, reason = decide({"a.auc": 0.9, "b.auc": 0.69}, {"a.auc": 0.8, "b.auc": 0.7}, metrics, config)
     assert not ok and "b.auc is worse" in reason
     assert not decide({"a.auc": 0.8, "b.auc": 0.7}, {"a.auc": 0.8, "b.auc": 0.7}, metrics, config)[0]  # a tie
-    assert not decide({"a.auc": 0.805, "b.auc": 0.7}, {"a.auc": 0.8, "b.auc": 0.7}, metrics,
-                      PromotionConfig(margin=0.01))[0]  # fmt: skip
+    assert not decide(
+        {"a.auc": 0.805, "b.auc": 0.7}, {"a.auc": 0.8, "b.auc": 0.7}, metrics, PromotionConfig(margin=0.01)
+    )[0]
     assert decide({"m.mse": 1.0}, {"m.mse": 1.5}, ["m.mse"], config)[0]  # lower is better for mse
 
 
 def test_gate_promotes_better_not_worse_and_rollback_restores(
-    synthetic_manifest: Manifest, logged_model, registry_store: str, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    synthetic_manifest: Manifest,
+    logged_model,
+    registry_store: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setenv("RECSYS_MOE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry_store)
     registry, name = Registry(registry_store), "gate-test"
@@ -84,14 +89,33 @@ def test_batch_scoring_from_the_registry(
     rows.write_parquet(source / "a.parquet")
     bad.write_parquet(source / "b.parquet")
     out = tmp_path / "scores.parquet"
-    assert main(["score", "--model", "models:/batch-test@champion", "--input", str(source), "--output", str(out),
-                 "--chunk-rows", "500", "--weight", "conversion=4"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                "models:/batch-test@champion",
+                "--input",
+                str(source),
+                "--output",
+                str(out),
+                "--chunk-rows",
+                "500",
+                "--weight",
+                "conversion=4",
+            ]
+        )
+        == 0
+    )
 
     scores = pl.read_parquet(out)
     rejects = pl.read_parquet(tmp_path / "scores.rejects.parquet")
     assert scores.height + rejects.height == rows.height + bad.height
     assert rejects["_row"].to_list() == [rows.height, rows.height + 1]
-    assert rejects["_reject_reason"].to_list() == ["price: -1.0 is below the minimum 0.0", "age: 999.0 is above the maximum 130.0"]
+    assert rejects["_reject_reason"].to_list() == [
+        "price: -1.0 is below the minimum 0.0",
+        "age: 999.0 is above the maximum 130.0",
+    ]
     assert scores.columns == ["impression_id", "user_id", "item_id", "click", "conversion", "score"]
     head = scores.head(rows.height)
     np.testing.assert_allclose(head.select("click", "conversion").to_numpy(), result.test.scores.numpy(), atol=1e-5)

@@ -7,6 +7,7 @@ under load without failing a request, and survive a schemathesis fuzz run with n
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -31,8 +32,8 @@ from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.registry.promotion import read_holdout
 from recsys_moe.registry.versions import Registry
 from recsys_moe.scoring import RankingConfig, Scorer, ranking_score
-from recsys_moe.serving.app import create_app
 from recsys_moe.scoring.batch import score_parquet
+from recsys_moe.serving.app import create_app
 from recsys_moe.serving.settings import ServingSettings
 
 MAX_ROWS = 200
@@ -145,7 +146,7 @@ def test_rank_sorts_100_candidates_by_the_combined_score(client: httpx.Client, r
     expected = scorer.score(merged).scores
     combined = ranking_score(expected, scorer.tasks, RankingConfig())
     order = [c["index"] for c in ranked]
-    assert all(a["score"] >= b["score"] for a, b in zip(ranked, ranked[1:]))
+    assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(ranked))
     np.testing.assert_allclose([c["score"] for c in ranked], combined[order], rtol=0, atol=2e-5)
     got = np.array([[c["scores"][t] for t in scorer.tasks] for c in ranked])
     np.testing.assert_allclose(got, expected[order], rtol=0, atol=1e-5)
@@ -190,8 +191,15 @@ def test_bad_requests_name_the_row_and_field(client: httpx.Client, raw_rows) -> 
     body = bad("/v1/rank", {"context": context, "candidates": [candidates[0], {**candidates[1], "price": -1.0}]})
     assert body["detail"][0]["loc"] == ["body", "candidates", 1, "price"]
     body = bad("/v1/rank", {"context": {**context, "age": 500}, "candidates": candidates})
-    assert body["detail"] == [{"loc": ["body", "context", "age"], "row": None, "field": "age", "type": "rejected",
-                               "msg": "context.age: age: 500.0 is above the maximum 130.0"}]  # fmt: skip
+    assert body["detail"] == [
+        {
+            "loc": ["body", "context", "age"],
+            "row": None,
+            "field": "age",
+            "type": "rejected",
+            "msg": "context.age: age: 500.0 is above the maximum 130.0",
+        }
+    ]
     body = bad("/v1/rank", {"candidates": candidates, "ranking": {"weights": {"dwell": 1}}})
     assert "unknown tasks ['dwell']" in body["error"]
     bad("/v1/rank", {"candidates": candidates, "top_k": 0})
@@ -324,7 +332,7 @@ def test_metrics_and_readiness(client: httpx.Client, raw_rows, scorer: Scorer) -
         'recsys_serving_requests_total{endpoint="/v1/score",status="422"}',
         'recsys_serving_request_seconds_bucket{endpoint="/v1/score",le="0.02"}',
         'recsys_serving_rows_scored_total{endpoint="/v1/score"}',
-        'recsys_serving_model_info{name=',
+        "recsys_serving_model_info{name=",
         "recsys_serving_model_swaps_total 0.0",
     ):
         assert line in text, line
@@ -353,8 +361,7 @@ def test_fuzzed_requests_never_get_a_server_error(logged_model) -> None:
     cases = st.one_of(schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE))
     statuses: set[int] = set()
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-              database=None)  # fmt: skip
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
     @given(case=cases)
     def no_server_error(case: Any) -> None:
         response = case.call()

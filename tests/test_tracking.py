@@ -6,10 +6,10 @@ import mlflow
 import torch
 from safetensors.torch import load_file
 
-from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig, load_config
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.registry.package import bundle_path, log_model
 from recsys_moe.registry.promotion import read_holdout
 from recsys_moe.tracking.store import ui_command
@@ -41,10 +41,12 @@ def test_run_is_written_to_a_temporary_store(synthetic_manifest: Manifest, tmp_p
 
     # The model is logged as a pyfunc whose bundle holds weights, config, manifest and vocabularies;
     # the weights are a state dict that loads into a fresh (plain EBC) model.
-    model_uri = log_model(result.model_dir, result.run_id, read_holdout(synthetic_manifest.raw_path("test")),
-                          tracking_uri=uri)
-    bundle = bundle_path(Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl"),
-                                                                   tracking_uri=uri)))  # fmt: skip
+    model_uri = log_model(
+        result.model_dir, result.run_id, read_holdout(synthetic_manifest.raw_path("test")), tracking_uri=uri
+    )
+    bundle = bundle_path(
+        Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl"), tracking_uri=uri))
+    )
     assert {"model.safetensors", "model_config.json", "manifest.json"} <= {p.name for p in bundle.iterdir()}
     assert sorted(p.name for p in (bundle / "vocab").iterdir()) == sorted(
         Path(v).name for v in synthetic_manifest.vocab_files.values()

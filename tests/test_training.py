@@ -6,19 +6,28 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import ConfigError, ModelConfig, load_config
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.training import checkpoint
-from recsys_moe.training.metrics import auc
 from recsys_moe.training.evaluation import evaluate
+from recsys_moe.training.metrics import auc
 from recsys_moe.training.trainer import train
 
 
 def _config(tmp_path: Path, *extra: str):
-    return load_config(None, ["train.epochs=3", "train.batch_size=256", "train.patience=10",
-                              f"train.checkpoint_dir={tmp_path / 'run'}", "model.num_experts=4", *extra])  # fmt: skip
+    return load_config(
+        None,
+        [
+            "train.epochs=3",
+            "train.batch_size=256",
+            "train.patience=10",
+            f"train.checkpoint_dir={tmp_path / 'run'}",
+            "model.num_experts=4",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,16 @@ class Batch(Pipelineable):
         return self.dense.shape[0]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        return Batch(self.dense.to(device, non_blocking=non_blocking),
-                     self.sparse.to(device, non_blocking=non_blocking),
-                     self.labels.to(device, non_blocking=non_blocking))  # fmt: skip
+        return Batch(
+            self.dense.to(device, non_blocking=non_blocking),
+            self.sparse.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+        )
 
     def record_stream(self, stream: torch.Stream) -> None:
         for t in (self.dense, self.labels):
-            t.record_stream(stream)  # type: ignore[arg-type]
-        self.sparse.record_stream(stream)  # type: ignore[arg-type]
+            t.record_stream(stream)
+        self.sparse.record_stream(stream)
 
     def pin_memory(self) -> Batch:
         return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), self.labels.pin_memory())

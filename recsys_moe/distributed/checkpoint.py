@@ -24,15 +24,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from recsys_moe import atomic
 from recsys_moe.training.checkpoint import PROGRESS, CheckpointError, Progress, is_sharded, read_progress
 
 
-def _embedding_state(dmp: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _embedding_state(dmp: DistributedModelParallel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The fused optimizer's own state dict and the same tensors under layout names."""
-    own = dmp.fused_optimizer.state_dict()  # type: ignore[operator,union-attr]
+    own = dmp.fused_optimizer.state_dict()
     flat = {}
     for param_key, states in own["state"].items():
         table = param_key.removesuffix(".weight").rsplit(".", 1)[-1]
@@ -57,7 +57,7 @@ def _dense_state(optimizer: torch.optim.Optimizer, names: list[str], template: b
 
 def save(
     run_dir: Path,
-    dmp: nn.Module,
+    dmp: DistributedModelParallel,
     optimizer: torch.optim.Optimizer,
     dense_names: list[str],
     progress: Progress,
@@ -81,7 +81,9 @@ def save(
     return target
 
 
-def load(directory: Path, dmp: nn.Module, optimizer: torch.optim.Optimizer, dense_names: list[str]) -> Progress:
+def load(
+    directory: Path, dmp: DistributedModelParallel, optimizer: torch.optim.Optimizer, dense_names: list[str]
+) -> Progress:
     """Restore model, both optimizers and this rank's RNG in place; returns the progress."""
     if not is_sharded(directory):
         raise CheckpointError(f"{directory} was written by single-process training: resume it without --nproc")
@@ -93,13 +95,15 @@ def load(directory: Path, dmp: nn.Module, optimizer: torch.optim.Optimizer, dens
     rng = {f"rng.rank{rank}": torch.get_rng_state()}
     missing = sorted(k for k in [*model, *embedding] if k not in stored)
     if missing:
-        raise ValueError(f"{directory}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
-                         "was it written for another model config or spec?")  # fmt: skip
+        raise ValueError(
+            f"{directory}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+            "was it written for another model config or spec?"
+        )
     wanted = {**model, **embedding, **{k: v for k, v in {**dense, **rng}.items() if k in stored}}
     dcp.load(wanted, checkpoint_id=directory)
 
     dmp.load_state_dict({k.removeprefix("model."): v for k, v in model.items()})
-    dmp.fused_optimizer.load_state_dict(own)  # type: ignore[operator,union-attr]
+    dmp.fused_optimizer.load_state_dict(own)
     restored = {}
     for i, name in enumerate(dense_names):
         keys = {s: f"dense_optim.{name}.{s}" for s in ("step", "exp_avg", "exp_avg_sq")}

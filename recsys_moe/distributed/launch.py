@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+
 import yaml
 
 from recsys_moe import atomic
@@ -24,14 +25,30 @@ CONFIG_FILE = "distributed_config.yaml"
 
 def torchrun_command(data: str | Path, config_path: Path, nproc: int, resume: bool = False) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "recsys_moe.distributed.train", "--data", str(data), "--config", str(config_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "recsys_moe.distributed.train",
+        "--data",
+        str(data),
+        "--config",
+        str(config_path),
         *(["--resume"] if resume else []),
-    ]  # fmt: skip
+    ]
 
 
-def start(data: str | Path, config: RunConfig, nproc: int, run_dir: Path, env: dict[str, str] | None = None,
-          capture: bool = False, resume: bool = False) -> subprocess.Popen:  # fmt: skip
+def start(
+    data: str | Path,
+    config: RunConfig,
+    nproc: int,
+    run_dir: Path,
+    env: dict[str, str] | None = None,
+    capture: bool = False,
+    resume: bool = False,
+) -> subprocess.Popen:
     """Start torchrun with N ranks in a new process group (so it can be stopped as one) and return."""
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
@@ -43,12 +60,25 @@ def start(data: str | Path, config: RunConfig, nproc: int, run_dir: Path, env: d
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     child_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     pipe = subprocess.PIPE if capture else None
-    return subprocess.Popen(torchrun_command(data, config_path, nproc, resume), env=child_env, stdout=pipe,
-                            stderr=pipe, text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        torchrun_command(data, config_path, nproc, resume),
+        env=child_env,
+        stdout=pipe,
+        stderr=pipe,
+        text=True,
+        start_new_session=True,
+    )
 
 
-def launch(data: str | Path, config: RunConfig, nproc: int, run_dir: Path, env: dict[str, str] | None = None,
-           capture: bool = False, resume: bool = False) -> tuple[subprocess.CompletedProcess, TrainResult | None]:  # fmt: skip
+def launch(
+    data: str | Path,
+    config: RunConfig,
+    nproc: int,
+    run_dir: Path,
+    env: dict[str, str] | None = None,
+    capture: bool = False,
+    resume: bool = False,
+) -> tuple[subprocess.CompletedProcess, TrainResult | None]:
     """Run N ranks to completion; returns the process and rank 0's result (None if it failed)."""
     proc = start(data, config, nproc, run_dir, env, capture, resume)
     try:

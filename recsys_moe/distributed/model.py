@@ -15,20 +15,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from recsys_moe.pipelines.manifest import Manifest
-from recsys_moe.data.loader import Batch
 from recsys_moe.config import RunConfig
+from recsys_moe.data.loader import Batch
 from recsys_moe.distributed.plan import make_plan
 from recsys_moe.model.embeddings import FUSED_OPTIMIZERS, plan_tables
 from recsys_moe.model.gates import GateOutput
 from recsys_moe.model.outputs import ArchOutput
 from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses, task_weights, training_loss
 
 EMBEDDING_PREFIX = "ranker.sparse.ebc."
@@ -63,8 +64,16 @@ class TrainStep(nn.Module):
     `SparseArch.table_ids` in the loader), so the pipeline can run the next batch's input
     all-to-all while this batch computes. The task weighting lives here, under DDP with the rest."""
 
-    def __init__(self, ranker: MultiTaskRanker, loss_weights: torch.Tensor, weighting: nn.Module | None,
-                 balance_weight: float) -> None:  # fmt: skip
+    is_binary: torch.Tensor  # buffers
+    loss_weights: torch.Tensor
+
+    def __init__(
+        self,
+        ranker: MultiTaskRanker,
+        loss_weights: torch.Tensor,
+        weighting: UncertaintyWeighting | None,
+        balance_weight: float,
+    ) -> None:
         super().__init__()
         self.ranker = ranker
         self.weighting = weighting
@@ -96,8 +105,16 @@ def build_sharded(manifest: Manifest, config: RunConfig, device: torch.device, w
         FUSED_OPTIMIZERS[tc.embedding_optimizer], model.sparse.ebc.parameters(), {"lr": tc.embedding_lr}
     )
     sharders = [EmbeddingBagCollectionSharder()]
-    plan = make_plan(step, tables, tc.sharding, device, world_size, tc.memory_per_rank_gb,
-                     batch_size=max(tc.batch_size // world_size, 1), sharders=sharders)  # fmt: skip
+    plan = make_plan(
+        step,
+        tables,
+        tc.sharding,
+        device,
+        world_size,
+        tc.memory_per_rank_gb,
+        batch_size=max(tc.batch_size // world_size, 1),
+        sharders=sharders,
+    )
     dmp = DistributedModelParallel(module=step, device=device, plan=plan, sharders=sharders)
     _init_tables(dmp, tc.seed)
     return ShardedRanker(dmp=dmp, ranker=model, plan=plan, step=step)
@@ -107,11 +124,11 @@ def _local_tensors(value: object) -> list[tuple[torch.Tensor, list[int]]]:
     """(local shard, its offsets in the full table) of a sharded or replicated table."""
     if isinstance(value, ShardedTensor):
         return [(s.tensor, list(s.metadata.shard_offsets)) for s in value.local_shards()]
-    if hasattr(value, "to_local") and hasattr(value, "device_mesh"):  # DTensor
+    if isinstance(value, DTensor):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        local = value.to_local()  # type: ignore[attr-defined]
-        _, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)  # type: ignore[attr-defined]
+        local = value.to_local()
+        _, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
         return [(local, list(offsets))]
     assert isinstance(value, torch.Tensor)
     return [(value, [0] * value.dim())]
@@ -150,8 +167,8 @@ def full_state_dict(dmp: nn.Module) -> dict[str, torch.Tensor] | None:
             full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
             value.gather(dst=0, out=full)
             tensor = full
-        elif hasattr(value, "full_tensor"):  # DTensor
-            tensor = value.full_tensor()  # type: ignore[attr-defined]
+        elif isinstance(value, DTensor):
+            tensor = value.full_tensor()
         else:
             tensor = value
         if rank == 0 and tensor is not None:

@@ -65,8 +65,9 @@ def make_plan(
     for kind in set(sharding.values()):
         if SHARDING_TYPES[kind] not in allowed:
             # TorchRec 1.8's EBC sharder offers row_wise (and table_row_wise, grid) on CUDA only.
-            raise ValueError(f"train.sharding: {kind} is not available on {device.type} "
-                             f"(TorchRec allows {sorted(allowed)} there)")  # fmt: skip
+            raise ValueError(
+                f"train.sharding: {kind} is not available on {device.type} (TorchRec allows {sorted(allowed)} there)"
+            )
     planner = EmbeddingShardingPlanner(
         topology=topology(world_size, device, memory_per_rank_gb),
         batch_size=batch_size,
@@ -81,13 +82,18 @@ def plan_rows(plan: ShardingPlan) -> list[dict[str, object]]:
     """One row per table: module, table, sharding type, kernel, ranks, shard shapes."""
     rows = []
     for module, params in plan.plan.items():
-        for table, p in params.items():  # type: ignore[union-attr]
+        for table, p in params.items():
             shards = p.sharding_spec.shards if p.sharding_spec is not None else []
-            rows.append({
-                "module": module, "table": table, "sharding": p.sharding_type, "kernel": p.compute_kernel,
-                "ranks": list(p.ranks or []),
-                "shards": [f"{list(s.shard_offsets)}+{list(s.shard_sizes)}@{s.placement}" for s in shards],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "module": module,
+                    "table": table,
+                    "sharding": p.sharding_type,
+                    "kernel": p.compute_kernel,
+                    "ranks": list(p.ranks or []),
+                    "shards": [f"{list(s.shard_offsets)}+{list(s.shard_sizes)}@{s.placement}" for s in shards],
+                }
+            )
     return rows
 
 
@@ -104,12 +110,12 @@ def weight_bytes_per_rank(plan: ShardingPlan, tables: list[EmbeddingBagConfig], 
     dims = {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}
     out = [0] * world_size
     for params in plan.plan.values():
-        for table, p in params.items():  # type: ignore[union-attr]
+        for table, p in params.items():
             if p.sharding_spec is None:  # data-parallel: a full replica per rank
                 for r in p.ranks or range(world_size):
                     out[r] += dims[table][0] * dims[table][1] * 4
                 continue
             for shard in p.sharding_spec.shards:
                 rows, cols = shard.shard_sizes
-                out[shard.placement.rank()] += rows * cols * 4  # type: ignore[union-attr]
+                out[shard.placement.rank()] += rows * cols * 4
     return out

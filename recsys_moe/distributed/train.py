@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import resource
@@ -59,7 +58,9 @@ PLAN_FILE = "sharding_plan.json"
 RESULT_FILE = "distributed_result.json"
 
 
-def read_share(manifest: Manifest, split: str, keys: list[str], tasks: list[str], rank: int, world: int) -> InMemoryDataset:
+def read_share(
+    manifest: Manifest, split: str, keys: list[str], tasks: list[str], rank: int, world: int
+) -> InMemoryDataset:
     """This rank's contiguous slice of a split's rows: a lazy scan with a slice, so a rank reads only
     the parquet shards (and row groups) that hold its rows, never the whole split."""
     bounds = np.linspace(0, manifest.splits[split].rows_out, world + 1).round().astype(int)
@@ -100,7 +101,8 @@ def evaluate_sharded(
     number of forward passes (the sharded lookup exchanges embeddings with every rank)."""
     ranker, dmp = model.ranker, model.dmp
     world = dist.get_world_size()  # the ranker is called directly: no DDP needed without gradients
-    n_batches = max(-(-(-(-total_rows // world)) // batch_size), 1)
+    per_rank = -(-total_rows // world)  # the largest share
+    n_batches = max(-(-per_rank // batch_size), 1)
     was_training = dmp.training
     dmp.eval()
     logits, gates = [], GateSums()
@@ -156,9 +158,10 @@ class ShardedEngine:
             print(f"sharding plan ({self.world} ranks, {self.device.type}):\n{self.plan_summary}", flush=True)
             atomic.write_json(self.run_dir / PLAN_FILE, self.plan)
         self.extra_params: dict[str, Any] = {
-            "world_size": self.world, "backend": dist.get_backend(),
+            "world_size": self.world,
+            "backend": dist.get_backend(),
             **{f"plan.{r['table']}": f"{r['sharding']}:{r['ranks']}" for r in self.plan},
-        }  # fmt: skip
+        }
         self.extra_tags = {"distributed": f"{self.world}x{self.device.type}"}
         self.extra_files = [(self.run_dir / PLAN_FILE, "sharding")]
 
@@ -183,8 +186,11 @@ class ShardedEngine:
     def restore(self, found: Path) -> Progress:
         progress = dcheckpoint.load(found, self.dmp, self.optimizer, self.dense_names)
         if self.is_main:
-            print(f"resumed {found} (written by {progress.world_size} ranks) at epoch {progress.epoch + 1}, "
-                  f"step {progress.step}", flush=True)  # fmt: skip
+            print(
+                f"resumed {found} (written by {progress.world_size} ranks) at epoch {progress.epoch + 1}, "
+                f"step {progress.step}",
+                flush=True,
+            )
         return progress
 
     def train_epoch(self, epoch: int, progress: Progress, bar: bool) -> EpochStats:
@@ -209,14 +215,20 @@ class ShardedEngine:
             n_seen += len(chunks[step])
             if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < self.steps:
                 partial = self._all_sum(loss_sum, rows)  # the epoch's loss so far, over all ranks
-                self.save_last(dataclasses.replace(
-                    progress, epoch=epoch, step=step + 1, loss_sum=partial[:-1].tolist(), rows=float(partial[-1])
-                ))  # fmt: skip
-        self.pipelined = [n for n, m in self.dmp.named_modules() if any(m is p for p in self.pipeline._pipelined_modules)]
+                self.save_last(
+                    dataclasses.replace(
+                        progress, epoch=epoch, step=step + 1, loss_sum=partial[:-1].tolist(), rows=float(partial[-1])
+                    )
+                )
+        self.pipelined = [
+            n for n, m in self.dmp.named_modules() if any(m is p for p in self.pipeline._pipelined_modules)
+        ]
         self.pipeline.detach()  # validation calls the ranker's own forward
         elapsed = time.perf_counter() - start
         stats = self._all_sum(loss_sum, rows, float(n_seen))
-        return EpochStats(loss=(stats[:-2] / max(float(stats[-2]), 1.0)).tolist(), samples_per_s=float(stats[-1]) / elapsed)
+        return EpochStats(
+            loss=(stats[:-2] / max(float(stats[-2]), 1.0)).tolist(), samples_per_s=float(stats[-1]) / elapsed
+        )
 
     def _all_sum(self, sums: torch.Tensor, *counts: float) -> torch.Tensor:
         """[per-task sums..., counts...] summed over ranks, float64 on the CPU."""
@@ -225,8 +237,9 @@ class ShardedEngine:
         return both.cpu()
 
     def validate(self) -> Evaluation:
-        return evaluate_sharded(self.model, self.valid_share, self.valid_rows, self.config.train.eval_batch_size,
-                                self.device)  # fmt: skip
+        return evaluate_sharded(
+            self.model, self.valid_share, self.valid_rows, self.config.train.eval_batch_size, self.device
+        )
 
     def best_weights(self) -> dict[str, torch.Tensor] | None:
         return full_state_dict(self.dmp)
@@ -298,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     if result is not None:
         atomic.write_json(run_dir / RESULT_FILE, result.to_json())
-        summary = "  ".join(f"{t} auc {m['auc']:.4f}" if "auc" in m else f"{t} r2 {m['r2']:.4f}"
-                            for t, m in result.valid.metrics.items())  # fmt: skip
+        summary = "  ".join(
+            f"{t} auc {m['auc']:.4f}" if "auc" in m else f"{t} r2 {m['r2']:.4f}"
+            for t, m in result.valid.metrics.items()
+        )
         print(f"best epoch {result.best_epoch}: {summary} | model: {result.model_dir}", flush=True)
     return 0
 

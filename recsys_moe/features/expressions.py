@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import operator
 from dataclasses import dataclass
+from typing import cast
 
 import polars as pl
 
@@ -87,10 +88,10 @@ def _compile(node: ast.AST, columns: set[str], source: str) -> pl.Expr | object:
             if not isinstance(right_node, (ast.List, ast.Tuple, ast.Set)):
                 raise ExpressionError(f"'in' needs a list of constants in {source!r}")
             values = [_constant(v, source) for v in right_node.elts]
-            member = left.is_in(values)  # type: ignore[union-attr]
+            member = cast(pl.Expr, left).is_in(values)
             return member if isinstance(op, ast.In) else ~member
         if type(op) in _COMPARE:
-            return _COMPARE[type(op)](left, _compile(right_node, columns, source))
+            return _COMPARE[type(op)](cast(pl.Expr, left), cast(pl.Expr, _compile(right_node, columns, source)))
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
         if len(node.args) != 1 or node.keywords:
             raise ExpressionError(f"{node.func.id}() takes exactly one argument in {source!r}")

@@ -133,11 +133,23 @@ class HistorySpec(_Strict):
         out: list[dict[str, Any]] = [
             {"name": c, "kind": "dense", "transform": "log1p", "min": 0} for c in self.count_columns()
         ]
-        out += [{"name": c, "kind": "dense", "transform": "standardize", "min": 0, "max": 1} for c in self.rate_columns()]
-        out += [{"name": s.name, "kind": "multi_hot", "embedding_dim": s.embedding_dim, "pooling": s.pooling,
-                 "max_length": s.max_length, "vocab": {"kind": "hash", "buckets": s.buckets}}
-                for s in self.sequences]  # fmt: skip
+        out += [
+            {"name": c, "kind": "dense", "transform": "standardize", "min": 0, "max": 1} for c in self.rate_columns()
+        ]
+        out += [
+            {
+                "name": s.name,
+                "kind": "multi_hot",
+                "embedding_dim": s.embedding_dim,
+                "pooling": s.pooling,
+                "max_length": s.max_length,
+                "vocab": {"kind": "hash", "buckets": s.buckets},
+            }
+            for s in self.sequences
+        ]
         if self.time_features:
-            out += [{"name": "event_hour", "kind": "categorical", "embedding_dim": 4},
-                    {"name": "event_dow", "kind": "categorical", "embedding_dim": 4}]  # fmt: skip
+            out += [
+                {"name": "event_hour", "kind": "categorical", "embedding_dim": 4},
+                {"name": "event_dow", "kind": "categorical", "embedding_dim": 4},
+            ]
         return out

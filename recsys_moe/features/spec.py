@@ -37,6 +37,13 @@ class VocabPolicy(_Strict):
     max_size: int | None = Field(None, ge=1, description="fitted: keep only the most frequent values")
     buckets: int | None = Field(None, ge=1, description="hash: number of hash buckets")
 
+    @property
+    def hash_buckets(self) -> int:
+        """`buckets` of a hash vocabulary (validated to be set)."""
+        if self.buckets is None:
+            raise ValueError("not a hash vocabulary")
+        return self.buckets
+
     @model_validator(mode="after")
     def _check(self) -> VocabPolicy:
         if self.kind == "hash" and self.buckets is None:
@@ -93,6 +100,13 @@ class Feature(_Strict):
     @property
     def vocab_policy(self) -> VocabPolicy:
         return self.vocab or VocabPolicy()
+
+    @property
+    def table_dim(self) -> int:
+        """The embedding dimension of a feature the model looks up (validated to be set)."""
+        if self.embedding_dim is None:
+            raise ValueError(f"feature {self.name!r} has no embedding")
+        return self.embedding_dim
 
     @property
     def is_sparse(self) -> bool:

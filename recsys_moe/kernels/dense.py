@@ -30,6 +30,7 @@ def stacked_mlp(
     """
     d_in, num, h0 = weights[0].shape
     last = len(weights) - 1
+    h = x
     for i in range(len(weights)):
         if i > 0:
             h = torch.baddbmm(biases[i], h, weights[i])

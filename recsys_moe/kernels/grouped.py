@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 
-
 @dataclass(frozen=True)
 class Routing:
     """The routed (row, expert) pairs, sorted by expert: group e is pairs offsets[e]:offsets[e+1]."""
@@ -35,7 +34,7 @@ def route(gate_weights: Tensor) -> Routing:
 
     An exactly-zero weight counts as not routed; it contributes nothing to the output either way.
     """
-    batch, _, num_experts = gate_weights.shape
+    _, _, num_experts = gate_weights.shape
     routed = (gate_weights != 0).any(dim=1).t()  # [E, B]
     experts, rows = routed.nonzero(as_tuple=True)  # row-major order: already grouped by expert
     counts_t = routed.sum(dim=1)

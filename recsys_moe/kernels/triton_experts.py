@@ -80,14 +80,30 @@ if triton is not None:
     @triton.autotune(configs=_gemm_configs(), key=["M", "N", "K"])
     @triton.jit
     def _bmm_kernel(
-        a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K,
-        stride_ab, stride_am, stride_ak,
-        stride_wb, stride_wk, stride_wn,
+        a_ptr,
+        w_ptr,
+        bias_ptr,
+        c_ptr,
+        M,
+        N,
+        K,
+        stride_ab,
+        stride_am,
+        stride_ak,
+        stride_wb,
+        stride_wk,
+        stride_wn,
         stride_bb,
-        stride_cb, stride_cm, stride_cn,
-        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
+        stride_cb,
+        stride_cm,
+        stride_cn,
+        HAS_BIAS: tl.constexpr,
+        RELU: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """c[b] = act(a[b] @ w[b] + bias[b]) for the batch index b = program_id(2); any strides."""
         batch = tl.program_id(2).to(tl.int64)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,17 +129,40 @@ if triton is not None:
     @triton.autotune(configs=_gemm_configs(), key=["N", "K"], reset_to_zero=["out_ptr"])
     @triton.jit
     def _grouped_kernel(
-        a_ptr, rows_ptr, w_ptr, bias_ptr, c_ptr, offsets_ptr, pw_ptr, out_ptr,
-        N, K, G, max_count,
-        stride_am, stride_ak,
-        stride_we, stride_wk, stride_wn,
+        a_ptr,
+        rows_ptr,
+        w_ptr,
+        bias_ptr,
+        c_ptr,
+        offsets_ptr,
+        pw_ptr,
+        out_ptr,
+        N,
+        K,
+        G,
+        max_count,
+        stride_am,
+        stride_ak,
+        stride_we,
+        stride_wk,
+        stride_wn,
         stride_be,
-        stride_cm, stride_cn,
-        stride_pwm, stride_pwg,
-        stride_og, stride_ob, stride_on,
-        GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, SCATTER: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
+        stride_cm,
+        stride_cn,
+        stride_pwm,
+        stride_pwg,
+        stride_og,
+        stride_ob,
+        stride_on,
+        GATHER: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        RELU: tl.constexpr,
+        SCATTER: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """Pairs sorted by expert; program (e, tile) computes c[pairs] = act(a[rows] @ w[e] + bias[e]).
 
         GATHER reads a's row rows[pair] (layer 0 reads x directly); SCATTER also adds
@@ -170,13 +209,26 @@ if triton is not None:
     @triton.autotune(configs=_gemm_configs(), key=["N", "K"])
     @triton.jit
     def _grouped_wgrad_kernel(
-        a_ptr, rows_ptr, dy_ptr, dw_ptr, offsets_ptr, N, K,
-        stride_am, stride_ak,
-        stride_dym, stride_dyn,
-        stride_we, stride_wk, stride_wn,
-        GATHER: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
+        a_ptr,
+        rows_ptr,
+        dy_ptr,
+        dw_ptr,
+        offsets_ptr,
+        N,
+        K,
+        stride_am,
+        stride_ak,
+        stride_dym,
+        stride_dyn,
+        stride_we,
+        stride_wk,
+        stride_wn,
+        GATHER: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """dw[e] = a[group e]^T @ dy[group e]: a [BLOCK_K, BLOCK_N] tile of expert e per program,
         reducing over the expert's pairs BLOCK_M at a time (empty experts get zeros)."""
         expert = tl.program_id(2)
@@ -194,12 +246,14 @@ if triton is not None:
                 a_rows = rm
             a_t = tl.load(
                 a_ptr + a_rows[None, :] * stride_am + rk[:, None] * stride_ak,
-                mask=m_mask[None, :] & (rk[:, None] < K), other=0.0,
-            )  # fmt: skip
+                mask=m_mask[None, :] & (rk[:, None] < K),
+                other=0.0,
+            )
             dy = tl.load(
                 dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
-                mask=m_mask[:, None] & (rn[None, :] < N), other=0.0,
-            )  # fmt: skip
+                mask=m_mask[:, None] & (rn[None, :] < N),
+                other=0.0,
+            )
             acc = tl.dot(a_t, dy, acc, input_precision=PRECISION)
         dw = dw_ptr + expert.to(tl.int64) * stride_we + rk[:, None] * stride_wk + rn[None, :] * stride_wn
         tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=(rk[:, None] < K) & (rn[None, :] < N))
@@ -207,12 +261,24 @@ if triton is not None:
     @triton.autotune(configs=_combine_configs(), key=["B", "H", "Q"])
     @triton.jit
     def _combine_kernel(
-        w_ptr, y_ptr, out_ptr, B, H, Q,
-        stride_wb, stride_wp, stride_wq,
-        stride_yq, stride_yb, stride_yh,
-        stride_op, stride_ob, stride_oh,
-        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-    ):  # fmt: skip
+        w_ptr,
+        y_ptr,
+        out_ptr,
+        B,
+        H,
+        Q,
+        stride_wb,
+        stride_wp,
+        stride_wq,
+        stride_yq,
+        stride_yb,
+        stride_yh,
+        stride_op,
+        stride_ob,
+        stride_oh,
+        BLOCK_B: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
         """out[p, b] = sum_q w[b, p, q] * y[q, b]: the combine (p = gate, q = expert) and, with the
         roles swapped, its gradient w.r.t. the expert outputs (p = expert, q = gate)."""
         p = tl.program_id(2)
@@ -238,13 +304,27 @@ def _bmm(a: Tensor, w: Tensor, c: Tensor, bias: Tensor | None = None, relu: bool
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), n
 
     _bmm_kernel[grid](
-        a, w, bias_arg, c, m, cols, k,
-        a.stride(0), a.stride(1), a.stride(2),
-        w.stride(0), w.stride(1), w.stride(2),
+        a,
+        w,
+        bias_arg,
+        c,
+        m,
+        cols,
+        k,
+        a.stride(0),
+        a.stride(1),
+        a.stride(2),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
         0 if bias is None else bias.stride(0),
-        c.stride(0), c.stride(1), c.stride(2),
-        HAS_BIAS=bias is not None, RELU=relu, PRECISION=_precision(),
-    )  # fmt: skip
+        c.stride(0),
+        c.stride(1),
+        c.stride(2),
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        PRECISION=_precision(),
+    )
     return c
 
 
@@ -256,11 +336,22 @@ def _combine(w: Tensor, y: Tensor, out: Tensor) -> Tensor:
         return triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(hidden, meta["BLOCK_H"]), num_p
 
     _combine_kernel[grid](
-        w, y, out, batch, hidden, w.shape[2],
-        w.stride(0), w.stride(1), w.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-    )  # fmt: skip
+        w,
+        y,
+        out,
+        batch,
+        hidden,
+        w.shape[2],
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+    )
     return out
 
 
@@ -292,8 +383,8 @@ class _DenseExperts(torch.autograd.Function):
         num_experts, batch, hidden = acts[-1].shape
         grad_gates = torch.einsum("gbh,ebh->bge", grad_out, acts[-1])
         grad_h = _combine(gate_weights.transpose(1, 2), grad_out, x.new_empty(num_experts, batch, hidden))
-        grad_w: list[Tensor] = [None] * num_layers  # type: ignore[list-item]
-        grad_b: list[Tensor] = [None] * num_layers  # type: ignore[list-item]
+        grad_w: list[Tensor | None] = [None] * num_layers
+        grad_b: list[Tensor | None] = [None] * num_layers
         for i in range(num_layers - 1, 0, -1):
             grad_pre = grad_h * (acts[i] > 0)
             grad_b[i] = grad_pre.sum(dim=1, keepdim=True)
@@ -302,8 +393,9 @@ class _DenseExperts(torch.autograd.Function):
         d_in, _, h1 = weights[0].shape
         grad_pre = (grad_h * (acts[0] > 0)).transpose(0, 1).reshape(batch, num_experts * h1)
         grad_b[0] = grad_pre.sum(dim=0).view(num_experts, 1, h1)
-        grad_w[0] = torch.empty_like(weights[0])
-        _bmm(x.t()[None], grad_pre[None], grad_w[0].view(1, d_in, -1))
+        grad_w[0] = _bmm(x.t()[None], grad_pre[None], torch.empty_like(weights[0]).view(1, d_in, -1)).view_as(
+            weights[0]
+        )
         grad_x = None
         if ctx.needs_input_grad[1]:
             grad_x = _bmm(grad_pre[None], weights[0].view(1, d_in, -1).transpose(1, 2), torch.empty_like(x)[None])[0]
@@ -329,6 +421,7 @@ def _grouped(
     num_experts = routing.offsets.numel() - 1
     max_count = max(routing.counts)
     cols, k = c.shape[1], a.shape[1]
+    out_strides: tuple[int, ...]
     if scatter_out is None:
         out, out_strides = c.new_empty(0), (0, 0, 0)  # a dummy: autotune zeroes out_ptr between trials
     else:
@@ -338,17 +431,33 @@ def _grouped(
         return num_experts * triton.cdiv(max_count, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"])
 
     _grouped_kernel[grid](
-        a, routing.rows, w, c if bias is None else bias, c, routing.offsets, routing.pair_weights, out,
-        cols, k, routing.pair_weights.shape[1], max_count,
-        a.stride(0), a.stride(1),
+        a,
+        routing.rows,
+        w,
+        c if bias is None else bias,
+        c,
+        routing.offsets,
+        routing.pair_weights,
+        out,
+        cols,
+        k,
+        routing.pair_weights.shape[1],
+        max_count,
+        a.stride(0),
+        a.stride(1),
         *weight_strides,
         0 if bias is None else bias.stride(0),
-        c.stride(0), c.stride(1),
-        routing.pair_weights.stride(0), routing.pair_weights.stride(1),
+        c.stride(0),
+        c.stride(1),
+        routing.pair_weights.stride(0),
+        routing.pair_weights.stride(1),
         *out_strides,
-        GATHER=gather, HAS_BIAS=bias is not None, RELU=relu, SCATTER=scatter_out is not None,
+        GATHER=gather,
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        SCATTER=scatter_out is not None,
         PRECISION=_precision(),
-    )  # fmt: skip
+    )
     return c
 
 
@@ -363,10 +472,21 @@ def _grouped_wgrad(
         return triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(cols, meta["BLOCK_N"]), num_experts
 
     _grouped_wgrad_kernel[grid](
-        a, routing.rows, dy, dw, routing.offsets, cols, k,
-        a.stride(0), a.stride(1), dy.stride(0), dy.stride(1), *dw_strides,
-        GATHER=gather, PRECISION=_precision(),
-    )  # fmt: skip
+        a,
+        routing.rows,
+        dy,
+        dw,
+        routing.offsets,
+        cols,
+        k,
+        a.stride(0),
+        a.stride(1),
+        dy.stride(0),
+        dy.stride(1),
+        *dw_strides,
+        GATHER=gather,
+        PRECISION=_precision(),
+    )
     return dw
 
 
@@ -391,8 +511,17 @@ class _TopkExperts(torch.autograd.Function):
             for i, (w, b) in enumerate(zip(weights, biases)):
                 c = x.new_empty(routing.rows.numel(), b.shape[-1])
                 last = i == num_layers - 1
-                _grouped(a, w, c, routing, weight_strides=_weight_strides(w, i), bias=b.view(num_experts, -1),
-                         relu=True, gather=i == 0, scatter_out=out if last else None)  # fmt: skip
+                _grouped(
+                    a,
+                    w,
+                    c,
+                    routing,
+                    weight_strides=_weight_strides(w, i),
+                    bias=b.view(num_experts, -1),
+                    relu=True,
+                    gather=i == 0,
+                    scatter_out=out if last else None,
+                )
                 acts.append(c)
                 a = c
         ctx.save_for_backward(x, *weights, *acts)
@@ -423,9 +552,14 @@ class _TopkExperts(torch.autograd.Function):
             if i == 0 and not want_x:
                 break
             e_stride, k_stride, n_stride = _weight_strides(weights[i], i)
-            grad_h = _grouped(grad_pre, weights[i], x.new_empty(grad_pre.shape[0], a.shape[1]), routing,
-                              weight_strides=(e_stride, n_stride, k_stride))  # fmt: skip
-        if want_x:
+            grad_h = _grouped(
+                grad_pre,
+                weights[i],
+                x.new_empty(grad_pre.shape[0], a.shape[1]),
+                routing,
+                weight_strides=(e_stride, n_stride, k_stride),
+            )
+        if grad_x is not None:
             grad_x.index_add_(0, routing.rows, grad_h)
         return None, grad_x, grad_gates.transpose(1, 2), *grad_w, *grad_b
 
@@ -445,9 +579,7 @@ def triton_dense_experts_combine(
     return _DenseExperts.apply(len(weights), x.contiguous(), gate_weights, *weights, *biases)
 
 
-def triton_topk_experts_combine(
-    x: Tensor, weights: list[Tensor], biases: list[Tensor], gate_weights: Tensor
-) -> Tensor:
+def triton_topk_experts_combine(x: Tensor, weights: list[Tensor], biases: list[Tensor], gate_weights: Tensor) -> Tensor:
     """`grouped.topk_experts_combine` in Triton: only routed (row, expert) pairs are computed."""
     _check(x)
     return _TopkExperts.apply(len(weights), x.contiguous(), gate_weights, *weights, *biases)

@@ -67,6 +67,8 @@ def _config(name: str, dim: int, rows: int, features: list[str], pooling: str) -
 class SparseArch(nn.Module):
     """KJT of raw table ids (0 = OOV) → [B, sum of embedding dims]."""
 
+    id_offsets: torch.Tensor  # buffer: per key, the first row of its range in its table
+
     def __init__(
         self,
         features: Sequence[SparseFeatureInfo],
@@ -85,7 +87,9 @@ class SparseArch(nn.Module):
         self._needs_offsets = any(plan.offsets)
         device = device or torch.device("cpu")
         if fused_optimizer is None:
-            self.ebc: nn.Module = EmbeddingBagCollection(tables=plan.tables, device=device)
+            self.ebc: EmbeddingBagCollection | FusedEmbeddingBagCollection = EmbeddingBagCollection(
+                tables=plan.tables, device=device
+            )
         else:
             name, kwargs = fused_optimizer
             # The optimizer runs inside FBGEMM's backward: no dense gradient for the tables.
@@ -93,7 +97,7 @@ class SparseArch(nn.Module):
                 tables=plan.tables, optimizer_type=FUSED_OPTIMIZERS[name], optimizer_kwargs=kwargs, device=device
             )
         for table in plan.tables:  # small init, like TorchRec's default for recsys tables
-            weight = self.ebc.embedding_bags[table.name].weight  # type: ignore[index]
+            weight = self.ebc.embedding_bags[table.name].weight
             with torch.no_grad():
                 weight.uniform_(-0.05, 0.05)
 

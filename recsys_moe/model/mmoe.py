@@ -90,5 +90,7 @@ class MMoE(nn.Module):
             if not triton_experts.triton_available():
                 raise RuntimeError("model.expert_compute=triton needs the triton package (pip install recsys-moe[gpu])")
             sparse = self.sparse_gate
-            self._triton = triton_experts.triton_topk_experts_combine if sparse else triton_experts.triton_dense_experts_combine
+            self._triton = (
+                triton_experts.triton_topk_experts_combine if sparse else triton_experts.triton_dense_experts_combine
+            )
         return self._triton

@@ -70,6 +70,8 @@ class ExtractionLayer(nn.Module):
 
 
 class PLE(nn.Module):
+    gate_columns: torch.Tensor  # buffer: where task t's gate columns sit among all experts
+
     def __init__(
         self,
         d_in: int,

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor, KeyedTensor
 
-from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.config import ModelConfig
 from recsys_moe.model.embeddings import SparseArch
 from recsys_moe.model.mmoe import MMoE
@@ -21,6 +20,8 @@ from recsys_moe.model.omoe import OMoE
 from recsys_moe.model.outputs import ArchOutput
 from recsys_moe.model.ple import PLE
 from recsys_moe.model.shared_bottom import SharedBottom
+from recsys_moe.model.towers import TaskTowers
+from recsys_moe.pipelines.manifest import Manifest
 
 
 def _shared_bottom(c: ModelConfig, d_in: int, num_tasks: int) -> nn.Module:
@@ -37,13 +38,26 @@ def _moe(c: ModelConfig) -> dict[str, Any]:
     compute = c.expert_compute
     if compute == "auto":  # top-k gates without dropout run experts on their routed rows only
         compute = "routed" if c.gate != "softmax" and c.dropout == 0 else "dense"
-    return {"num_experts": c.num_experts, "expert_hidden": c.expert_hidden, "tower_hidden": c.tower_hidden,
-            "compute": compute, **_experts(c)}  # fmt: skip
+    return {
+        "num_experts": c.num_experts,
+        "expert_hidden": c.expert_hidden,
+        "tower_hidden": c.tower_hidden,
+        "compute": compute,
+        **_experts(c),
+    }
 
 
 def _ple(c: ModelConfig, d_in: int, num_tasks: int, levels: int) -> nn.Module:
-    return PLE(d_in, num_tasks, c.num_task_experts, c.num_shared_experts, c.expert_hidden, c.tower_hidden,
-               levels=levels, **_experts(c))  # fmt: skip
+    return PLE(
+        d_in,
+        num_tasks,
+        c.num_task_experts,
+        c.num_shared_experts,
+        c.expert_hidden,
+        c.tower_hidden,
+        levels=levels,
+        **_experts(c),
+    )
 
 
 # `model.arch` → the multi-task part of the model; every one maps [B, d_in] → ArchOutput. The
@@ -91,7 +105,9 @@ class MultiTaskRanker(nn.Module):
     def _init_output_bias(self, manifest: Manifest) -> None:
         """Start each binary tower at its base rate: rare tasks (CVR) otherwise spend the first
         epoch only learning the prior."""
-        bias = self.arch.towers.mlp.biases[-1]
+        towers = self.arch.towers  # every architecture ends in TaskTowers
+        assert isinstance(towers, TaskTowers)
+        bias = towers.mlp.biases[-1]
         with torch.no_grad():
             for i, name in enumerate(self.task_names):
                 task = next(t for t in manifest.tasks if t.name == name)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import polars as pl
 from tqdm.auto import tqdm
@@ -49,8 +51,10 @@ def _reason_counts(reasons: pl.Series) -> dict[str, int]:
 def _check_rate(what: str, rejected: int, total: int, max_rate: float, reasons: dict[str, int]) -> None:
     rate = rejected / max(total, 1)
     if rate > max_rate:
-        raise RejectRateError(f"{what}: {rejected} of {total} rows rejected ({rate:.1%} > max_reject_rate "
-                              f"{max_rate:.1%}); top reasons: {reasons}")  # fmt: skip
+        raise RejectRateError(
+            f"{what}: {rejected} of {total} rows rejected ({rate:.1%} > max_reject_rate "
+            f"{max_rate:.1%}); top reasons: {reasons}"
+        )
 
 
 def _digest(paths: list[Path]) -> str:
@@ -63,7 +67,7 @@ def _digest(paths: list[Path]) -> str:
 
 
 def build_frames(
-    raw: dict[str, pl.LazyFrame | pl.DataFrame],
+    raw: Mapping[str, pl.LazyFrame | pl.DataFrame],
     spec: FeatureSpec,
     out_dir: Path,
     source: str,
@@ -107,9 +111,14 @@ def build_frames(
                 (work / "raw").mkdir(exist_ok=True)
                 ok.select(spec.raw_columns).write_parquet(work / raw_rel)
             splits[split] = SplitInfo(
-                shards=[], rows_in=frame.height, rows_out=ok.height, rows_rejected=rejected.height,
-                rejects=rejects_rel, reject_reasons=reasons, raw=raw_rel,
-            )  # fmt: skip
+                shards=[],
+                rows_in=frame.height,
+                rows_out=ok.height,
+                rows_rejected=rejected.height,
+                rejects=rejects_rel,
+                reject_reasons=reasons,
+                raw=raw_rel,
+            )
             assert splits[split].rows_in == splits[split].rows_out + splits[split].rows_rejected
             steps.update(1)
 
@@ -141,16 +150,19 @@ def build_frames(
                     name=f.name,
                     kind=f.kind,
                     num_embeddings=state.num_embeddings(f),
-                    embedding_dim=int(f.embedding_dim),  # type: ignore[arg-type]
+                    embedding_dim=f.table_dim,
                     pooling=f.pooling,
                     max_length=f.max_length if f.kind == "multi_hot" else 1,
-                )  # fmt: skip
+                )
                 for f in spec.sparse_features
             ],
             dense_features=[f.name for f in spec.dense_features],
             tasks=[
                 TaskInfo(
-                    name=t.name, type=t.type, weight=t.weight, train_mean=float(train[label_column(t.name)].mean())
+                    name=t.name,
+                    type=t.type,
+                    weight=t.weight,
+                    train_mean=float(cast(float, train[label_column(t.name)].mean())),
                 )
                 for t in spec.tasks
             ],
@@ -189,11 +201,16 @@ def build(
     from recsys_moe.pipelines.event_log import prepare
 
     ready = prepare(spec, Path(data_dir), history_dir, rebuild_history, progress)
-    events = EventsInfo(rows_in=ready.rows_in, rows_out=ready.rows_in - ready.rejects.height,
-                        rows_rejected=ready.rejects.height, history_dir=str(ready.history_dir),
-                        days_computed=ready.days_computed)  # fmt: skip
-    return build_frames(ready.splits, spec, out_dir, source, rows_per_shard, max_reject_rate, progress, events,
-                        ready.rejects)  # fmt: skip
+    events = EventsInfo(
+        rows_in=ready.rows_in,
+        rows_out=ready.rows_in - ready.rejects.height,
+        rows_rejected=ready.rejects.height,
+        history_dir=str(ready.history_dir),
+        days_computed=ready.days_computed,
+    )
+    return build_frames(
+        ready.splits, spec, out_dir, source, rows_per_shard, max_reject_rate, progress, events, ready.rejects
+    )
 
 
 def load_state(manifest: Manifest) -> FittedState:

@@ -56,7 +56,12 @@ __all__ = ["DATETIME_FORMATS", "KINDS", "REJECT_REASON", "ContractError", "Event
 
 REJECT_REASON = "reject_reason"
 KINDS = ("int", "float", "string", "datetime")
-_CANONICAL = {"int": pl.Int64, "float": pl.Float64, "string": pl.Utf8, "datetime": pl.Datetime("us")}
+_CANONICAL: dict[str, pl.DataType] = {
+    "int": pl.Int64(),
+    "float": pl.Float64(),
+    "string": pl.Utf8(),
+    "datetime": pl.Datetime("us"),
+}
 # String times are parsed with these formats, first match wins (explicit formats: lazy
 # frames cannot infer one from the data, and inference would vary with the first row).
 DATETIME_FORMATS = (
@@ -148,9 +153,7 @@ def _typed(name: str, dtype: pl.DataType, kind: str) -> pl.Expr:
     if dtype == pl.Utf8:
         text = col.str.strip_chars()
         if kind == "datetime":
-            return pl.coalesce(
-                [text.str.to_datetime(f, time_unit="us", strict=False) for f in DATETIME_FORMATS]
-            )
+            return pl.coalesce([text.str.to_datetime(f, time_unit="us", strict=False) for f in DATETIME_FORMATS])
         return text.cast(_CANONICAL[kind], strict=False)
     if kind == "int" and dtype.is_float():  # 2.0 is an int, 2.5 and inf are not
         return pl.when(col.is_finite() & (col == col.floor())).then(col.cast(pl.Int64, strict=False))
@@ -199,9 +202,7 @@ def _check_schema(schema: pl.Schema, contract: EventContract) -> None:
     missing = [c for c in contract.columns() if c not in schema]
     if missing:
         raise ContractError(f"missing columns: {', '.join(missing)} (have: {', '.join(schema.names())})")
-    wrong = [
-        f"{c} is {schema[c]}, cannot hold {k}" for c, k in contract.kinds().items() if not _accepts(schema[c], k)
-    ]
+    wrong = [f"{c} is {schema[c]}, cannot hold {k}" for c, k in contract.kinds().items() if not _accepts(schema[c], k)]
     wrong += [f"{f} is {schema[f]}, cannot hold a 0/1 flag" for f in contract.flags if not _accepts(schema[f], "int")]
     if contract.partition in schema and not _accepts(schema[contract.partition], "datetime"):
         wrong.append(f"{contract.partition} is {schema[contract.partition]}, cannot hold a date")
@@ -299,7 +300,5 @@ def check_events(frame: pl.LazyFrame, contract: EventContract) -> tuple[pl.LazyF
     outputs = {c: _output(c, schema[c], k) for c, k in contract.kinds().items()}
     outputs |= {f: _output(f, schema[f], "int").cast(pl.Int8) for f in contract.flags if not schema[f].is_integer()}
     valid = checked.filter(pl.col(reason).is_null()).select([outputs.get(c, pl.col(c)) for c in schema.names()])
-    rejected = checked.filter(pl.col(reason).is_not_null()).select(
-        *schema.names(), pl.col(reason).alias(REJECT_REASON)
-    )
+    rejected = checked.filter(pl.col(reason).is_not_null()).select(*schema.names(), pl.col(reason).alias(REJECT_REASON))
     return valid, rejected

@@ -30,12 +30,17 @@ def contract_for(spec: FeatureSpec) -> EventContract:
     assert h is not None
     required = [h.event_id, h.time, *(c for cols in h.entities.values() for c in cols)]
     flags = [s.flag for s in h.streams.values() if s.flag is not None]
-    requires = [(s.flag, h.streams[s.requires].flag) for s in h.streams.values() if s.requires]
+    # HistorySpec guarantees a stream that `requires` another and its parent both have flags.
+    requires = [(str(s.flag), str(h.streams[s.requires].flag)) for s in h.streams.values() if s.requires]
     delayed = [(s.flag, s.time, h.attribution_days) for s in h.streams.values() if s.flag and s.time]
     return EventContract(
-        event_id=h.event_id, time=h.time, required=tuple(dict.fromkeys(required)), flags=tuple(flags),
-        requires=tuple(requires), delayed=tuple(delayed),  # type: ignore[arg-type]
-    )  # fmt: skip
+        event_id=h.event_id,
+        time=h.time,
+        required=tuple(dict.fromkeys(required)),
+        flags=tuple(flags),
+        requires=tuple(requires),
+        delayed=tuple(delayed),
+    )
 
 
 @dataclass
@@ -51,8 +56,14 @@ def history_dir_for(spec: FeatureSpec, raw_dir: Path) -> Path:
     return Path(raw_dir) / "history" / spec.name
 
 
-def history_step(spec: FeatureSpec, raw: pl.LazyFrame, history_dir: Path, rebuild: bool = False,
-                 progress: bool = True, chunk_days: int = 31) -> tuple[pl.DataFrame, pl.DataFrame, list]:  # fmt: skip
+def history_step(
+    spec: FeatureSpec,
+    raw: pl.LazyFrame,
+    history_dir: Path,
+    rebuild: bool = False,
+    progress: bool = True,
+    chunk_days: int = 31,
+) -> tuple[pl.DataFrame, pl.DataFrame, list]:
     """Contract, then history features for the days `history_dir` lacks. Only the columns these
     two steps read are loaded: (valid rows, rejected rows with their reason, days computed)."""
     h = spec.history
@@ -62,14 +73,16 @@ def history_step(spec: FeatureSpec, raw: pl.LazyFrame, history_dir: Path, rebuil
     day = [contract.partition] if contract.partition in raw.collect_schema() else []
     checked = [*row, *dict.fromkeys([*contract.required, *contract.flags, *h.raw_columns(), *day])]
     valid, rejected = pl.collect_all(check_events(raw.select(checked), contract))
-    computed = update_days(valid.lazy().select(h.raw_columns()), h, history_dir, rebuild=rebuild,
-                           chunk_days=chunk_days, progress=progress)  # fmt: skip
+    computed = update_days(
+        valid.lazy().select(h.raw_columns()), h, history_dir, rebuild=rebuild, chunk_days=chunk_days, progress=progress
+    )
     log.info("history features: %d day(s) computed into %s", len(computed), history_dir)
     return valid, rejected, computed
 
 
-def prepare(spec: FeatureSpec, raw_dir: Path, history_dir: Path | None = None, rebuild: bool = False,
-            progress: bool = True) -> Prepared:  # fmt: skip
+def prepare(
+    spec: FeatureSpec, raw_dir: Path, history_dir: Path | None = None, rebuild: bool = False, progress: bool = True
+) -> Prepared:
     """Check the raw events, bring their history features up to date, split by time.
 
     Only the columns the contract and the history read are held in memory at once; the other
@@ -81,12 +94,24 @@ def prepare(spec: FeatureSpec, raw_dir: Path, history_dir: Path | None = None, r
     raw = event_source.joined(Path(raw_dir), with_day=True).with_row_index(_RAW_ROW)
     history_dir = history_dir or history_dir_for(spec, raw_dir)
     valid, rejected, computed = history_step(spec, raw, history_dir, rebuild, progress)
-    features = pl.scan_parquet(history_dir / "day=*" / "*.parquet", hive_partitioning=False).select(h.event_id, *h.columns())
+    features = pl.scan_parquet(history_dir / "day=*" / "*.parquet", hive_partitioning=False).select(
+        h.event_id, *h.columns()
+    )
     kept = raw.join(valid.lazy().select(_RAW_ROW), on=_RAW_ROW, how="semi", maintain_order="left")
     frame = kept.drop(_RAW_ROW, "day").join(features, on=h.event_id, how="left", maintain_order="left")
-    rejects = raw.join(rejected.lazy().select(_RAW_ROW, pl.col(REJECT_REASON).alias(REASON)), on=_RAW_ROW,
-                       maintain_order="right").drop(_RAW_ROW).collect()  # fmt: skip
+    rejects = (
+        raw.join(
+            rejected.lazy().select(_RAW_ROW, pl.col(REJECT_REASON).alias(REASON)), on=_RAW_ROW, maintain_order="right"
+        )
+        .drop(_RAW_ROW)
+        .collect()
+    )
     options = spec.dataset.options
     splits = event_source.time_splits(frame, str(raw_dir), options.get("valid_days", 1), options.get("test_days", 1))
-    return Prepared(splits=splits, rows_in=valid.height + rejected.height, rejects=rejects, history_dir=history_dir,
-                    days_computed=len(computed))  # fmt: skip
+    return Prepared(
+        splits=splits,
+        rows_in=valid.height + rejected.height,
+        rejects=rejects,
+        history_dir=history_dir,
+        days_computed=len(computed),
+    )

@@ -11,7 +11,7 @@ import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -43,7 +43,7 @@ class FittedState:
         if f.kind == "dense":
             return len(self.dense[f.name].boundaries) + 2  # OOV/null + one row per bucket
         if f.vocab_policy.kind == "hash":
-            return int(f.vocab_policy.buckets) + 1  # type: ignore[arg-type]
+            return f.vocab_policy.hash_buckets + 1
         return len(self.vocabularies[f.name]) + 1
 
     def save_vocabularies(self, directory: Path) -> dict[str, str]:
@@ -108,22 +108,22 @@ def _fit_vocab(values: pl.Series, f: Feature) -> list[str]:
 
 def _fit_dense(values: pl.Series, f: Feature) -> DenseStats:
     raw = values.cast(pl.Float64)
-    mean = float(raw.mean()) if raw.drop_nulls().len() else 0.0
+    mean = float(cast(float, raw.mean())) if raw.drop_nulls().len() else 0.0
     filled = raw.fill_null(mean)
     transformed = (
         filled.to_frame().select(signed_log1p(pl.col(raw.name))).to_series() if f.transform == "log1p" else filled
     )
-    std = float(transformed.std() or 0.0)
+    std = float(cast(float, transformed.std()) or 0.0)
     boundaries: list[float] = []
     if f.transform == "bucketize":
         qs = np.quantile(filled.to_numpy(), np.linspace(0, 1, f.num_buckets + 1)[1:-1])
         boundaries = sorted({float(q) for q in qs})
     return DenseStats(
         mean=mean,
-        t_mean=float(transformed.mean() or 0.0),
+        t_mean=float(cast(float, transformed.mean()) or 0.0),
         t_std=std if std > 0 and math.isfinite(std) else 1.0,
-        min=raw.min(),  # type: ignore[arg-type]
-        max=raw.max(),  # type: ignore[arg-type]
+        min=cast(float | None, raw.min()),
+        max=cast(float | None, raw.max()),
         null_count=raw.null_count(),
         boundaries=boundaries,
     )

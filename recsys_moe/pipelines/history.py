@@ -22,13 +22,14 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from recsys_moe.features.history import HistorySpec
 from recsys_moe import atomic
+from recsys_moe.features.history import HistorySpec
 
 
 def _positions(times: pl.Series, at: pl.Series) -> pl.Series:
@@ -106,11 +107,13 @@ def _index(events: pl.DataFrame, spec: HistorySpec) -> _Index:
 
 def _entity_columns(index: _Index, entity: str, lo: int, hi: int) -> dict[str, np.ndarray | pl.Series]:
     """Counts and sequences of one entity for rows lo..hi (a thread: numpy and Polars release the GIL)."""
-    spec, columns = index.spec, {}
+    spec = index.spec
+    columns: dict[str, np.ndarray | pl.Series] = {}
     t_rows = index.events.get_column(spec.time).slice(lo, hi - lo)
     row_code = index.codes[entity][lo:hi]
-    positions = {d: _positions(index.times, t_rows - datetime.timedelta(days=d)).to_numpy()
-                 for d in [0, *spec.windows_days]}  # fmt: skip
+    positions = {
+        d: _positions(index.times, t_rows - datetime.timedelta(days=d)).to_numpy() for d in [0, *spec.windows_days]
+    }
     # Queries in (entity, time) order: binary searches over sorted needles stay in cache.
     perm = np.argsort(row_code + positions[0], kind="stable")
     bound = {d: (row_code + pos)[perm] for d, pos in positions.items()}
@@ -134,8 +137,11 @@ def _features(index: _Index, lo: int, hi: int) -> pl.DataFrame:
     for entity in spec.entities:
         for name, rate in spec.rates.items():
             for w in spec.windows_days:
-                num, den = columns[spec.column(entity, rate.numerator, w)], columns[spec.column(entity, rate.denominator, w)]
-                columns[spec.column(entity, name, w)] = ((num + rate.strength * rate.prior) / (den + rate.strength)).astype(np.float32)
+                num = cast(np.ndarray, columns[spec.column(entity, rate.numerator, w)])  # counts: arrays
+                den = cast(np.ndarray, columns[spec.column(entity, rate.denominator, w)])
+                columns[spec.column(entity, name, w)] = (
+                    (num + rate.strength * rate.prior) / (den + rate.strength)
+                ).astype(np.float32)
     rows = index.events.slice(lo, hi - lo)
     if spec.time_features:
         t = rows.get_column(spec.time)
@@ -151,8 +157,9 @@ def _first_at(events: pl.DataFrame, spec: HistorySpec, when: datetime.datetime) 
     return int(events.get_column(spec.time).search_sorted(when, side="left"))
 
 
-def add_history(events: pl.LazyFrame | pl.DataFrame, spec: HistorySpec,
-                since: datetime.datetime | None = None) -> pl.DataFrame:  # fmt: skip
+def add_history(
+    events: pl.LazyFrame | pl.DataFrame, spec: HistorySpec, since: datetime.datetime | None = None
+) -> pl.DataFrame:
     """The rows of `events` at or after `since` (all rows if None), sorted by (time, event id),
     with every column of `spec.columns()` added. `events` must hold every event the features can
     look at: `spec.lookback_days` before `since`."""
@@ -187,8 +194,14 @@ def day_path(out_dir: Path, day: datetime.date) -> Path:
     return out_dir / f"day={day.isoformat()}" / "part-0.parquet"
 
 
-def write_days(events: pl.LazyFrame, spec: HistorySpec, out_dir: Path, days: list[datetime.date],
-               chunk_days: int = 31, progress: bool = True) -> list[Path]:  # fmt: skip
+def write_days(
+    events: pl.LazyFrame,
+    spec: HistorySpec,
+    out_dir: Path,
+    days: list[datetime.date],
+    chunk_days: int = 31,
+    progress: bool = True,
+) -> list[Path]:
     """The history rows of each of `days`, written to out_dir/day=D/part-0.parquet (atomically).
 
     Consecutive days (at most `chunk_days`) share one index, built from the events of
@@ -215,8 +228,14 @@ def write_days(events: pl.LazyFrame, spec: HistorySpec, out_dir: Path, days: lis
     return written
 
 
-def update_days(events: pl.LazyFrame, spec: HistorySpec, out_dir: Path, rebuild: bool = False,
-                chunk_days: int = 31, progress: bool = True) -> list[datetime.date]:  # fmt: skip
+def update_days(
+    events: pl.LazyFrame,
+    spec: HistorySpec,
+    out_dir: Path,
+    rebuild: bool = False,
+    chunk_days: int = 31,
+    progress: bool = True,
+) -> list[datetime.date]:
     """Bring out_dir up to date with the event log: compute the days it lacks (every day when
     `rebuild` or when the history spec changed). Returns the days computed."""
     marker = out_dir / "history_spec.json"

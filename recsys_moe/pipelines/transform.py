@@ -48,7 +48,7 @@ def typed(frame: pl.LazyFrame | pl.DataFrame, spec: FeatureSpec, with_labels: bo
 def _ids(f: Feature, state: FittedState) -> pl.Expr:
     col = pl.col(f.name)
     if f.vocab_policy.kind == "hash":
-        buckets = int(f.vocab_policy.buckets)  # type: ignore[arg-type]
+        buckets = f.vocab_policy.hash_buckets
         hashed = lambda s: stable_hash_ids(s, buckets)  # noqa: E731
         return col.map_batches(hashed, return_dtype=pl.Int64)
     return _vocab_ids(col, state.vocabularies[f.name])
@@ -81,7 +81,7 @@ def _encode(f: Feature, state: FittedState) -> pl.Expr:
     if f.kind == "categorical":
         return _ids(f, state).fill_null(OOV).alias(f.name)
     if f.vocab_policy.kind == "hash":
-        buckets = int(f.vocab_policy.buckets)  # type: ignore[arg-type]
+        buckets = f.vocab_policy.hash_buckets
         hashed = col.map_batches(lambda s: stable_hash_lists(s, buckets), return_dtype=pl.List(pl.Int64))
         return hashed.fill_null(pl.lit([], pl.List(pl.Int64))).alias(f.name)
     element = _vocab_ids(pl.element(), state.vocabularies[f.name])

@@ -7,6 +7,7 @@ needs only JSON, parquet and safetensors: nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from importlib import metadata
@@ -29,10 +30,8 @@ REQUIREMENTS = ("torch", "torchrec", "fbgemm-gpu-cpu", "polars", "safetensors", 
 def _requirements() -> list[str]:
     pins = []
     for name in REQUIREMENTS:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             pins.append(f"{name}=={metadata.version(name).split('+')[0]}")
-        except metadata.PackageNotFoundError:
-            pass
     return pins
 
 

@@ -51,8 +51,11 @@ class Decision:
     rows: int = 0
 
     def tags(self) -> dict[str, str]:
-        tags = {"gate.decision": "promoted" if self.promote else "not promoted", "gate.reason": self.reason[:500],
-                "gate.holdout_rows": str(self.rows)}  # fmt: skip
+        tags = {
+            "gate.decision": "promoted" if self.promote else "not promoted",
+            "gate.reason": self.reason[:500],
+            "gate.holdout_rows": str(self.rows),
+        }
         tags.update({f"gate.candidate.{k}": f"{v:.6f}" for k, v in self.candidate.items()})
         tags.update({f"gate.champion.{k}": f"{v:.6f}" for k, v in self.champion.items()})
         if self.champion_version is not None:
@@ -70,7 +73,9 @@ def holdout_metrics(scorer: Scorer, holdout: pl.DataFrame) -> tuple[dict[str, fl
         if spec_task is None or not compile_expression(spec_task.label).columns <= set(holdout.columns):
             continue  # the holdout has no label for this task
         labels = labeled.select(compile_expression(spec_task.label).expr.cast(pl.Float32)).to_series().to_numpy()
-        metrics = task_metrics(kind, torch.from_numpy(scored.scores[:, i]), torch.from_numpy(np.array(labels, dtype=np.float32)))
+        metrics = task_metrics(
+            kind, torch.from_numpy(scored.scores[:, i]), torch.from_numpy(np.array(labels, dtype=np.float32))
+        )
         out.update({f"{task}.{k}": float(v) for k, v in metrics.items() if k != "score"})
     return out, len(scored.rows)
 
@@ -106,18 +111,29 @@ def decide(
 
 
 def evaluate_candidate(
-    candidate: Scorer, champion: Scorer | None, holdout: pl.DataFrame, config: PromotionConfig,
+    candidate: Scorer,
+    champion: Scorer | None,
+    holdout: pl.DataFrame,
+    config: PromotionConfig,
     champion_version: str | None = None,
-) -> Decision:  # fmt: skip
+) -> Decision:
     metrics = config.metrics or default_metrics(candidate)
     unknown = [m for m in metrics if "." not in m or m.rsplit(".", 1)[1] not in HIGHER_IS_BETTER]
     if unknown:
-        raise ValueError(f"promotion.metrics: {unknown} are not '<task>.<metric>' with metric in {list(HIGHER_IS_BETTER)}")
+        raise ValueError(
+            f"promotion.metrics: {unknown} are not '<task>.<metric>' with metric in {list(HIGHER_IS_BETTER)}"
+        )
     cand, rows = holdout_metrics(candidate, holdout)
     champ = holdout_metrics(champion, holdout)[0] if champion is not None else None
     promote, reason = decide(cand, champ, metrics, config)
-    return Decision(promote, reason, {m: cand[m] for m in metrics if m in cand},
-                    {m: champ[m] for m in metrics if champ and m in champ}, champion_version, rows)  # fmt: skip
+    return Decision(
+        promote,
+        reason,
+        {m: cand[m] for m in metrics if m in cand},
+        {m: champ[m] for m in metrics if champ and m in champ},
+        champion_version,
+        rows,
+    )
 
 
 def read_holdout(path: Path) -> pl.DataFrame:

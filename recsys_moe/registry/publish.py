@@ -16,11 +16,16 @@ from recsys_moe.training.loop import TrainResult
 
 
 @dataclass
+class Registered:
+    name: str
+    version: str
+    decision: Decision  # the gate's, already applied to the aliases
+
+
+@dataclass
 class Published:
-    model_uri: str
-    name: str | None = None
-    version: str | None = None
-    decision: Decision | None = None
+    model_uri: str  # the logged pyfunc
+    registered: Registered | None = None  # when it was registered (and gated)
 
 
 def publish(
@@ -39,4 +44,4 @@ def publish(
     registry = Registry(tracking_uri)
     version = registry.register(model_uri, register_as, tags={"run_id": result.run_id})
     decision = registry.gate(register_as, version, holdout, promotion or PromotionConfig())
-    return Published(model_uri, register_as, version, decision)
+    return Published(model_uri, Registered(register_as, version, decision))

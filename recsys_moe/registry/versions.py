@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +30,14 @@ class RegistryError(RuntimeError):
     pass
 
 
-@dataclass
 class Registry:
-    """A thin handle on MLflow's model registry for one tracking store."""
+    """A thin handle on MLflow's model registry for one tracking store (the project's default
+    store unless `uri` names one)."""
 
-    uri: str | None = None
-
-    def __post_init__(self) -> None:
+    def __init__(self, uri: str | None = None) -> None:
         import mlflow
 
-        self.uri = self.uri or default_tracking_uri()
+        self.uri: str = uri or default_tracking_uri()
         self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     # -- lookups ---------------------------------------------------------------------------
@@ -64,14 +61,16 @@ class Registry:
             return name, version
         else:
             name, alias = rest, CHAMPION
-        version = self.alias_version(name, alias)
-        if version is None:
+        aliased = self.alias_version(name, alias)
+        if aliased is None:
             raise RegistryError(f"registered model {name!r} has no alias {alias!r} (see `recsys-moe models {name}`)")
-        return name, version
+        return name, aliased
 
     def bundle(self, name: str, version: str) -> Path:
         """The version's bundle, downloaded once into the cache, keyed by its logged model."""
         source = self.client.get_model_version(name, version).source  # models:/m-<uuid>: unique
+        if not source:
+            raise RegistryError(f"{name} v{version} has no source model in {self.uri}")
         key = source.removeprefix("models:/") if source.startswith("models:/m-") else f"{name}-{version}-{source}"
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
         return download_bundle(source, cache_dir() / safe, self.uri)
@@ -138,15 +137,20 @@ class Registry:
         for mv in self.client.search_model_versions(f"name='{name}'"):
             full = self.client.get_model_version(name, mv.version)
             tags = full.tags or {}
-            rows.append({
-                "version": int(mv.version),
-                "aliases": ",".join(getattr(full, "aliases", []) or []),
-                "run_id": mv.run_id,
-                "decision": tags.get("gate.decision", ""),
-                "metrics": {k.removeprefix("gate.candidate."): float(v) for k, v in tags.items()
-                            if k.startswith("gate.candidate.")},
-                "reason": tags.get("gate.reason", ""),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "version": int(mv.version),
+                    "aliases": ",".join(getattr(full, "aliases", []) or []),
+                    "run_id": mv.run_id,
+                    "decision": tags.get("gate.decision", ""),
+                    "metrics": {
+                        k.removeprefix("gate.candidate."): float(v)
+                        for k, v in tags.items()
+                        if k.startswith("gate.candidate.")
+                    },
+                    "reason": tags.get("gate.reason", ""),
+                }
+            )
         return sorted(rows, key=lambda r: -r["version"])
 
     def find_versions(self, name: str, tags: dict[str, str]) -> list[str]:

@@ -42,13 +42,15 @@ class RetrainParams(Record):
     """What a run can be told (the DAG's params: the trigger form, `airflow dags trigger -c`)."""
 
     spec: str = Field(
-        "synthetic", description="feature spec: a bundled name or a YAML path (its dataset source must be the "
-        "day-partitioned event log)"
-    )  # fmt: skip
+        "synthetic",
+        description="feature spec: a bundled name or a YAML path (its dataset source must be the "
+        "day-partitioned event log)",
+    )
     window_days: int = Field(
-        7, ge=3, description="days of events ending on the run's day: training days, then the spec's validation "
-        "and test days"
-    )  # fmt: skip
+        7,
+        ge=3,
+        description="days of events ending on the run's day: training days, then the spec's validation and test days",
+    )
     arch: ArchName = Field("mmoe", description="model architecture (model.arch)")
     margin: float = Field(0.0, ge=0, description="mean holdout improvement over the champion needed to promote")
     tolerance: float = Field(0.002, ge=0, description="largest regression allowed on any metric")
@@ -58,9 +60,10 @@ class RetrainParams(Record):
     overrides: list[str] = Field(default_factory=list, description='run config overrides, e.g. ["train.epochs=3"]')
     home: str | None = Field(None, description="data and output root; default $RECSYS_MOE_HOME or ~/recsys-moe")
     source_dir: str | None = Field(
-        None, description="event log (impressions/day=YYYY-MM-DD/, users.parquet, items.parquet); default "
-        "<home>/events/<spec>"
-    )  # fmt: skip
+        None,
+        description="event log (impressions/day=YYYY-MM-DD/, users.parquet, items.parquet); default "
+        "<home>/events/<spec>",
+    )
     tracking_uri: str | None = Field(
         None, description="MLflow tracking + registry URI; default $MLFLOW_TRACKING_URI or sqlite:///<home>/mlruns.db"
     )

@@ -27,7 +27,9 @@ import json
 import logging
 from datetime import date, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+from pydantic import Field
 
 from recsys_moe import atomic
 from recsys_moe.retrain.run import Record, RetrainRun, SyntheticFeed
@@ -102,7 +104,7 @@ class PeriodScores(Record):
     output: str | None
     rows_scored: int = 0
     rows_rejected: int = 0
-    mean_score: dict[str, float] = {}
+    mean_score: dict[str, float] = Field(default_factory=dict)
 
 
 # -- 1. events and features ------------------------------------------------------------------
@@ -123,8 +125,9 @@ def ensure_events(source_dir: str | Path, days: list[date], feed: SyntheticFeed)
     from recsys_moe.pipelines.sources import synthetic
 
     source_dir = Path(source_dir)
-    config = synthetic.SyntheticConfig(n_users=feed.n_users, n_items=feed.n_items,
-                                       n_impressions=feed.impressions_per_day, seed=feed.seed)  # fmt: skip
+    config = synthetic.SyntheticConfig(
+        n_users=feed.n_users, n_items=feed.n_items, n_impressions=feed.impressions_per_day, seed=feed.seed
+    )
     written = []
     for day in days:
         if not (_partition(source_dir, day) / "part-0.parquet").is_file():
@@ -157,8 +160,10 @@ def build_features(run: RetrainRun) -> Features:
 
     spec = load_spec(run.params.spec)
     if spec.dataset is None or spec.dataset.source != "synthetic":
-        raise ValueError(f"spec {spec.name!r}: the retraining DAG needs a day-partitioned event log (dataset "
-                         f"source 'synthetic'), not {spec.dataset.source if spec.dataset else None!r}")  # fmt: skip
+        raise ValueError(
+            f"spec {spec.name!r}: the retraining DAG needs a day-partitioned event log (dataset "
+            f"source 'synthetic'), not {spec.dataset.source if spec.dataset else None!r}"
+        )
     first, day = run.window
     emitted: list[str] = []
     if run.params.synthetic.emit:  # the window and the next day (whose candidates get scored)
@@ -166,15 +171,22 @@ def build_features(run: RetrainRun) -> Features:
     valid_days = int(spec.dataset.options.get("valid_days", 1))
     test_days = int(spec.dataset.options.get("test_days", 1))
     if run.params.window_days <= valid_days + test_days:
-        raise ValueError(f"window_days={run.params.window_days} leaves no training days "
-                         f"({valid_days} validation + {test_days} test days)")  # fmt: skip
+        raise ValueError(
+            f"window_days={run.params.window_days} leaves no training days "
+            f"({valid_days} validation + {test_days} test days)"
+        )
     where = f"{run.source_dir}[{first}..{day}]"
     raw = time_splits(_window_frames(run.source_dir, _days(first, day)), where, valid_days, test_days)
     manifest = build_frames(raw, spec, run.features_dir, f"synthetic:{where}", progress=False)
     rows = {split: info.rows_out for split, info in manifest.splits.items()}
     log.info("features for %s..%s → %s: %s", first, day, run.features_dir, rows)
-    return Features(features_dir=str(run.features_dir), digest=manifest.digest, rows=rows,
-                    rejected={s: i.rows_rejected for s, i in manifest.splits.items()}, emitted_days=emitted)  # fmt: skip
+    return Features(
+        features_dir=str(run.features_dir),
+        digest=manifest.digest,
+        rows=rows,
+        rejected={s: i.rows_rejected for s, i in manifest.splits.items()},
+        emitted_days=emitted,
+    )
 
 
 # -- 2. train --------------------------------------------------------------------------------
@@ -219,8 +231,12 @@ def train_model(run: RetrainRun) -> Trained:
     if record_path.is_file():
         record = Trained.model_validate_json(record_path.read_text())
         if record.fingerprint == fingerprint and _finished_run(run.tracking_uri, record.run_id):
-            log.info("day %s already trained with the same data and config: re-using run %s (%s)",
-                     run.day, record.run_id, run.model_dir)  # fmt: skip
+            log.info(
+                "day %s already trained with the same data and config: re-using run %s (%s)",
+                run.day,
+                record.run_id,
+                run.model_dir,
+            )
             return record.model_copy(update={"reused": True})
 
     tracker = MlflowTracker(run.params.experiment, run_name=f"{run.dag_id}-{run.day}", uri=run.tracking_uri)
@@ -284,8 +300,14 @@ def evaluate(run: RetrainRun, trained: Trained) -> GateResult:
         tags = registry.client.get_model_version(name, existing[-1]).tags or {}
         if "gate.decision" in tags:
             decision = _recorded_decision(tags, existing[-1])
-            log.info("%s v%s (day %s) was already gated: %s — %s", name, existing[-1], run.day,
-                     tags["gate.decision"], decision.reason)  # fmt: skip
+            log.info(
+                "%s v%s (day %s) was already gated: %s — %s",
+                name,
+                existing[-1],
+                run.day,
+                tags["gate.decision"],
+                decision.reason,
+            )
             return decision
 
     holdout = read_holdout(Manifest.load(run.features_dir).raw_path("test"))
@@ -294,13 +316,25 @@ def evaluate(run: RetrainRun, trained: Trained) -> GateResult:
     gated = evaluate_candidate(
         Scorer(trained.bundle_dir), registry.scorer(name, champion) if champion else None, holdout, config, champion
     )
-    log.info("candidate for %s vs champion %s on %d holdout rows: %s — %s", run.day, champion, gated.rows,
-             "promote" if gated.promote else "keep the champion", gated.reason)  # fmt: skip
+    log.info(
+        "candidate for %s vs champion %s on %d holdout rows: %s — %s",
+        run.day,
+        champion,
+        gated.rows,
+        "promote" if gated.promote else "keep the champion",
+        gated.reason,
+    )
     return GateResult(
-        promote=gated.promote, reason=gated.reason, candidate=gated.candidate, champion=gated.champion,
-        champion_version=champion, rows=gated.rows, tags=gated.tags(), reused=False,
+        promote=gated.promote,
+        reason=gated.reason,
+        candidate=gated.candidate,
+        champion=gated.champion,
+        champion_version=champion,
+        rows=gated.rows,
+        tags=gated.tags(),
+        reused=False,
         version=existing[-1] if existing else None,
-    )  # fmt: skip
+    )
 
 
 # -- 4. register -----------------------------------------------------------------------------
@@ -365,8 +399,12 @@ def apply_decision(run: RetrainRun, registration: Registration, promote: bool) -
         log.info("%s v%s: %s", name, version, "now the champion" if promote else "kept as challenger")
     else:
         log.info("%s v%s: aliases were already set by an earlier run of day %s; leaving them", name, version, run.day)
-    return Aliases(promoted=promote, changed=changed, champion=registry.alias_version(name, CHAMPION),
-                   challenger=registry.alias_version(name, CHALLENGER))  # fmt: skip
+    return Aliases(
+        promoted=promote,
+        changed=changed,
+        champion=registry.alias_version(name, CHAMPION),
+        challenger=registry.alias_version(name, CHALLENGER),
+    )
 
 
 # -- 6. batch-score the next period ----------------------------------------------------------
@@ -392,21 +430,31 @@ def score_next_period(run: RetrainRun) -> PeriodScores:
 
     registry, name = Registry(run.tracking_uri), run.params.model_name
     champion = registry.alias_version(name, CHAMPION)
-    scores = PeriodScores(day=next_day.isoformat(), candidates=str(candidates_path), rows=candidates.height,
-                          champion=champion, output=None)  # fmt: skip
+    scores = PeriodScores(
+        day=next_day.isoformat(),
+        candidates=str(candidates_path),
+        rows=candidates.height,
+        champion=champion,
+        output=None,
+    )
     if champion is None:
         log.warning("%s has no champion: nothing scores the candidates of %s", name, next_day)
         (run.scores_dir / "scores.parquet").unlink(missing_ok=True)
         return scores
-    report = score_parquet(registry.scorer(name, champion), candidates_path, run.scores_dir / "scores.parquet",
-                           progress=False)  # fmt: skip
+    report = score_parquet(
+        registry.scorer(name, champion), candidates_path, run.scores_dir / "scores.parquet", progress=False
+    )
     scored = pl.read_parquet(report.output)
     log.info("scored %d candidates of %s with %s v%s → %s", report.rows_out, next_day, name, champion, report.output)
-    return scores.model_copy(update={
-        "output": str(report.output), "rows": report.rows_in, "rows_scored": report.rows_out,
-        "rows_rejected": report.rows_rejected,
-        "mean_score": {t: float(scored[t].mean()) for t in scored.columns if t not in spec.keys},  # type: ignore[arg-type]
-    })  # fmt: skip
+    return scores.model_copy(
+        update={
+            "output": str(report.output),
+            "rows": report.rows_in,
+            "rows_scored": report.rows_out,
+            "rows_rejected": report.rows_rejected,
+            "mean_score": {t: float(cast(float, scored[t].mean())) for t in scored.columns if t not in spec.keys},
+        }
+    )
 
 
 # -- 7. summary ------------------------------------------------------------------------------
@@ -430,16 +478,20 @@ def summarize(
 
     registry, name = Registry(run.tracking_uri), registration.name
     ui = _ui_base(run.tracking_uri)
-    summary = {
+    summary: dict[str, Any] = {
         "dag_id": run.dag_id,
         "day": run.day.isoformat(),
         "window": [d.isoformat() for d in run.window],
-        "params": {**run.params.model_dump(mode="json", include={"spec", "window_days", "arch", "margin", "tolerance",
-                                                                  "overrides", "model_name"}),
-                   "source_dir": str(run.source_dir)},  # fmt: skip
+        "params": {
+            **run.params.model_dump(
+                mode="json", include={"spec", "window_days", "arch", "margin", "tolerance", "overrides", "model_name"}
+            ),
+            "source_dir": str(run.source_dir),
+        },
         "features": features.to_xcom(),
-        "training": trained.model_dump(mode="json", include={"run_id", "best_epoch", "valid", "test", "fingerprint",
-                                                             "reused"}),  # fmt: skip
+        "training": trained.model_dump(
+            mode="json", include={"run_id", "best_epoch", "valid", "test", "fingerprint", "reused"}
+        ),
         "decision": decision.model_dump(mode="json", exclude={"tags", "version"}),
         "promoted": decision.promote,
         "model": {**registration.to_xcom()},
@@ -456,6 +508,14 @@ def summarize(
     }
     atomic.write_json(run.summary_path, summary, sort_keys=True)
     verdict = "promoted to champion" if decision.promote else "not promoted (challenger)"
-    log.info("day %s: %s v%s %s — %s; champion v%s; %s", run.day, name, registration.version, verdict,
-             decision.reason, summary["aliases"][CHAMPION], summary["mlflow"]["run_url"])  # fmt: skip
+    log.info(
+        "day %s: %s v%s %s — %s; champion v%s; %s",
+        run.day,
+        name,
+        registration.version,
+        verdict,
+        decision.reason,
+        summary["aliases"][CHAMPION],
+        summary["mlflow"]["run_url"],
+    )
     return summary

@@ -24,13 +24,13 @@ import numpy as np
 import polars as pl
 import torch
 
+from recsys_moe.config import ModelConfig
+from recsys_moe.data.loader import InMemoryDataset
+from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.pipelines.build import load_state
 from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.pipelines.transform import encoders, key_column, typed
 from recsys_moe.pipelines.validate import REASON, check_columns, reject_reason
-from recsys_moe.config import ModelConfig
-from recsys_moe.data.loader import InMemoryDataset
-from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.training import checkpoint
 
 log = logging.getLogger(__name__)

@@ -176,10 +176,15 @@ class Service:
         if not finite.all():
             bad = [int(i) for i in scored.rows[~finite][:MAX_DETAIL]]
             items = [
-                _item(["body", *locate(i, None)], f"{_path(locate(i, None))}: the model's scores are not finite "
-                      "(a value is far outside the range it was trained on)", "not_finite", i)
+                _item(
+                    ["body", *locate(i, None)],
+                    f"{_path(locate(i, None))}: the model's scores are not finite "
+                    "(a value is far outside the range it was trained on)",
+                    "not_finite",
+                    i,
+                )
                 for i in bad
-            ]  # fmt: skip
+            ]
             raise ApiError(422, items[0]["msg"], items)
         self.metrics.rows_scored.labels(endpoint).inc(len(scores))
         return scores
@@ -338,14 +343,24 @@ def create_app(settings: ServingSettings) -> FastAPI:
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"error": exc.error, "detail": exc.detail}, exc.status, headers=exc.headers)
 
-    @app.post("/v1/score", dependencies=auth, openapi_extra=_body("ScoreRequest"), tags=["scoring"],
-              responses={200: {"model": ScoreResponse}, **ERRORS})  # fmt: skip
+    @app.post(
+        "/v1/score",
+        dependencies=auth,
+        openapi_extra=_body("ScoreRequest"),
+        tags=["scoring"],
+        responses={200: {"model": ScoreResponse}, **ERRORS},
+    )
     async def score(request: Request) -> Response:
         """Per-task scores of each row, in request order. One bad row fails the request (422)."""
         return await run_in_threadpool(service.score, await read_body(request, settings.max_body_bytes))
 
-    @app.post("/v1/rank", dependencies=auth, openapi_extra=_body("RankRequest"), tags=["scoring"],
-              responses={200: {"model": RankResponse}, **ERRORS})  # fmt: skip
+    @app.post(
+        "/v1/rank",
+        dependencies=auth,
+        openapi_extra=_body("RankRequest"),
+        tags=["scoring"],
+        responses={200: {"model": RankResponse}, **ERRORS},
+    )
     async def rank(request: Request) -> Response:
         """Candidates sorted by the combined ranking score, best first, each with its request index."""
         return await run_in_threadpool(service.rank, await read_body(request, settings.max_body_bytes))
@@ -363,8 +378,12 @@ def create_app(settings: ServingSettings) -> FastAPI:
             return JSONResponse({"ready": False, "reason": f"no model loaded yet from {source}"}, 503)
         return JSONResponse({"ready": True, "model": loaded.describe()})
 
-    @app.get("/metrics", tags=["ops"], response_class=Response,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})  # fmt: skip
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def prometheus() -> Response:
         """Prometheus text exposition."""
         body, content_type = metrics.exposition()
@@ -380,8 +399,9 @@ def run(settings: ServingSettings) -> None:
     import uvicorn
 
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.access_log)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log
+    )
 
 
 __all__ = ["ApiError", "create_app", "run"]

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 LOCAL_VERSION = "local"  # the version reported for a model served from a bundle directory
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailableError(RuntimeError):
     """No model can be loaded (yet): the alias does not exist, or the source is broken."""
 
 
@@ -154,7 +154,7 @@ class ModelHolder:
             return
         try:
             if not self.refresh():
-                raise ModelUnavailable(
+                raise ModelUnavailableError(
                     f"registered model {self.source.name!r} has no alias {self.source.alias!r} "
                     f"in {self.registry.uri} (set it, or start with wait_for_model)"
                 )
@@ -174,8 +174,12 @@ class ModelHolder:
             current = self._current
             if version is None:
                 if current is not None:
-                    log.warning("%s@%s no longer exists; still serving v%s", self.source.name, self.source.alias,
-                                current.version)  # fmt: skip
+                    log.warning(
+                        "%s@%s no longer exists; still serving v%s",
+                        self.source.name,
+                        self.source.alias,
+                        current.version,
+                    )
                 return False
             if current is not None and current.version == version:
                 return False

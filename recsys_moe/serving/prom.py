@@ -35,17 +35,22 @@ class Metrics:
             "recsys_serving_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
         )
         self.latency = Histogram(
-            "recsys_serving_request_seconds", "request latency (server side)", ["endpoint"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "recsys_serving_request_seconds",
+            "request latency (server side)",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.rows_scored = Counter("recsys_serving_rows_scored", "rows scored", ["endpoint"], registry=r)
         self.rows_rejected = Counter(
             "recsys_serving_rows_rejected", "rows the model's validation rejected", ["endpoint"], registry=r
         )
         self.model_info = Gauge(
-            "recsys_serving_model_info", "the model being served (value 1)", ["name", "version", "run_id", "spec"],
+            "recsys_serving_model_info",
+            "the model being served (value 1)",
+            ["name", "version", "run_id", "spec"],
             registry=r,
-        )  # fmt: skip
+        )
         self.model_version = Gauge(
             "recsys_serving_model_version", "registry version being served (0 for a bundle directory)", registry=r
         )

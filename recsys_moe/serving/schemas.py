@@ -122,9 +122,13 @@ class RequestModels:
         """Validated column values → the Scorer's input frame, with dtypes fixed by the spec (a
         column of nulls is still Float64/String/List(String))."""
         return pl.DataFrame(
-            [_list_series(c.name, data[c.name]) if c.kind == "multi_hot" else
-             pl.Series(c.name, data[c.name], dtype=DTYPES[c.kind]) for c in self.columns]
-        )  # fmt: skip
+            [
+                _list_series(c.name, data[c.name])
+                if c.kind == "multi_hot"
+                else pl.Series(c.name, data[c.name], dtype=DTYPES[c.kind])
+                for c in self.columns
+            ]
+        )
 
     def json_schemas(self) -> dict[str, Any]:
         """OpenAPI component schemas for the request bodies (and what they reference)."""
@@ -141,7 +145,8 @@ def request_models(spec: FeatureSpec, max_rows: int) -> RequestModels:
     grouped: dict[str, list[Feature]] = {}
     for f in spec.features:
         grouped.setdefault(f.source_column, []).append(f)
-    columns, fields = [], {}
+    columns: list[Column] = []
+    fields: dict[str, Any] = {}
     for i, (name, features) in enumerate(grouped.items()):
         kind = _kind(features[0])  # columns shared by features (age and its buckets) share a kind in practice
         column = Column(name=name, field=f"f{i}", kind=kind, features=tuple(f.name for f in features))

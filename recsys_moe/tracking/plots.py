@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs in CI and on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def validation_curves(

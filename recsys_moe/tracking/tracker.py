@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class Tracker(Protocol):
-    run_id: str | None
-    uri: str | None
+    @property
+    def run_id(self) -> str | None: ...  # None: nothing is tracked
+    @property
+    def uri(self) -> str | None: ...
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
@@ -46,9 +48,7 @@ class _Closing:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if kind is None:
             self.close()
         else:
@@ -77,7 +77,7 @@ class MlflowTracker(_Closing):
     ) -> None:
         import mlflow
 
-        self.uri = uri or tracking_uri()
+        self.uri: str = uri or tracking_uri()
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -90,7 +90,7 @@ class MlflowTracker(_Closing):
         self.experiment_id = experiment_id
         if run_id is not None:  # resuming: keep logging into the interrupted run
             self.client.update_run(run_id, status="RUNNING")
-            self.run_id: str | None = run_id
+            self.run_id: str = run_id
         else:
             self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         log.info("MLflow run %s in experiment %r at %s", self.run_id, experiment, self.uri)
@@ -136,7 +136,7 @@ class MlflowTracker(_Closing):
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         # MetaDataset records name + digest without MLflow reading the data itself.
-        dataset = MetaDataset(
+        dataset = MetaDataset(  # type: ignore[abstract]  # mlflow's stub; MetaDataset is concrete
             source=HTTPDatasetSource(url=Path(source).resolve().as_uri()), name=name, digest=digest[:36]
         )
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])

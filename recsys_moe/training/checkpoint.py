@@ -94,7 +94,9 @@ def resume_run_id(run_dir: Path) -> str | None:
 
 
 # -- the bundle ------------------------------------------------------------------------------
-def bundle_config(manifest: Manifest, model: ModelConfig, ranker: MultiTaskRanker, run_id: str | None) -> dict[str, Any]:
+def bundle_config(
+    manifest: Manifest, model: ModelConfig, ranker: MultiTaskRanker, run_id: str | None
+) -> dict[str, Any]:
     """`model_config.json`: how to rebuild the model and where it came from."""
     return {
         "model": model.model_dump(mode="json"),

@@ -71,9 +71,11 @@ class GateSums:
             return
         entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=-1)  # [B, T]
         batch = (weights.sum(0).double(), (weights > 0).sum(0).double(), entropy.sum(0).double())
-        self.totals = batch if self.totals is None else (
-            self.totals[0] + batch[0], self.totals[1] + batch[1], self.totals[2] + batch[2]
-        )  # fmt: skip
+        self.totals = (
+            batch
+            if self.totals is None
+            else (self.totals[0] + batch[0], self.totals[1] + batch[1], self.totals[2] + batch[2])
+        )
 
     def evaluation(self, metrics: dict[str, dict[str, float]], rows: int, scores: torch.Tensor) -> Evaluation:
         if self.totals is None:
@@ -86,7 +88,9 @@ def per_task_metrics(
     scores: torch.Tensor, labels: torch.Tensor, tasks: Sequence[str], task_types: Sequence[str]
 ) -> dict[str, dict[str, float]]:
     """scores, labels [N, T] → task → its metrics (column by column, never pooled)."""
-    return {task: task_metrics(kind, scores[:, i], labels[:, i]) for i, (task, kind) in enumerate(zip(tasks, task_types))}
+    return {
+        task: task_metrics(kind, scores[:, i], labels[:, i]) for i, (task, kind) in enumerate(zip(tasks, task_types))
+    }
 
 
 def evaluate(model: MultiTaskRanker, dataset: InMemoryDataset, batch_size: int) -> Evaluation:

@@ -216,10 +216,16 @@ def epoch_record(
 def log_start(tracker: Tracker, manifest: Manifest, config: RunConfig, engine: Engine) -> None:
     """What a new run records once: its config, its data and what the engine adds."""
     spec = manifest.spec.name
-    tracker.log_params({
-        **config.flat(), "tasks": ",".join(engine.ranker.task_names), "spec": spec, "spec_hash": manifest.spec_hash,
-        "train_rows": manifest.splits["train"].rows_out, **engine.extra_params,
-    })  # fmt: skip
+    tracker.log_params(
+        {
+            **config.flat(),
+            "tasks": ",".join(engine.ranker.task_names),
+            "spec": spec,
+            "spec_hash": manifest.spec_hash,
+            "train_rows": manifest.splits["train"].rows_out,
+            **engine.extra_params,
+        }
+    )
     tracker.set_tags({"spec": spec, "arch": config.model.arch, "dataset_digest": manifest.digest, **engine.extra_tags})
     for path, artifact_dir in engine.extra_files:
         tracker.log_file(path, artifact_dir)
@@ -248,8 +254,10 @@ def report_epoch(
         log.warning(
             "epoch %d: experts %s are nearly unused by every task (below %.3f); consider "
             "train.balance_loss_weight > 0, a higher model.gate_temperature or fewer experts",
-            epoch, collapsed, threshold,
-        )  # fmt: skip
+            epoch,
+            collapsed,
+            threshold,
+        )
     tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
     summary = "  ".join(f"{t} {m.get('auc', m.get('r2', float('nan'))):.4f}" for t, m in val.metrics.items())
     rate = record["train_samples_per_s"]

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.model.gates import GateOutput, balance_loss
+from recsys_moe.pipelines.manifest import Manifest
 
 
 def per_task_losses(logits: torch.Tensor, labels: torch.Tensor, is_binary: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,9 @@ class LocalEngine:
                 bars.set_postfix(loss=f"{loss.item():.4f}")
             bars.update(1)
         bars.close()
-        return EpochStats(loss=(loss_sum / max(n_seen, 1)).tolist(), samples_per_s=n_seen / (time.perf_counter() - start))
+        return EpochStats(
+            loss=(loss_sum / max(n_seen, 1)).tolist(), samples_per_s=n_seen / (time.perf_counter() - start)
+        )
 
     def validate(self) -> Evaluation:
         return evaluate(self.ranker, self.data["valid"], self.config.train.eval_batch_size)
@@ -118,8 +120,9 @@ class LocalEngine:
             "torch_rng": torch.get_rng_state(),
             "task_weighting": self.weighting.state_dict() if self.weighting is not None else {},
         }
-        checkpoint.save_train_state(self.run_dir / "last", self.ranker, {**self.bundle, "run_id": progress.run_id},
-                                    state, progress)  # fmt: skip
+        checkpoint.save_train_state(
+            self.run_dir / "last", self.ranker, {**self.bundle, "run_id": progress.run_id}, state, progress
+        )
 
     def finish(self) -> ShardingInfo | None:
         return None

@@ -31,15 +31,15 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from recsys_moe.pipelines.sources.events import time_splits
 from recsys_moe.pipelines.sources.calibration import sigmoid, solve_intercept
+from recsys_moe.pipelines.sources.events import time_splits
 from recsys_moe.pipelines.sources.partitions import remove_other_days, write_day_partitions
 
 __all__ = [
     "CATEGORICAL_COLUMNS",
     "DEFAULT_CARDINALITIES",
-    "dense_columns",
     "CriteoConfig",
+    "dense_columns",
     "generate",
     "read",
     "sample_power_law",
@@ -52,10 +52,33 @@ CATEGORICAL_COLUMNS = tuple(f"C{i}" for i in range(1, N_CATEGORICAL + 1))
 
 # Criteo-Kaggle-like spread, with the three largest tables at 10M rows.
 DEFAULT_CARDINALITIES: tuple[int, ...] = (
-    1_460, 583, 10_000_000, 1_000_000, 305, 24, 12_517, 633, 3, 93_145,
-    5_683, 10_000_000, 3_194, 27, 14_992, 500_000, 10, 5_652, 2_173, 4,
-    10_000_000, 18, 15, 286_181, 105, 142_572,
-)  # fmt: skip
+    1_460,
+    583,
+    10_000_000,
+    1_000_000,
+    305,
+    24,
+    12_517,
+    633,
+    3,
+    93_145,
+    5_683,
+    10_000_000,
+    3_194,
+    27,
+    14_992,
+    500_000,
+    10,
+    5_652,
+    2_173,
+    4,
+    10_000_000,
+    18,
+    15,
+    286_181,
+    105,
+    142_572,
+)
 
 _US_PER_DAY = 86_400 * 1_000_000
 _EPOCH = datetime.date(1970, 1, 1)

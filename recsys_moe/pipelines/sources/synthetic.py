@@ -46,9 +46,9 @@ import numpy as np
 import polars as pl
 
 from recsys_moe import atomic
+from recsys_moe.pipelines.contract import EventContract
 from recsys_moe.pipelines.sources.calibration import sigmoid, solve_intercept
 from recsys_moe.pipelines.sources.partitions import remove_other_days, write_day_partitions
-from recsys_moe.pipelines.contract import EventContract
 
 __all__ = [
     "IMPRESSIONS_SCHEMA",
@@ -66,35 +66,35 @@ __all__ = [
 
 USERS_SCHEMA = pl.Schema(
     {
-        "user_id": pl.Int64,
-        "age": pl.Int32,
-        "gender": pl.Utf8,
-        "country": pl.Utf8,
+        "user_id": pl.Int64(),
+        "age": pl.Int32(),
+        "gender": pl.Utf8(),
+        "country": pl.Utf8(),
         "interests": pl.List(pl.Utf8),
-        "signup_days": pl.Int32,
+        "signup_days": pl.Int32(),
     }
 )
 ITEMS_SCHEMA = pl.Schema(
     {
-        "item_id": pl.Int64,
-        "category": pl.Utf8,
-        "brand": pl.Utf8,
-        "price": pl.Float64,
-        "item_age_days": pl.Int32,
+        "item_id": pl.Int64(),
+        "category": pl.Utf8(),
+        "brand": pl.Utf8(),
+        "price": pl.Float64(),
+        "item_age_days": pl.Int32(),
     }
 )
 IMPRESSIONS_SCHEMA = pl.Schema(
     {
-        "impression_id": pl.Int64,
+        "impression_id": pl.Int64(),
         "ts": pl.Datetime("us"),
-        "user_id": pl.Int64,
-        "item_id": pl.Int64,
-        "position": pl.Int32,
-        "device": pl.Utf8,
-        "click": pl.Int8,
-        "conversion": pl.Int8,
+        "user_id": pl.Int64(),
+        "item_id": pl.Int64(),
+        "position": pl.Int32(),
+        "device": pl.Utf8(),
+        "click": pl.Int8(),
+        "conversion": pl.Int8(),
         "conversion_ts": pl.Datetime("us"),  # null unless conversion == 1
-        "dwell_seconds": pl.Float64,
+        "dwell_seconds": pl.Float64(),
     }
 )
 
