@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from recsys_moe.config import RunConfig
     from recsys_moe.registry.promotion import Decision, PromotionConfig
     from recsys_moe.scoring import RankingConfig, Scorer
+    from recsys_moe.serving.settings import ServingSettings
     from recsys_moe.training.loop import TrainResult
 
 EPILOG = """\
@@ -56,17 +57,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from recsys_moe.features import load_spec
     from recsys_moe.pipelines.build import build
+    from recsys_moe.pipelines.definition import load_definition
 
+    flags = ("spec", "data", "out", "rows_per_shard", "max_reject_rate", "history_dir", "rebuild_history")
+    job = load_definition(args.config, {k: getattr(args, k) for k in flags})
     manifest = build(
-        load_spec(args.spec),
-        Path(args.data),
-        Path(args.out),
-        args.rows_per_shard,
-        args.max_reject_rate,
+        load_spec(job.spec),
+        job.data,
+        job.out,
+        job.rows_per_shard,
+        job.max_reject_rate,
         progress=True,
-        history_dir=Path(args.history_dir) if args.history_dir else None,
-        rebuild_history=args.rebuild_history,
+        history_dir=job.history_dir,
+        rebuild_history=job.rebuild_history,
     )
+    args.out = job.out
     if manifest.events is not None:
         ev = manifest.events
         rejected = f", {ev.rows_rejected:,} rejected → {args.out}/{ev.rejects}" if ev.rows_rejected else ""
@@ -236,7 +241,7 @@ def _ranking(args: argparse.Namespace) -> RankingConfig:
     for item in args.weight or []:
         task, _, value = item.partition("=")
         weights[task] = float(value)
-    return RankingConfig(kind=args.ranking, weights=weights)
+    return RankingConfig(kind=args.ranking or "weighted_sum", weights=weights)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -249,23 +254,30 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from recsys_moe.serving.app import run
+def serve_settings(args: argparse.Namespace) -> ServingSettings:
+    """The settings file (`--config`, e.g. serving/serving.yaml), then the flags given on top."""
+    from recsys_moe.config import read_yaml, validated
     from recsys_moe.serving.settings import ServingSettings
 
-    source = {"model_uri": args.model} if args.model.startswith("models:/") else {"model_dir": Path(args.model)}
-    settings = ServingSettings(
-        **source,
-        host=args.host,
-        port=args.port,
-        poll_seconds=args.poll_seconds,
-        max_rows=args.max_rows,
-        torch_threads=args.threads,
-        ranking=_ranking(args),
-        wait_for_model=args.wait,
-        **({"token": args.token} if args.token else {}),
-    )
-    print(f"serving {args.model} on http://{args.host}:{args.port}  (docs: /docs, metrics: /metrics)")
+    raw = read_yaml(args.config) if args.config else {}
+    if args.model is not None:  # a model on the command line replaces the file's, whichever kind
+        raw.pop("model_uri", None)
+        raw.pop("model_dir", None)
+        raw["model_uri" if args.model.startswith("models:/") else "model_dir"] = args.model
+    flags = {"host": args.host, "port": args.port, "poll_seconds": args.poll_seconds, "max_rows": args.max_rows,
+             "torch_threads": args.threads, "wait_for_model": args.wait, "token": args.token}  # fmt: skip
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    if args.ranking is not None or args.weight:
+        raw["ranking"] = _ranking(args).model_dump()
+    return validated(ServingSettings, raw, args.config or "recsys-moe serve", "serving settings")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from recsys_moe.serving.app import run
+
+    settings = serve_settings(args)
+    source = settings.model_uri or settings.model_dir
+    print(f"serving {source} on http://{settings.host}:{settings.port}  (docs: /docs, metrics: /metrics)")
     run(settings)
     return 0
 
@@ -319,8 +331,7 @@ def _ranking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ranking",
         choices=["weighted_sum", "weighted_product"],
-        default="weighted_sum",
-        help="how task scores combine into the ranking score",
+        help="how task scores combine into the ranking score (default weighted_sum)",
     )
     p.add_argument(
         "--weight", action="append", metavar="TASK=W", help="a task's weight in the ranking score (default 1)"
@@ -354,17 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("pipeline", help="raw data + feature spec → validated parquet shards + manifest")
-    p.add_argument("--spec", required=True, help="spec YAML path or bundled name (see `recsys-moe specs`)")
-    p.add_argument("--data", required=True, help="raw data directory for the spec's dataset source")
-    p.add_argument("--out", required=True, help="dataset directory to (re)build")
-    p.add_argument("--rows-per-shard", type=int, default=1_000_000)
-    p.add_argument("--max-reject-rate", type=float, default=0.05, help="fail when more rows than this are rejected")
+    p.add_argument("--config", help="a pipeline definition YAML (see pipelines/); the flags below override it")
+    p.add_argument("--spec", help="spec YAML path or bundled name (see `recsys-moe specs`)")
+    p.add_argument("--data", help="raw data directory for the spec's dataset source")
+    p.add_argument("--out", help="dataset directory to (re)build")
+    p.add_argument("--rows-per-shard", type=int, help="rows per parquet shard (default 1,000,000)")
+    p.add_argument("--max-reject-rate", type=float, help="fail when more rows than this are rejected (default 0.05)")
     p.add_argument(
         "--history-dir",
         help="specs with history features: where their day partitions live "
         "(default <data>/history/<spec>); only days not there yet are computed",
     )
-    p.add_argument("--rebuild-history", action="store_true", help="recompute every day's history features")
+    p.add_argument(
+        "--rebuild-history", action="store_true", default=None, help="recompute every day's history features"
+    )
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("train", help="train a multi-task model on a built dataset, tracked in MLflow")
@@ -423,18 +437,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("serve", help="online endpoint: POST /v1/score, POST /v1/rank, /healthz, /readyz, /metrics")
+    p.add_argument("--config", help="a serving settings YAML (e.g. serving/serving.yaml); the flags below override it")
     p.add_argument(
-        "--model",
-        required=True,
-        help="models:/NAME@champion (follows the alias), models:/NAME/VERSION or a model directory",
+        "--model", help="models:/NAME@champion (follows the alias), models:/NAME/VERSION or a model directory"
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--poll-seconds", type=float, default=30.0, help="how often to check the alias for a new version")
-    p.add_argument("--max-rows", type=int, default=1000, help="most rows or candidates per request")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per request")
+    p.add_argument("--host", help="default 127.0.0.1")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--poll-seconds", type=float, help="how often to check the alias for a new version (default 30)")
+    p.add_argument("--max-rows", type=int, help="most rows or candidates per request (default 1000)")
+    p.add_argument("--threads", type=int, help="torch threads per request (default 1)")
     p.add_argument("--token", help="require this bearer token on /v1/* (default: $RECSYS_MOE_TOKEN if set)")
-    p.add_argument("--wait", action="store_true", help="start even if the alias does not exist yet (503 until then)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        default=None,
+        help="start even if the alias does not exist yet (503 until then)",
+    )
     _ranking_args(p)
     p.set_defaults(func=_cmd_serve)
 

@@ -7,10 +7,12 @@ sections; any field can be overridden from the command line with `--set train.ep
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+
+M = TypeVar("M", bound=BaseModel)
 
 # The multi-task architectures, by `model.arch` name: the one list the CLI, config validation,
 # the model builder (`recsys_moe.model.ranker.ARCH_BUILDERS`) and the retraining DAG read.
@@ -137,7 +139,33 @@ class RunConfig(_Strict):
 
 
 class ConfigError(ValueError):
-    pass
+    """A config file or setting that cannot be used; the message names the file and the field."""
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or a ConfigError that says what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of field: value")
+    return raw
+
+
+def validated(model: type[M], raw: dict[str, Any], origin: str, what: str) -> M:
+    """`raw` as `model`, or a ConfigError with one line per bad field (`section.field: problem`)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        details = "\n".join(
+            f"  {'.'.join(str(p) for p in e['loc']) or '<config>'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"{origin}: invalid {what}\n{details}") from None
 
 
 def _set(raw: dict[str, Any], assignment: str) -> None:
@@ -151,21 +179,8 @@ def _set(raw: dict[str, Any], assignment: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    raw: dict[str, Any] = {}
-    origin = "<defaults>"
-    if path is not None:
-        origin = str(path)
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: config file not found")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a config must be a mapping with model/train/tracking sections")
+    """The run config: the file's sections (or every default), then each `section.field=value`."""
+    raw = read_yaml(path) if path is not None else {}
     for assignment in overrides or []:
         _set(raw, assignment)
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        details = "\n".join(
-            f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
-        )
-        raise ConfigError(f"{origin}: invalid run config\n{details}") from None
+    return validated(RunConfig, raw, str(path) if path is not None else "<defaults>", "run config")
