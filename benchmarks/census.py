@@ -23,17 +23,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from recsys_moe.config import RunConfig, load_config
+from recsys_moe.data.loader import InMemoryDataset
+from recsys_moe.features import load_spec
+from recsys_moe.model.ranker import MultiTaskRanker
+from recsys_moe.pipelines.build import build
+from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.training import checkpoint
+from recsys_moe.training.trainer import train
 
-from recsys_moe.config import RunConfig, load_config  # noqa: E402
-from recsys_moe.data.loader import InMemoryDataset  # noqa: E402
-from recsys_moe.features import load_spec  # noqa: E402
-from recsys_moe.model.ranker import MultiTaskRanker  # noqa: E402
-from recsys_moe.pipelines.build import build  # noqa: E402
-from recsys_moe.pipelines.manifest import Manifest  # noqa: E402
-from recsys_moe.training import checkpoint  # noqa: E402
-from recsys_moe.training.trainer import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ROOT.parent / "shared" / "data" / "census-income"
 RESULTS = ROOT / "benchmarks" / "results"

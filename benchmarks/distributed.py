@@ -34,21 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from experts import mm_rate, timed
 from torch import nn
 
+from recsys_moe.config import load_config
+from recsys_moe.data.loader import InMemoryDataset
+from recsys_moe.distributed.launch import launch
+from recsys_moe.features import load_spec
+from recsys_moe.pipelines.build import build
+from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.pipelines.sources import criteo
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from experts import mm_rate, timed  # noqa: E402
-
-from recsys_moe.config import load_config  # noqa: E402
-from recsys_moe.data.loader import InMemoryDataset  # noqa: E402
-from recsys_moe.distributed.launch import launch  # noqa: E402
-from recsys_moe.features import load_spec  # noqa: E402
-from recsys_moe.pipelines.build import build  # noqa: E402
-from recsys_moe.pipelines.manifest import Manifest  # noqa: E402
-from recsys_moe.pipelines.sources import criteo  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache"

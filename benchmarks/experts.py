@@ -39,12 +39,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from recsys_moe.kernels.dense import combine
+from recsys_moe.kernels.grouped import topk_experts_combine
+from recsys_moe.model.stacked import StackedMLP
 
-from recsys_moe.kernels.dense import combine  # noqa: E402
-from recsys_moe.kernels.grouped import topk_experts_combine  # noqa: E402
-from recsys_moe.model.stacked import StackedMLP  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 HIDDEN = (256, 128)

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from recsys_moe.features.history import HistorySpec, Stream
 
-from recsys_moe.features.history import HistorySpec, Stream  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_history_spec() -> HistorySpec:

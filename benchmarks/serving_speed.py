@@ -37,17 +37,16 @@ import numpy as np
 import polars as pl
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from recsys_moe.config import load_config
+from recsys_moe.features import load_spec
+from recsys_moe.pipelines.build import build
+from recsys_moe.pipelines.sources import synthetic
+from recsys_moe.registry.promotion import read_holdout
+from recsys_moe.scoring import Scorer
+from recsys_moe.scoring.batch import score_parquet
+from recsys_moe.training.trainer import train
 
-from recsys_moe.config import load_config  # noqa: E402
-from recsys_moe.features import load_spec  # noqa: E402
-from recsys_moe.pipelines.build import build  # noqa: E402
-from recsys_moe.pipelines.sources import synthetic  # noqa: E402
-from recsys_moe.registry.promotion import read_holdout  # noqa: E402
-from recsys_moe.scoring import Scorer  # noqa: E402
-from recsys_moe.scoring.batch import score_parquet  # noqa: E402
-from recsys_moe.training.trainer import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "serving"

@@ -10,15 +10,25 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from recsys_moe.features.expressions import ExpressionError, compile_expression
 from recsys_moe.features.history import HistorySpec
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _identifier(v: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError(f"{v!r} is not an identifier (letters, digits, underscore)")
+    return v
+
+
+# Feature and task names become column names, MLflow metric keys and Python-side identifiers.
+Identifier = Annotated[str, AfterValidator(_identifier)]
 
 
 class SpecError(ValueError):
@@ -54,7 +64,7 @@ class VocabPolicy(_Strict):
 
 
 class Feature(_Strict):
-    name: str
+    name: Identifier
     column: str | None = Field(None, description="raw column; defaults to the feature name")
     kind: Literal["categorical", "multi_hot", "dense"]
     vocab: VocabPolicy | None = None
@@ -67,13 +77,6 @@ class Feature(_Strict):
     nullable: bool = True
     min: float | None = None
     max: float | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"{v!r} is not an identifier (letters, digits, underscore)")
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> Feature:
@@ -115,17 +118,10 @@ class Feature(_Strict):
 
 
 class Task(_Strict):
-    name: str
+    name: Identifier
     label: str = Field(description="expression over raw columns, e.g. \"income == '50000+'\"")
     type: Literal["binary", "regression"] = "binary"
     weight: float = Field(1.0, gt=0)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"{v!r} is not an identifier (letters, digits, underscore)")
-        return v
 
     @field_validator("label")
     @classmethod
