@@ -34,6 +34,18 @@ or all at once:  recsys-moe demo
 """
 
 
+# What to install when an optional part is missing (pyproject.toml's extras; README, Installing).
+MISSING = {
+    "fastapi": "pip install 'recsys-moe[serving]'",
+    "uvicorn": "pip install 'recsys-moe[serving]'",
+    "prometheus_client": "pip install 'recsys-moe[serving]'",
+    "airflow": "pip install 'recsys-moe[airflow]'",
+    "triton": "pip install 'recsys-moe[gpu]'",
+    "torchrec": "pip install fbgemm-gpu-cpu==1.8.0 && pip install --no-deps torchrec==1.8.0 (README, Installing)",
+    "fbgemm_gpu": "pip install fbgemm-gpu-cpu==1.8.0 (README, Installing)",
+}
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from recsys_moe.pipelines.sources import synthetic
 
@@ -119,20 +131,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _run_config(args)
     run_dir = config.run_dir(manifest.spec.name)
     config.train.checkpoint_dir = run_dir
+    found = checkpoint.latest(run_dir) if args.resume else None
+    if found is not None and checkpoint.is_sharded(found) != (args.nproc is not None):
+        if checkpoint.is_sharded(found):
+            ranks = checkpoint.read_progress(found).world_size
+            how = f"sharded training on {ranks} rank(s); resume it with --nproc N (any N: the tables are resharded)"
+        else:
+            how = "single-process training; resume it without --nproc"
+        print(f"error: {found} was written by {how}", file=sys.stderr)
+        return 2
     if args.nproc is not None:
         result = _train_distributed(args, config, run_dir)
         if result is None:
             return 1
     else:
-        found = checkpoint.latest(run_dir) if args.resume else None
-        if found is not None and checkpoint.is_sharded(found):
-            ranks = checkpoint.read_progress(found).world_size
-            print(
-                f"error: {found} was written by sharded training on {ranks} rank(s); resume it with "
-                f"--nproc N (any N: the tables are resharded)",
-                file=sys.stderr,
-            )
-            return 2
         run_id = checkpoint.resume_run_id(run_dir) if args.resume else None
         with open_tracker(config.tracking, manifest.spec.name, run_id) as tracker:
             result = train(manifest, config, tracker=tracker, progress=True, resume=args.resume)
@@ -494,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        hint = MISSING.get((exc.name or "").split(".")[0])
+        if hint is None or args.verbose:
+            raise
+        print(f"error: {exc.name} is not installed: {hint}", file=sys.stderr)
         return 2
 
 

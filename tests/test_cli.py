@@ -118,3 +118,28 @@ def test_serve_takes_the_settings_file_and_flags_on_top(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="port") as raised:
         serve_settings(build_parser().parse_args(["serve", "--config", str(bad)]))
     assert "threads" in str(raised.value)  # an unknown field is named too
+
+
+def test_a_missing_optional_part_names_the_extra(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['fastapi'] = None\n"  # as on an install without the serving extra
+        "from recsys_moe.cli import main\n"
+        "sys.exit(main(['serve', '--model', 'runs/x/best']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "fastapi is not installed: pip install 'recsys-moe[serving]'" in out.stderr
+
+
+def test_a_single_process_checkpoint_is_not_resumed_sharded(
+    synthetic_manifest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recsys_moe.atomic import write_text
+    from recsys_moe.cli import main
+    from recsys_moe.training.checkpoint import PROGRESS, Progress
+
+    write_text(tmp_path / "run" / "last" / PROGRESS, Progress(epoch=1).to_json())
+    args = ["train", "--data", str(synthetic_manifest.root), "--checkpoint-dir", str(tmp_path / "run"), "--no-tracking"]
+    assert main([*args, "--nproc", "2", "--resume"]) == 2  # refused before any rank starts
+    assert "written by single-process training; resume it without --nproc" in capsys.readouterr().err
+    assert (tmp_path / "run" / "last" / PROGRESS).is_file()  # and left as it was
