@@ -159,7 +159,7 @@ def building(target: str | Path, *, reclaim: bool = False) -> Iterator[Path]:
     """A staging directory for `target`: swapped in when the block succeeds, removed when not.
 
     with building(out_dir) as work:
-        (work / "part-0.parquet") ...
+        frame.write_parquet(work / "part-0.parquet")
     """
     work = staging_dir(target, reclaim=reclaim)
     try:

@@ -103,7 +103,7 @@ class TrainConfig(_Strict):
         ge=1,
         description="sharded runs: steps between checkpoints of last/ (it is also written at every epoch end)",
     )
-    checkpoint_dir: Path | None = Field(None, description="default: runs/<run name>")
+    checkpoint_dir: Path | None = Field(None, description="default: runs/<spec>-<arch> (default_run_dir)")
     sharding: dict[str, Literal["table_wise", "row_wise", "column_wise", "data_parallel"]] = Field(
         default_factory=dict,
         description="distributed runs (--nproc > 1): table or feature name → allowed sharding type; "

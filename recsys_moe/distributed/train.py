@@ -244,7 +244,8 @@ class ShardedEngine:
     def best_weights(self) -> dict[str, torch.Tensor] | None:
         return full_state_dict(self.dmp)
 
-    def save_last(self, progress: Progress) -> None:
+    def save_last(self, progress: Progress, bundle: dict[str, Any] | None = None) -> None:
+        """A DCP checkpoint of every rank's tensors (the bundle config is for best/ only)."""
         dcheckpoint.save(self.run_dir, self.dmp, self.optimizer, self.dense_names, progress)
 
     def finish(self) -> ShardingInfo | None:

@@ -58,8 +58,9 @@ class Progress:
         return self.epoch == 0 and self.step == 0
 
     def improved(self, score: float, epoch: int) -> bool:
-        """Record an epoch's validation score; True when it is the best so far."""
-        if score > self.best_score:
+        """Record an epoch's validation score; True when it is the best so far (the first epoch
+        always is, so there is a best model even when a split makes every score NaN)."""
+        if score > self.best_score or self.best_epoch < 0:
             self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
             return True
         self.bad_epochs += 1

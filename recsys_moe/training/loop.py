@@ -119,8 +119,8 @@ class Engine(Protocol):
         """The single-process state dict, on the main rank (a collective when sharded)."""
         ...
 
-    def save_last(self, progress: Progress) -> None:
-        """Write `last/` (a collective when sharded)."""
+    def save_last(self, progress: Progress, bundle: dict[str, Any]) -> None:
+        """Write `last/` (a collective when sharded); `bundle` is the model's config."""
         ...
 
     def finish(self) -> ShardingInfo | None:
@@ -175,7 +175,7 @@ def fit(
             if weights is not None:
                 checkpoint.save_bundle(best_dir, weights, bundle, manifest)
         progress = dataclasses.replace(progress, epoch=epoch + 1, step=0, loss_sum=[0.0] * len(tasks), rows=0.0)
-        engine.save_last(progress)
+        engine.save_last(progress, bundle)
         if progress.bad_epochs >= tc.patience and engine.is_main:
             log.info("early stop: no improvement of the mean validation score for %d epochs", progress.bad_epochs)
 

@@ -54,7 +54,6 @@ class LocalEngine:
         self.weighting = UncertaintyWeighting(len(tasks)) if tc.task_weighting == "uncertainty" else None
         dense = [p for n, p in self.ranker.named_parameters() if not n.startswith("sparse.ebc.")]
         self.optimizer = dense_optimizer(dense + (list(self.weighting.parameters()) if self.weighting else []), config)
-        self.bundle = checkpoint.bundle_config(manifest, config.model, self.ranker, None)
         self.is_binary = torch.tensor([t == "binary" for t in self.ranker.task_types])
         self.loss_weights = task_weights(manifest, tasks)
         self.data: dict[str, InMemoryDataset] = {}
@@ -112,7 +111,7 @@ class LocalEngine:
     def best_weights(self) -> dict[str, torch.Tensor]:
         return checkpoint.state_tensors(self.ranker)
 
-    def save_last(self, progress: Progress) -> None:
+    def save_last(self, progress: Progress, bundle: dict[str, Any]) -> None:
         state = {
             "optimizer": self.optimizer.state_dict(),
             "embedding_optimizer": self.ranker.sparse.fused_optimizer().state_dict(),
@@ -120,9 +119,7 @@ class LocalEngine:
             "torch_rng": torch.get_rng_state(),
             "task_weighting": self.weighting.state_dict() if self.weighting is not None else {},
         }
-        checkpoint.save_train_state(
-            self.run_dir / "last", self.ranker, {**self.bundle, "run_id": progress.run_id}, state, progress
-        )
+        checkpoint.save_train_state(self.run_dir / "last", self.ranker, bundle, state, progress)
 
     def finish(self) -> ShardingInfo | None:
         return None
