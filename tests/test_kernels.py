@@ -227,19 +227,28 @@ def triton_errors(device: str) -> dict[str, float]:
             ref = run_with_grads(ref_fn, x, weights, biases, gate_weights, grad_out)
             got = run_with_grads(fn, x, weights, biases, gate_weights, grad_out)
             for i, (a, b) in enumerate(zip([got[0], *got[1]], [ref[0], *ref[1]])):
-                err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-                key = f"{name}/{batch}x{d_in}/{'out' if i == 0 else f'grad{i - 1}'}"
-                errors[key] = err
+                errors[f"{name}/{batch}x{d_in}/{'out' if i == 0 else f'grad{i - 1}'}"] = relative_error(a, b)
     return errors
+
+
+def under_interpreter(errors_of: str) -> dict[str, float]:
+    """`errors_of('cpu')` (a function of this module) run in a subprocess under Triton's
+    interpreter: TRITON_INTERPRET must be set before triton is imported, which this process may
+    already have done."""
+    code = f"import json, tests.test_kernels as t; print(json.dumps(t.{errors_of}('cpu')))"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_triton_kernels_under_interpreter() -> None:
-    code = "import json, tests.test_kernels as t; print(json.dumps(t.triton_errors('cpu')))"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = under_interpreter("triton_errors")
     assert len(errors) == 2 * sum(1 + 2 + 2 * len(s[2]) for s in TRITON_SHAPES)  # out, x, gates, W, b
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-5, (worst, errors[worst])
@@ -292,19 +301,13 @@ def mmoe_triton_errors(device: str) -> dict[str, float]:
             logits.square().sum().backward()
             outs.append([logits.detach(), *(p.grad for p in model.parameters())])
         for i, (a, b) in enumerate(zip(outs[1], outs[0])):
-            errors[f"{gate}/{'logits' if i == 0 else f'grad{i}'}"] = (
-                (a - b).abs().max() / b.abs().max().clamp_min(1e-6)
-            ).item()
+            errors[f"{gate}/{'logits' if i == 0 else f'grad{i}'}"] = relative_error(a, b)
     return errors
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_mmoe_runs_the_triton_kernels_under_interpreter() -> None:
-    code = "import json, tests.test_kernels as t; print(json.dumps(t.mmoe_triton_errors('cpu')))"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = under_interpreter("mmoe_triton_errors")
     assert {k.split("/")[0] for k in errors} == {"softmax", "topk"}
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-5, (worst, errors[worst])
