@@ -268,7 +268,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def serve_settings(args: argparse.Namespace) -> ServingSettings:
     """The settings file (`--config`, e.g. serving/serving.yaml), then the flags given on top."""
-    from recsys_moe.config import read_yaml, validated
+    from recsys_moe.config import origin_of, read_yaml, validated
     from recsys_moe.serving.settings import ServingSettings
 
     raw = read_yaml(args.config) if args.config else {}
@@ -276,12 +276,20 @@ def serve_settings(args: argparse.Namespace) -> ServingSettings:
         raw.pop("model_uri", None)
         raw.pop("model_dir", None)
         raw["model_uri" if args.model.startswith("models:/") else "model_dir"] = args.model
-    flags = {"host": args.host, "port": args.port, "poll_seconds": args.poll_seconds, "max_rows": args.max_rows,
-             "torch_threads": args.threads, "wait_for_model": args.wait, "token": args.token}  # fmt: skip
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "poll_seconds": args.poll_seconds,
+        "max_rows": args.max_rows,
+        "torch_threads": args.threads,
+        "wait_for_model": args.wait,
+        "token": args.token,
+    }
     raw.update({k: v for k, v in flags.items() if v is not None})
     if args.ranking is not None or args.weight:
         raw["ranking"] = _ranking(args).model_dump()
-    return validated(ServingSettings, raw, args.config or "recsys-moe serve", "serving settings")
+    given = {**flags, "model": args.model, "ranking": args.ranking, "weight": args.weight}
+    return validated(ServingSettings, raw, origin_of(args.config, given, "recsys-moe serve"), "serving settings")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

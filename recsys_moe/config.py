@@ -156,6 +156,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def origin_of(path: str | Path | None, flags: dict[str, Any], command: str) -> str:
+    """What an error should blame: the file, the flags, or both."""
+    given = any(v is not None and v != [] for v in flags.values())
+    if path is None:
+        return f"{command} flags"
+    return f"{path} with the flags given" if given else str(path)
+
+
 def validated(model: type[M], raw: dict[str, Any], origin: str, what: str) -> M:
     """`raw` as `model`, or a ConfigError with one line per bad field (`section.field: problem`)."""
     try:

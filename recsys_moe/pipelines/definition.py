@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from recsys_moe.config import read_yaml, validated
+from recsys_moe.config import origin_of, read_yaml, validated
 
 
 class PipelineDefinition(BaseModel):
@@ -33,5 +33,5 @@ def load_definition(path: str | Path | None, overrides: dict[str, Any]) -> Pipel
     """The definition in `path` (if any) with `overrides` (the flags given) on top."""
     raw = read_yaml(path) if path is not None else {}
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    return validated(PipelineDefinition, raw, str(path) if path is not None else "recsys-moe pipeline",
-                     "pipeline definition (set it in --config or with --spec, --data, --out)")  # fmt: skip
+    origin = origin_of(path, overrides, "recsys-moe pipeline")
+    return validated(PipelineDefinition, raw, origin, "pipeline definition (--config FILE, or --spec, --data, --out)")
