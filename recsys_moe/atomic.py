@@ -8,6 +8,10 @@ of one. What lands has the modes the process umask gives (0644 files and 0755 di
 the usual 022), like any other file the user writes, so a shared-storage deployment reads them
 across users: directories are made with `mkdir`, and a file a writer creates with a mode of its
 own (safetensors writes 0600, as `tempfile.mkstemp` would) is set to the umask's mode.
+
+Nothing here replaces what the platform did not write: a directory is replaced only when it is
+empty or holds the file its writer always writes (a dataset's `manifest.json`, a bundle's
+`model_config.json`, ...); anything else is an `OwnershipError`, and the user's files stay.
 """
 
 from __future__ import annotations
@@ -24,6 +28,32 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import polars as pl
     import torch
+
+
+class OwnershipError(ValueError):
+    """A path the platform would replace or clean holds something it did not write."""
+
+
+def inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether `path` is `folder` or lies under it (after resolving links and `..`)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def check_owned(target: str | Path, owner: str) -> None:
+    """Refuse `target` unless it is absent, an empty directory, or a directory holding `owner`
+    (the file that what the platform writes there always contains)."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise OwnershipError(f"{target} exists and is not a directory recsys-moe wrote: choose another path")
+    if (target / owner).is_file() or not any(target.iterdir()):
+        return
+    raise OwnershipError(
+        f"{target} exists and was not written by recsys-moe (it has no {owner}): its files are left as they "
+        "are; choose a new or empty directory"
+    )
 
 
 def _umask() -> int:
@@ -155,15 +185,19 @@ def committed(target: str | Path) -> Path | None:
 
 
 @contextmanager
-def building(target: str | Path, *, reclaim: bool = False) -> Iterator[Path]:
+def building(target: str | Path, owner: str, *, reclaim: bool = False) -> Iterator[Path]:
     """A staging directory for `target`: swapped in when the block succeeds, removed when not.
 
-    with building(out_dir) as work:
-        frame.write_parquet(work / "part-0.parquet")
+    `owner` is the file the block always writes (e.g. `manifest.json`): an existing `target`
+    that holds something else is refused before any work, and again before the swap.
     """
+    check_owned(target, owner)
     work = staging_dir(target, reclaim=reclaim)
     try:
         yield work
+        if not (work / owner).is_file():
+            raise AssertionError(f"{target}: the writer did not write {owner}")
+        check_owned(target, owner)  # again: something may have appeared there meanwhile
         swap_in(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--history-dir",
         help="specs with history features: where their day partitions live "
-        "(default <data>/history/<spec>); only days not there yet are computed",
+        "(default <out>.history, beside the dataset); only days not there yet are computed",
     )
     p.add_argument(
         "--rebuild-history", action="store_true", default=None, help="recompute every day's history features"

@@ -40,7 +40,7 @@ def test_modes_follow_the_umask(tmp_path: Path, mask: int, file_mode: int, dir_m
             atomic.write_text(tmp_path / "b.txt", "hi"),
             atomic.write_parquet(pl.DataFrame({"x": [1]}), tmp_path / "c.parquet"),
         ]
-        with atomic.building(tmp_path / "d") as work:
+        with atomic.building(tmp_path / "d", "inner.txt") as work:
             (work / "inner.txt").write_text("x")
     assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {file_mode}
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == dir_mode
@@ -64,13 +64,13 @@ def test_a_block_that_writes_nothing_leaves_the_target(tmp_path: Path) -> None:
 
 def test_a_directory_is_swapped_in_whole(tmp_path: Path) -> None:
     target = tmp_path / "dataset"
-    with atomic.building(target) as work:
+    with atomic.building(target, "v") as work:
         (work / "v").write_text("1")
-    with pytest.raises(RuntimeError), atomic.building(target) as work:
+    with pytest.raises(RuntimeError), atomic.building(target, "v") as work:
         (work / "v").write_text("2")
         raise RuntimeError("killed mid-build")
     assert (target / "v").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["dataset"]
-    with atomic.building(target) as work:
+    with atomic.building(target, "v") as work:
         (work / "v").write_text("3")
     assert (target / "v").read_text() == "3" and [p.name for p in tmp_path.iterdir()] == ["dataset"]
     # A kill between swap_in's two renames leaves only the previous version, which is found.

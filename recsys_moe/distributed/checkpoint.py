@@ -64,6 +64,7 @@ def save(
 ) -> Path:
     """A collective: every rank calls it with the same progress; returns `last/`."""
     rank, target = dist.get_rank(), Path(run_dir) / "last"
+    atomic.check_owned(target, PROGRESS)  # every rank, before any collective: all refuse alike
     # Rank 0 makes the staging directory (reclaiming one a kill left) and tells the others.
     where: list[Path | None] = [atomic.staging_dir(target, reclaim=True) if rank == 0 else None]
     dist.broadcast_object_list(where, src=0)
@@ -76,6 +77,7 @@ def save(
     dcp.save(state, checkpoint_id=tmp)
     if rank == 0:
         atomic.write_text(tmp / PROGRESS, dataclasses.replace(progress, world_size=dist.get_world_size()).to_json())
+        atomic.check_owned(target, PROGRESS)
         atomic.swap_in(tmp, target)
     dist.barrier()
     return target

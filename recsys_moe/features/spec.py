@@ -145,7 +145,7 @@ class DatasetSource(_Strict):
 
 
 class FeatureSpec(_Strict):
-    name: str
+    name: Identifier  # used in paths and experiment names: no `/`, no `..`
     description: str = ""
     dataset: DatasetSource | None = None
     keys: list[str] = Field(default_factory=list, description="raw columns passed through to outputs")

@@ -82,7 +82,7 @@ def build_frames(
     if "train" not in raw:
         raise ValueError(f"raw splits must include 'train' (got {sorted(raw)})")
     out_dir = Path(out_dir)
-    with atomic.building(out_dir) as work:
+    with atomic.building(out_dir, "manifest.json") as work:
         if events is not None and event_rejects is not None and event_rejects.height:
             (work / "rejects").mkdir(exist_ok=True)
             events.rejects = "rejects/events.parquet"
@@ -179,6 +179,26 @@ def build_frames(
     return manifest
 
 
+def default_history_dir(out_dir: Path) -> Path:
+    """Where a dataset's history features are kept between builds: beside it, `<out>.history`."""
+    return Path(out_dir).with_name(f"{Path(out_dir).name}.history")
+
+
+def check_paths(data_dir: Path, out_dir: Path, history_dir: Path | None) -> None:
+    """The raw data is read only, and the outputs neither overlap it nor each other: a rebuild
+    replaces the dataset folder, which must hold nothing else."""
+    outputs = {"--out": out_dir, **({"--history-dir": history_dir} if history_dir is not None else {})}
+    for flag, path in outputs.items():
+        if atomic.inside(path, data_dir) or atomic.inside(data_dir, path):
+            raise ValueError(
+                f"{flag} {path} and --data {data_dir} overlap: outputs go beside the raw data, never into it"
+            )
+    if history_dir is not None and (atomic.inside(history_dir, out_dir) or atomic.inside(out_dir, history_dir)):
+        raise ValueError(
+            f"--history-dir {history_dir} and --out {out_dir} overlap: a rebuild of the dataset replaces --out"
+        )
+
+
 def build(
     spec: FeatureSpec,
     data_dir: Path,
@@ -191,16 +211,20 @@ def build(
 ) -> Manifest:
     """Read the raw splits named by the spec's dataset source, then build the dataset. A spec
     with `history:` first checks the event log's contract and brings its history features up to
-    date (in `history_dir`, default <data_dir>/history/<spec name>; only new days are computed)."""
+    date (in `history_dir`, default `<out_dir>.history` beside the dataset; only new days are
+    computed). Nothing is written into the raw data, and no output may contain another."""
     if spec.dataset is None:
         raise ValueError(f"spec '{spec.name}' has no 'dataset' section: use build_frames() with your own splits")
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    history_dir = Path(history_dir) if history_dir is not None else default_history_dir(out_dir)
+    check_paths(data_dir, out_dir, history_dir if spec.history is not None else None)
     source = f"{spec.dataset.source}:{data_dir}"
     if spec.history is None:
         raw = load_splits(spec.dataset, Path(data_dir))
         return build_frames(raw, spec, out_dir, source, rows_per_shard, max_reject_rate, progress)
     from recsys_moe.pipelines.event_log import prepare
 
-    ready = prepare(spec, Path(data_dir), history_dir, rebuild_history, progress)
+    ready = prepare(spec, data_dir, history_dir, rebuild_history, progress)
     events = EventsInfo(
         rows_in=ready.rows_in,
         rows_out=ready.rows_in - ready.rejects.height,

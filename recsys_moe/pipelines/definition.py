@@ -24,7 +24,7 @@ class PipelineDefinition(BaseModel):
     rows_per_shard: int = Field(1_000_000, ge=1)
     max_reject_rate: float = Field(0.05, ge=0, le=1, description="fail when more rows than this are rejected")
     history_dir: Path | None = Field(
-        None, description="specs with history features: where their day partitions live (default <data>/history/<spec>)"
+        None, description="specs with history features: where their day partitions live (default <out>.history)"
     )
     rebuild_history: bool = Field(False, description="recompute every day's history features")
 

@@ -52,10 +52,6 @@ class Prepared:
     days_computed: int
 
 
-def history_dir_for(spec: FeatureSpec, raw_dir: Path) -> Path:
-    return Path(raw_dir) / "history" / spec.name
-
-
 def history_step(
     spec: FeatureSpec,
     raw: pl.LazyFrame,
@@ -81,7 +77,7 @@ def history_step(
 
 
 def prepare(
-    spec: FeatureSpec, raw_dir: Path, history_dir: Path | None = None, rebuild: bool = False, progress: bool = True
+    spec: FeatureSpec, raw_dir: Path, history_dir: Path, rebuild: bool = False, progress: bool = True
 ) -> Prepared:
     """Check the raw events, bring their history features up to date, split by time.
 
@@ -92,7 +88,6 @@ def prepare(
         raise ValueError(f"spec '{spec.name}': history features need an event-log source (dataset.source: synthetic)")
     # With the partition day: an event filed under another day's partition is rejected.
     raw = event_source.joined(Path(raw_dir), with_day=True).with_row_index(_RAW_ROW)
-    history_dir = history_dir or history_dir_for(spec, raw_dir)
     valid, rejected, computed = history_step(spec, raw, history_dir, rebuild, progress)
     features = pl.scan_parquet(history_dir / "day=*" / "*.parquet", hive_partitioning=False).select(
         h.event_id, *h.columns()

@@ -190,6 +190,9 @@ def _runs(days: list[datetime.date], longest: int) -> list[list[datetime.date]]:
     return runs
 
 
+HISTORY_MARKER = "history_spec.json"  # in a history folder: the spec its day partitions were computed with
+
+
 def day_path(out_dir: Path, day: datetime.date) -> Path:
     return out_dir / f"day={day.isoformat()}" / "part-0.parquet"
 
@@ -237,16 +240,25 @@ def update_days(
     progress: bool = True,
 ) -> list[datetime.date]:
     """Bring out_dir up to date with the event log: compute the days it lacks (every day when
-    `rebuild` or when the history spec changed). Returns the days computed."""
-    marker = out_dir / "history_spec.json"
+    `rebuild` or when the history spec changed). Returns the days computed.
+
+    `out_dir` is refused unless it is new, empty or one this function made (it holds
+    `history_spec.json`), and only its `day=` partitions are ever removed. The marker is blanked
+    before any partition goes and written with the spec once every day is there, so a kill in
+    between leaves a folder the next run rebuilds rather than trusts.
+    """
+    out_dir = Path(out_dir)
+    atomic.check_owned(out_dir, HISTORY_MARKER)
+    marker = out_dir / HISTORY_MARKER
     spec_json = spec.model_dump_json()
-    if rebuild or not marker.exists() or marker.read_text() != spec_json:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    if rebuild or not marker.is_file() or marker.read_text() != spec_json:
+        atomic.write_text(marker, "")  # ours from now on, and stale until the end
+        for stale in out_dir.glob("day=*"):
+            shutil.rmtree(stale)
     in_log = _days(events, spec)
     for stale in set(out_dir.glob("day=*")) - {day_path(out_dir, d).parent for d in in_log}:
         shutil.rmtree(stale)  # a day no longer in the log
     days = [d for d in in_log if not day_path(out_dir, d).exists()]
     write_days(events, spec, out_dir, days, chunk_days, progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(marker, spec_json)
     return days

@@ -11,6 +11,7 @@ import polars as pl
 
 from recsys_moe.features.expressions import compile_expression
 from recsys_moe.features.spec import Feature, FeatureSpec
+from recsys_moe.pipelines.coerce import typed_ids
 from recsys_moe.pipelines.fit import OOV, FittedState, signed_log1p, stable_hash_ids, stable_hash_lists
 
 
@@ -22,27 +23,26 @@ def label_column(task: str) -> str:
     return f"label:{task}"
 
 
-def _typed_feature(f: Feature) -> pl.Expr:
-    raw = pl.col(f.source_column)
+def _typed_feature(f: Feature, dtype: pl.DataType) -> pl.Expr:
     if f.kind == "dense":
-        return raw.cast(pl.Float64, strict=False).alias(f.name)
-    if f.kind == "categorical":
-        return raw.cast(pl.String).alias(f.name)
-    if f.separator is not None:
-        lst = raw.cast(pl.String).str.split(f.separator)
-    else:
-        lst = raw.cast(pl.List(pl.String))
-    # Null elements carry nothing; sources list the most recent or relevant values first.
-    return lst.list.drop_nulls().list.head(f.max_length).alias(f.name)
+        return pl.col(f.source_column).cast(pl.Float64, strict=False).alias(f.name)
+    return typed_ids(f, dtype)
+
+
+def typed_columns(spec: FeatureSpec, schema: pl.Schema, with_labels: bool = True) -> list[pl.Expr]:
+    """The expressions of `typed` for raw columns of these dtypes (a scorer keeps them per schema)."""
+    exprs = [pl.col(k).alias(key_column(k)) for k in spec.keys]
+    exprs += [_typed_feature(f, schema.get(f.source_column, pl.String())) for f in spec.features]
+    if with_labels:
+        exprs += [compile_expression(t.label).expr.cast(pl.Float32).alias(label_column(t.name)) for t in spec.tasks]
+    return exprs
 
 
 def typed(frame: pl.LazyFrame | pl.DataFrame, spec: FeatureSpec, with_labels: bool = True) -> pl.LazyFrame:
-    """Cast raw columns to one column per feature (validation has already vetted them)."""
-    exprs = [pl.col(k).alias(key_column(k)) for k in spec.keys]
-    exprs += [_typed_feature(f) for f in spec.features]
-    if with_labels:
-        exprs += [compile_expression(t.label).expr.cast(pl.Float32).alias(label_column(t.name)) for t in spec.tasks]
-    return frame.lazy().select(exprs)
+    """Cast raw columns to one column per feature, by the input contract (`coerce`); validation
+    has already rejected the values it refuses."""
+    frame = frame.lazy()
+    return frame.select(typed_columns(spec, frame.collect_schema(), with_labels))
 
 
 def _ids(f: Feature, state: FittedState) -> pl.Expr:

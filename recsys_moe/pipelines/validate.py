@@ -10,6 +10,7 @@ import polars as pl
 
 from recsys_moe.features.expressions import compile_expression
 from recsys_moe.features.spec import Feature, FeatureSpec, Task
+from recsys_moe.pipelines.coerce import id_problems
 
 REASON = "_reject_reason"
 
@@ -61,13 +62,16 @@ def _label_checks(t: Task, schema: pl.Schema) -> list[tuple[pl.Expr, pl.Expr]]:
 
 def reject_reason(spec: FeatureSpec, schema: pl.Schema, with_labels: bool = True) -> pl.Expr:
     """The first failing check of a row, as text; null when the row is valid. Scoring checks the
-    features only (`with_labels=False`): the same checks training applied, so no skew."""
+    features only (`with_labels=False`): the same checks training applied, so no skew. The checks
+    depend on the columns' dtypes (`schema`): an id column of floats is checked for integers."""
     checks: list[tuple[pl.Expr, pl.Expr]] = []
     for f in spec.features:
         if f.kind == "dense":
             checks += _dense_checks(f)
-        elif not f.nullable:
+            continue
+        if not f.nullable:
             checks.append((pl.col(f.source_column).is_null(), pl.lit(f"{f.name}: null in a non-nullable feature")))
+        checks += id_problems(f, schema.get(f.source_column, pl.String()))
     for t in spec.tasks if with_labels else []:
         checks += _label_checks(t, schema)
     whens = [pl.when(cond.fill_null(False)).then(reason) for cond, reason in checks]

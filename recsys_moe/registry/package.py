@@ -101,6 +101,6 @@ def download_bundle(model_uri: str, target: Path, tracking_uri: str | None = Non
 
     if not (target / "MLmodel").exists():  # absent, or a partial download from an earlier crash
         mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
-        with atomic.building(target) as tmp:
+        with atomic.building(target, "MLmodel") as tmp:
             mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))
     return bundle_path(target)

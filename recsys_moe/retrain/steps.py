@@ -240,7 +240,7 @@ def train_model(run: RetrainRun) -> Trained:
             return record.model_copy(update={"reused": True})
 
     tracker = MlflowTracker(run.params.experiment, run_name=f"{run.dag_id}-{run.day}", uri=run.tracking_uri)
-    with atomic.building(run.model_dir) as work, tracker:
+    with atomic.building(run.model_dir, "train.json") as work, tracker:
         tracker.set_tags({TAG_DAG: run.dag_id, TAG_DAY: run.day.isoformat(), TAG_FINGERPRINT: fingerprint})
         result = train(manifest, _run_config(run, work), tracker=tracker, progress=False)
         assert result.run_id is not None

@@ -29,7 +29,7 @@ from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.pipelines.build import load_state
 from recsys_moe.pipelines.manifest import Manifest
-from recsys_moe.pipelines.transform import encoders, key_column, typed
+from recsys_moe.pipelines.transform import encoders, key_column, typed_columns
 from recsys_moe.pipelines.validate import REASON, check_columns, reject_reason
 from recsys_moe.training import checkpoint
 
@@ -66,7 +66,10 @@ class Scorer:
         self.batch_size = batch_size
         self._state = load_state(self.manifest)
         self._encoders = encoders(self.spec, self._state)
-        self._reject_reason = reject_reason(self.spec, pl.Schema(), with_labels=False)  # built once
+        # The input contract's expressions depend on the columns' dtypes: built once per schema
+        # (a server sees one schema, a batch job one per input file).
+        self._rejects: dict[tuple[tuple[str, pl.DataType], ...], pl.Expr] = {}
+        self._typed: dict[tuple[tuple[str, pl.DataType], ...], list[pl.Expr]] = {}
 
     @property
     def input_columns(self) -> list[str]:
@@ -76,7 +79,11 @@ class Scorer:
         """(valid rows, rejected rows), both with `_row`. Missing feature columns raise
         `pipelines.validate.SchemaError` naming them: that is the caller's bug, not a bad row."""
         check_columns(frame.schema, self.spec, "scoring input", with_labels=False)
-        marked = frame.with_row_index(ROW).with_columns(self._reject_reason)
+        key = tuple(frame.schema.items())
+        if key not in self._rejects:
+            self._rejects = self._rejects if len(self._rejects) < 64 else {}
+            self._rejects[key] = reject_reason(self.spec, frame.schema, with_labels=False)
+        marked = frame.with_row_index(ROW).with_columns(self._rejects[key])
         bad = marked[REASON].is_not_null()
         if not bad.any():  # the common case: skip two filters
             return marked.drop(REASON), marked.head(0)
@@ -85,9 +92,13 @@ class Scorer:
     def encode(self, valid: pl.DataFrame) -> pl.DataFrame:
         missing_keys = [pl.lit(None).alias(k) for k in self.spec.keys if k not in valid.columns]
         frame = valid.with_columns(missing_keys) if missing_keys else valid
+        key = tuple(frame.schema.items())
+        if key not in self._typed:
+            self._typed = self._typed if len(self._typed) < 64 else {}
+            self._typed[key] = typed_columns(self.spec, frame.schema, with_labels=False)
         # Eager, in two steps: for request-sized frames, planning one lazy query costs more than
         # running it. Same expressions as the training pipeline.
-        return typed(frame, self.spec, with_labels=False).collect().with_columns(self._encoders)
+        return frame.select(self._typed[key]).with_columns(self._encoders)
 
     def predict_encoded(self, encoded: pl.DataFrame) -> np.ndarray:
         """Encoded rows → [N, T] scores, batched like training evaluation."""

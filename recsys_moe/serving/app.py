@@ -110,6 +110,8 @@ def validation_error(exc: ValidationError, models: RequestModels, max_rows: int)
             msg = f"{where}: unknown field {field!r} (the model reads: {', '.join(columns)})"
         elif err["type"] == "extra_forbidden":
             msg = f"{where}: unknown field {loc[-1]!r}"
+        elif depth and err["type"] == "value_error":  # the input contract's own reason (pipelines.coerce)
+            msg = f"{where}: {err['msg'].removeprefix('Value error, ')}"
         elif depth and field in columns:
             msg = f"{where}: expected {columns[field].expects}, got {_short(err.get('input'))}"
         elif err["type"] == "too_long" and loc and loc[0] in ROW_LISTS:

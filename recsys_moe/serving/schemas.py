@@ -17,9 +17,20 @@ from typing import Annotated, Any, Literal
 
 import polars as pl
 import pyarrow as pa
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    create_model,
+)
 
 from recsys_moe.features.spec import Feature, FeatureSpec
+from recsys_moe.pipelines.coerce import id_text
 from recsys_moe.scoring import RankingConfig
 
 Kind = Literal["categorical", "multi_hot", "multi_hot_text", "dense"]
@@ -27,7 +38,7 @@ Kind = Literal["categorical", "multi_hot", "multi_hot_text", "dense"]
 EXPECTS: dict[str, str] = {
     "dense": "a finite number or null",
     "categorical": "a string, an integer or null",
-    "multi_hot": "a list of strings/integers or null",
+    "multi_hot": "a list of strings/integers or null",  # integral floats count as integers
     "multi_hot_text": "a string (a separated list) or null",
 }
 DTYPES: dict[str, pl.DataType] = {
@@ -38,18 +49,16 @@ DTYPES: dict[str, pl.DataType] = {
 }
 
 
-def _as_text(value: str | int | None) -> str | None:
-    # Training casts raw categorical columns to strings (an Int64 id 123 becomes "123"): do the same.
-    return None if value is None else str(value)
+def _as_texts(values: list[str | int | float] | None) -> list[str | None] | None:
+    return None if values is None else [id_text(v) for v in values]
 
 
-def _as_texts(values: list[str | int] | None) -> list[str] | None:
-    return None if values is None else [str(v) for v in values]
-
-
-Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # strict: an int is accepted, "1.5" and true are not
-Category = Annotated[StrictStr | StrictInt | None, AfterValidator(_as_text)]
-Categories = Annotated[list[StrictStr | StrictInt] | None, AfterValidator(_as_texts)]
+# Ids as the input contract (`pipelines.coerce`) reads them in every path: 123 and 123.0 are "123",
+# 1.5 is refused. Numbers are strict: an int is accepted, "1.5" and true are not.
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Id = StrictStr | StrictInt | StrictFloat
+Category = Annotated[Id | None, AfterValidator(id_text)]
+Categories = Annotated[list[Id] | None, AfterValidator(_as_texts)]
 TYPES: dict[str, Any] = {
     "dense": Number | None,
     "categorical": Category,

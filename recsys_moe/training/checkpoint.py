@@ -84,6 +84,12 @@ def latest(run_dir: Path) -> Path | None:
     return found if found is not None and (found / PROGRESS).is_file() else None
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Before training: best/ and last/ are absent, empty or a run's own (never a user's folder)."""
+    atomic.check_owned(Path(run_dir) / "best", MODEL_CONFIG)
+    atomic.check_owned(Path(run_dir) / "last", PROGRESS)
+
+
 def is_sharded(directory: Path) -> bool:
     return (Path(directory) / SHARDED_METADATA).exists()
 
@@ -121,7 +127,7 @@ def save_bundle(
 ) -> Path:
     """A model directory, whole: weights, config and (from a manifest loaded from disk) the
     manifest with its vocabularies, which scoring needs to encode raw rows."""
-    with atomic.building(directory, reclaim=True) as work:
+    with atomic.building(directory, MODEL_CONFIG, reclaim=True) as work:
         atomic.write_safetensors(weights, work / WEIGHTS)
         atomic.write_json(work / MODEL_CONFIG, config)
         if manifest is not None and manifest.root is not None:
@@ -140,7 +146,7 @@ def save_train_state(
     directory: Path, model: nn.Module, config: dict[str, Any], state: dict[str, Any], progress: Progress
 ) -> None:
     """`last/`: the weights (a loadable model, like `best/`), optimizer states and RNG, progress."""
-    with atomic.building(directory, reclaim=True) as work:
+    with atomic.building(directory, PROGRESS, reclaim=True) as work:
         atomic.write_safetensors(state_tensors(model), work / WEIGHTS)
         atomic.write_json(work / MODEL_CONFIG, config)
         torch.save(state, work / TRAIN_STATE)

@@ -150,6 +150,7 @@ def fit(
     run_dir = config.run_dir(manifest.spec.name)
     best_dir = run_dir / "best"
     tasks = engine.ranker.task_names
+    checkpoint.check_run_dir(run_dir)
     found = checkpoint.latest(run_dir) if resume else None
     if found is not None:
         progress = engine.restore(found)
