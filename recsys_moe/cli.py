@@ -207,7 +207,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 def _cmd_rollback(args: argparse.Namespace) -> int:
     from recsys_moe.registry.versions import Registry
 
-    old, new = Registry().rollback(args.name)
+    old, new = Registry().rollback(args.name, to=args.to)
     print(f"{args.name}: champion rolled back from v{old} to v{new}")
     return 0
 
@@ -442,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rollback", help="point champion back at the version it replaced")
     p.add_argument("name", help="registered model name")
+    p.add_argument("--to", metavar="VERSION", help="this version instead (e.g. when the champion is the first one)")
     p.set_defaults(func=_cmd_rollback)
 
     p = sub.add_parser("models", help="list registered models, or one model's versions, aliases and metrics")

@@ -12,11 +12,17 @@ DCP writes every rank's shards in parallel and reshards on load: each rank reads
 that its tables hold under the new plan (TorchRec has no ready utility for this). A checkpoint is
 written to `.last.tmp/` and renamed to `last/` once every rank has finished, so a kill at any
 moment leaves the previous checkpoint whole.
+
+Loading runs no code from the checkpoint: DCP keeps its index (`.metadata`) as a pickle, which
+`SafeReader` unpickles with an allowlist of DCP's own metadata classes, and it accepts only tensor
+entries stored in the checkpoint's own shard files (tensors are read with `weights_only=True`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,10 +30,78 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from recsys_moe import atomic
-from recsys_moe.training.checkpoint import PROGRESS, CheckpointError, Progress, is_sharded, read_progress
+from recsys_moe.training.checkpoint import (
+    PROGRESS,
+    CheckpointError,
+    Progress,
+    is_sharded,
+    read_progress,
+)
+from recsys_moe.training.checkpoint import (
+    SHARDED_METADATA as METADATA,
+)
+
+METADATA_LIMIT = 64 * 1024 * 1024  # an index this size would describe millions of tables
+_SHARD_FILE = re.compile(r"^__\d+_\d+\.distcp$")
+# Everything DCP's index holds: its dataclasses, torch sizes, dtypes and layouts, a path.
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+        "BytesStorageMetadata",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size", *(name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype))},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise CheckpointError(f"checkpoint index refers to {module}.{name}, which a checkpoint never holds")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with an index that cannot run code (see the module's docstring)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self.path) / METADATA
+        if not path.is_file():
+            raise CheckpointError(f"{self.path}: not a sharded checkpoint (no {METADATA})")
+        if path.stat().st_size > METADATA_LIMIT:
+            raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, over the limit of {METADATA_LIMIT:,}")
+        try:
+            with open(path, "rb") as fh:
+                metadata = _MetadataUnpickler(fh).load()
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable checkpoint index ({type(exc).__name__}: {exc})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not a checkpoint index")
+        for key, meta in metadata.state_dict_metadata.items():
+            if not isinstance(meta, TensorStorageMetadata):
+                raise CheckpointError(f"{path}: entry {key!r} is not a tensor, and this checkpoint holds only tensors")
+        for info in (metadata.storage_data or {}).values():
+            if not _SHARD_FILE.match(str(info.relative_path)):
+                raise CheckpointError(f"{path}: a shard points outside the checkpoint ({info.relative_path!r})")
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
+        return metadata
 
 
 def _embedding_state(dmp: DistributedModelParallel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -90,7 +164,8 @@ def load(
     if not is_sharded(directory):
         raise CheckpointError(f"{directory} was written by single-process training: resume it without --nproc")
     rank = dist.get_rank()
-    stored = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    reader = SafeReader(directory)
+    stored = reader.read_metadata().state_dict_metadata
     model = {f"model.{k}": v for k, v in dmp.state_dict().items()}
     own, embedding = _embedding_state(dmp)
     dense = _dense_state(optimizer, dense_names, template=True)
@@ -102,7 +177,12 @@ def load(
             "was it written for another model config or spec?"
         )
     wanted = {**model, **embedding, **{k: v for k, v in {**dense, **rng}.items() if k in stored}}
-    dcp.load(wanted, checkpoint_id=directory)
+    try:
+        dcp.load(wanted, storage_reader=SafeReader(directory))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a truncated shard file, a foreign one
+        raise CheckpointError(f"{directory}: a corrupt checkpoint ({type(exc).__name__}: {exc})"[:500]) from None
 
     dmp.load_state_dict({k.removeprefix("model."): v for k, v in model.items()})
     dmp.fused_optimizer.load_state_dict(own)
@@ -120,9 +200,7 @@ def load(
 def load_full(directory: Path) -> dict[str, torch.Tensor]:
     """Every entry of a sharded checkpoint as one full tensor, in this process, without a process
     group: how to inspect a checkpoint or take its `model.*` weights into single-process code."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    stored = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    stored = SafeReader(directory).read_metadata().state_dict_metadata
     out = {
         key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in stored.items()
@@ -130,5 +208,5 @@ def load_full(directory: Path) -> dict[str, torch.Tensor]:
     }
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(out, checkpoint_id=directory, no_dist=True)
+        dcp.load(out, storage_reader=SafeReader(directory), no_dist=True)
     return out

@@ -48,7 +48,8 @@ def _dense_checks(f: Feature) -> list[tuple[pl.Expr, pl.Expr]]:
     return checks
 
 
-def _label_checks(t: Task, schema: pl.Schema) -> list[tuple[pl.Expr, pl.Expr]]:
+def label_checks(t: Task) -> list[tuple[pl.Expr, pl.Expr]]:
+    """(condition, reason) pairs that reject a row's label of task `t` (training and the gate)."""
     expr = compile_expression(t.label)
     value = expr.expr.cast(pl.Float64, strict=False)
     nulls = pl.any_horizontal([pl.col(c).is_null() for c in sorted(expr.columns)])
@@ -73,7 +74,7 @@ def reject_reason(spec: FeatureSpec, schema: pl.Schema, with_labels: bool = True
             checks.append((pl.col(f.source_column).is_null(), pl.lit(f"{f.name}: null in a non-nullable feature")))
         checks += id_problems(f, schema.get(f.source_column, pl.String()))
     for t in spec.tasks if with_labels else []:
-        checks += _label_checks(t, schema)
+        checks += label_checks(t)
     whens = [pl.when(cond.fill_null(False)).then(reason) for cond, reason in checks]
     return pl.coalesce(whens).alias(REASON)
 

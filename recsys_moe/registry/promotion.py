@@ -19,7 +19,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from recsys_moe.features.expressions import compile_expression
+from recsys_moe.pipelines.validate import REASON, label_checks
 from recsys_moe.scoring import Scorer
+from recsys_moe.scoring.scorer import ROW
 from recsys_moe.training.metrics import task_metrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,10 @@ class PromotionConfig(BaseModel):
     )
     margin: float = Field(0.0, ge=0, description="required mean improvement over the champion")
     tolerance: float = Field(0.002, ge=0, description="largest allowed regression on any single metric")
+    min_rows: int = Field(100, ge=1, description="fewest holdout rows both models score; fewer: no promotion")
+    max_extra_rejects: float = Field(
+        0.01, ge=0, le=1, description="largest share of holdout rows the candidate may reject that the champion scores"
+    )
 
 
 @dataclass
@@ -48,13 +54,15 @@ class Decision:
     candidate: dict[str, float]
     champion: dict[str, float] = field(default_factory=dict)
     champion_version: str | None = None
-    rows: int = 0
+    rows: int = 0  # the holdout rows both models were compared on
+    forced: bool = False
 
     def tags(self) -> dict[str, str]:
         tags = {
             "gate.decision": "promoted" if self.promote else "not promoted",
             "gate.reason": self.reason[:500],
             "gate.holdout_rows": str(self.rows),
+            "gate.forced": str(self.forced).lower(),
         }
         tags.update({f"gate.candidate.{k}": f"{v:.6f}" for k, v in self.candidate.items()})
         tags.update({f"gate.champion.{k}": f"{v:.6f}" for k, v in self.champion.items()})
@@ -63,21 +71,67 @@ class Decision:
         return tags
 
 
-def holdout_metrics(scorer: Scorer, holdout: pl.DataFrame) -> tuple[dict[str, float], int]:
-    """Every task's metrics on the holdout rows this model accepts, as '<task>.<metric>'."""
-    scored = scorer.score(holdout)
-    labeled = holdout[scored.rows.tolist()] if scored.rows.size else holdout.head(0)
+def _labels(scorer: Scorer, holdout: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
+    """Each task's label as float32 ([N, T], NaN where the holdout has none), and which rows have
+    a valid label for every task the holdout labels (the pipeline's own label checks)."""
+    columns, checks = [], []
+    for task in scorer.tasks:
+        spec_task = next((t for t in scorer.spec.tasks if t.name == task), None)
+        if spec_task is None or not spec_task.label_columns <= set(holdout.columns):
+            columns.append(pl.lit(None, pl.Float32).alias(task))  # the holdout has no label for this task
+            continue
+        columns.append(compile_expression(spec_task.label).expr.cast(pl.Float32, strict=False).alias(task))
+        checks += [cond.fill_null(False) for cond, _ in label_checks(spec_task)]
+    bad = pl.any_horizontal(checks) if checks else pl.lit(False)
+    frame = holdout.select(*columns, bad.alias("_bad_label"))
+    return frame.drop("_bad_label"), ~frame["_bad_label"].to_numpy()
+
+
+def _metrics(scorer: Scorer, scores: np.ndarray, labels: pl.DataFrame) -> dict[str, float]:
+    """'<task>.<metric>' for every task the holdout labels, on these rows."""
     out: dict[str, float] = {}
     for i, (task, kind) in enumerate(zip(scorer.tasks, scorer.task_types)):
-        spec_task = next((t for t in scorer.spec.tasks if t.name == task), None)
-        if spec_task is None or not compile_expression(spec_task.label).columns <= set(holdout.columns):
-            continue  # the holdout has no label for this task
-        labels = labeled.select(compile_expression(spec_task.label).expr.cast(pl.Float32)).to_series().to_numpy()
-        metrics = task_metrics(
-            kind, torch.from_numpy(scored.scores[:, i]), torch.from_numpy(np.array(labels, dtype=np.float32))
-        )
+        y = labels[task].to_numpy().astype(np.float32)
+        if np.isnan(y).all():
+            continue
+        metrics = task_metrics(kind, torch.from_numpy(np.ascontiguousarray(scores[:, i])), torch.from_numpy(y))
         out.update({f"{task}.{k}": float(v) for k, v in metrics.items() if k != "score"})
-    return out, len(scored.rows)
+    return out
+
+
+def input_contract(scorer: Scorer) -> dict[str, str]:
+    """What a request to this model must carry: raw column → the kind of value it holds."""
+    out = {}
+    for f in scorer.spec.features:
+        out[f.source_column] = f.kind if f.separator is None else f"{f.kind} separated by {f.separator!r}"
+    return out
+
+
+def compatible(candidate: Scorer, champion: Scorer) -> str | None:
+    """Why the candidate cannot take the champion's place for its clients, or None."""
+    mine_tasks = dict(zip(candidate.tasks, candidate.task_types))
+    their_tasks = dict(zip(champion.tasks, champion.task_types))
+    if mine_tasks != their_tasks:
+        return (
+            f"the candidate predicts {mine_tasks}, the champion {their_tasks}: its clients would lose, gain or "
+            "misread tasks"
+        )
+    mine, theirs = input_contract(candidate), input_contract(champion)
+    if mine != theirs:
+        changed = sorted({c for c in mine.keys() | theirs.keys() if mine.get(c) != theirs.get(c)})
+        return f"the candidate reads its input differently from the champion (columns {changed[:10]})"
+    return None
+
+
+def _evidence(scorer: Scorer, labels: pl.DataFrame, rows: int, config: PromotionConfig) -> str | None:
+    """Why these rows cannot decide anything, or None."""
+    if rows < config.min_rows:
+        return f"only {rows} holdout rows to compare on (min_rows {config.min_rows})"
+    for task, kind in zip(scorer.tasks, scorer.task_types):
+        y = labels[task].drop_nulls().drop_nans()
+        if kind == "binary" and y.len() > 0 and y.n_unique() < 2:
+            return f"task {task} has a single class among the {rows} holdout rows: its AUC says nothing"
+    return None
 
 
 def default_metrics(scorer: Scorer) -> list[str]:
@@ -117,14 +171,55 @@ def evaluate_candidate(
     config: PromotionConfig,
     champion_version: str | None = None,
 ) -> Decision:
+    """Score both models on the holdout and decide, like with like: the same tasks and input
+    contract as the champion, metrics on the rows both accept (and whose labels are valid), enough
+    of them, both classes of every binary task, finite metrics."""
     metrics = config.metrics or default_metrics(candidate)
     unknown = [m for m in metrics if "." not in m or m.rsplit(".", 1)[1] not in HIGHER_IS_BETTER]
     if unknown:
         raise ValueError(
             f"promotion.metrics: {unknown} are not '<task>.<metric>' with metric in {list(HIGHER_IS_BETTER)}"
         )
-    cand, rows = holdout_metrics(candidate, holdout)
-    champ = holdout_metrics(champion, holdout)[0] if champion is not None else None
+
+    def refuse(reason: str, rows: int = 0) -> Decision:
+        return Decision(False, reason, {}, {}, champion_version, rows)
+
+    if champion is not None and (why := compatible(candidate, champion)) is not None:
+        return refuse(f"not comparable: {why} (promote with --force to replace it anyway)")
+    labels, labeled = _labels(candidate, holdout)
+    scored = candidate.score(holdout)
+    keep = np.zeros(holdout.height, dtype=bool)
+    keep[scored.rows] = True
+    cand_at = np.full(holdout.height, -1)
+    cand_at[scored.rows] = np.arange(len(scored.rows))
+    if champion is not None:
+        theirs = champion.score(holdout)
+        champion_keeps = np.zeros(holdout.height, dtype=bool)
+        champion_keeps[theirs.rows] = True
+        extra = int((champion_keeps & ~keep).sum())  # rows the champion scores and the candidate refuses
+        if extra > config.max_extra_rejects * max(int(champion_keeps.sum()), 1):
+            first = scored.rejects.filter(pl.col(ROW).is_in(np.flatnonzero(champion_keeps & ~keep)[:1].tolist()))
+            example = first[REASON][0] if first.height else "?"
+            return refuse(f"the candidate rejects {extra} holdout rows the champion scores (first: {example})")
+        keep &= champion_keeps
+        champ_at = np.full(holdout.height, -1)
+        champ_at[theirs.rows] = np.arange(len(theirs.rows))
+    keep &= labeled
+    common = np.flatnonzero(keep)
+    labels = labels[common.tolist()] if len(common) else labels.head(0)
+    if (why := _evidence(candidate, labels, len(common), config)) is not None:
+        return refuse(why, len(common))
+    cand = _metrics(candidate, scored.scores[cand_at[common]], labels)
+    champ = None
+    if champion is not None:
+        champ_scores = theirs.scores[champ_at[common]]
+        # In the candidate's task order: `compatible` made sure the tasks and their types agree.
+        champ = _metrics(candidate, champ_scores[:, [champion.tasks.index(t) for t in candidate.tasks]], labels)
+    not_finite = sorted(
+        m for m in metrics if not np.isfinite(cand.get(m, 0.0)) or not np.isfinite((champ or {}).get(m, 0.0))
+    )
+    if not_finite:
+        return refuse(f"metrics {not_finite} are not finite on the {len(common)} holdout rows", len(common))
     promote, reason = decide(cand, champ, metrics, config)
     return Decision(
         promote,
@@ -132,7 +227,7 @@ def evaluate_candidate(
         {m: cand[m] for m in metrics if m in cand},
         {m: champ[m] for m in metrics if champ and m in champ},
         champion_version,
-        rows,
+        len(common),
     )
 
 

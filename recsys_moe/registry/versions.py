@@ -14,6 +14,7 @@ from typing import Any
 
 import polars as pl
 
+from recsys_moe.registry.lock import alias_lock
 from recsys_moe.registry.package import download_bundle
 from recsys_moe.registry.promotion import CHALLENGER, CHAMPION, PREVIOUS, Decision, PromotionConfig, evaluate_candidate
 from recsys_moe.scoring import Scorer
@@ -28,6 +29,19 @@ def cache_dir() -> Path:
 
 class RegistryError(RuntimeError):
     pass
+
+
+class StaleDecisionError(RegistryError):
+    """The champion moved between a gate's decision and its alias move: nothing was changed."""
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version is not None else "none"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
 
 
 class Registry:
@@ -82,17 +96,31 @@ class Registry:
     def gate(
         self, name: str, version: str, holdout: pl.DataFrame, config: PromotionConfig, force: bool = False
     ) -> Decision:
-        """Compare `version` with the champion on `holdout`; move `champion` only if it wins."""
+        """Compare `version` with the champion on `holdout`; move `champion` only if it wins (or
+        `force`, recorded as forced). A champion that cannot be loaded any more is replaced only
+        with `force`: that is how the registry recovers from one."""
         champion = self.alias_version(name, CHAMPION)
         if champion == version:
             raise RegistryError(f"{name} version {version} is already the champion")
         candidate = self.scorer(name, version)
-        champion_scorer = self.scorer(name, champion) if champion is not None else None
+        champion_scorer = None
+        if champion is not None:
+            try:
+                champion_scorer = self.scorer(name, champion)
+            except Exception as exc:
+                if not force:
+                    raise RegistryError(
+                        f"the champion {name} v{champion} cannot be loaded ({_one_line(exc)}): promote with --force "
+                        "to replace it, or `recsys-moe rollback NAME --to VERSION`"
+                    ) from None
+                log.warning("champion %s v%s cannot be loaded (%s): forcing v%s", name, champion, exc, version)
         decision = evaluate_candidate(candidate, champion_scorer, holdout, config, champion)
         if force and not decision.promote:
-            decision.promote, decision.reason = True, f"forced (the gate said: {decision.reason})"
-        self.record_decision(name, version, decision.tags())
-        self.apply_decision(name, version, decision.promote, champion)
+            decision.promote, decision.forced = True, True
+            decision.reason = f"forced (the gate said: {decision.reason})"
+        if champion is not None and champion_scorer is None:
+            decision.reason = f"forced over an unloadable champion v{champion} ({decision.reason})"
+        self.apply_decision(name, version, decision.promote, champion, decision.tags())
         log.info("%s v%s: %s — %s", name, version, decision.tags()["gate.decision"], decision.reason)
         return decision
 
@@ -101,34 +129,62 @@ class Registry:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, value)
 
-    def apply_decision(self, name: str, version: str, promote: bool, champion: str | None = None) -> None:
-        """Move the aliases for a decision: `champion` to `version` if it won (recording the
-        version it replaced, `champion` by default the current one), else `challenger` to it."""
-        if promote:
-            previous = champion if champion is not None else self.alias_version(name, CHAMPION)
-            self._make_champion(name, version, previous if previous != version else None)
+    def apply_decision(
+        self,
+        name: str,
+        version: str,
+        promote: bool,
+        champion: str | None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """Move the aliases for a decision made against `champion` (None: there was none):
+        `champion` to `version` if it won, recording the version it replaced, else `challenger`
+        to it. A compare-and-set under the model's lock: if `champion` moved since the decision,
+        nothing changes and `StaleDecisionError` says so. `tags` (the decision) are written with it."""
+        with alias_lock(self.uri, name):
+            current = self.alias_version(name, CHAMPION)
+            if promote and current != champion:
+                raise StaleDecisionError(
+                    f"{name}: the champion moved from {_v(champion)} to {_v(current)} since v{version} was gated "
+                    "against it; gate it again"
+                )
+            if tags:
+                self.record_decision(name, version, tags)
+            if not promote:
+                self.client.set_registered_model_alias(name, CHALLENGER, version)
+                return
+            if current is not None:
+                self.client.set_model_version_tag(name, version, PREVIOUS, current)
+            self.client.set_registered_model_alias(name, CHAMPION, version)
             if self.alias_version(name, CHALLENGER) == version:
                 self.client.delete_registered_model_alias(name, CHALLENGER)
-        else:
-            self.client.set_registered_model_alias(name, CHALLENGER, version)
 
-    def _make_champion(self, name: str, version: str, previous: str | None) -> None:
-        if previous is not None:
-            self.client.set_model_version_tag(name, version, PREVIOUS, previous)
-        self.client.set_registered_model_alias(name, CHAMPION, version)
+    def rollback(self, name: str, to: str | None = None) -> tuple[str, str]:
+        """Point `champion` back at the version the current champion replaced, or at `to` →
+        (from, to). Works when the current champion itself is broken (it is not loaded)."""
+        from mlflow.exceptions import MlflowException
 
-    def rollback(self, name: str) -> tuple[str, str]:
-        """Point `champion` back at the version the current champion replaced → (from, to)."""
-        current = self.alias_version(name, CHAMPION)
-        if current is None:
-            raise RegistryError(f"registered model {name!r} has no champion to roll back")
-        previous = self.client.get_model_version(name, current).tags.get(PREVIOUS)
-        if previous is None:
-            raise RegistryError(f"{name} v{current} is the first champion: there is nothing to roll back to")
-        self.client.set_registered_model_alias(name, CHAMPION, previous)
-        self.client.set_model_version_tag(name, current, "rolled_back", "true")
-        log.info("%s: champion rolled back from v%s to v%s", name, current, previous)
-        return current, previous
+        with alias_lock(self.uri, name):
+            current = self.alias_version(name, CHAMPION)
+            if current is None:
+                raise RegistryError(f"registered model {name!r} has no champion to roll back")
+            if to is None:
+                to = self.client.get_model_version(name, current).tags.get(PREVIOUS)
+                if to is None:
+                    raise RegistryError(
+                        f"{name} v{current} is the first champion: there is nothing to roll back to "
+                        "(`--to VERSION` names one, or promote another version with --force)"
+                    )
+            if to == current:
+                raise RegistryError(f"{name} v{to} is already the champion")
+            try:
+                self.client.get_model_version(name, to)
+            except MlflowException:
+                raise RegistryError(f"{name} has no version {to} to roll back to") from None
+            self.client.set_registered_model_alias(name, CHAMPION, to)
+            self.client.set_model_version_tag(name, current, "rolled_back", "true")
+        log.info("%s: champion rolled back from v%s to v%s", name, current, to)
+        return current, to
 
     # -- listing ---------------------------------------------------------------------------
     def versions(self, name: str) -> list[dict[str, Any]]:

@@ -385,16 +385,22 @@ def register(run: RetrainRun, trained: Trained, decision: GateResult) -> Registr
 def apply_decision(run: RetrainRun, registration: Registration, promote: bool) -> Aliases:
     """Move the aliases for the decision once: `champion` to the version if it won, else
     `challenger`. A re-run finds the version's `retrain.applied` tag and changes nothing (the
-    champion may have moved on since)."""
+    champion may have moved on since). The move is a compare-and-set against the champion the
+    gate compared with: if another promoter moved it meanwhile, the version stays a challenger."""
     from recsys_moe.registry.promotion import CHALLENGER, CHAMPION
-    from recsys_moe.registry.versions import Registry
+    from recsys_moe.registry.versions import Registry, StaleDecisionError
 
     registry = Registry(run.tracking_uri)
     name, version = registration.name, registration.version
     tags = registry.client.get_model_version(name, version).tags or {}
     changed = tags.get(TAG_APPLIED) != "true"
     if changed:
-        registry.apply_decision(name, version, promote)
+        try:
+            registry.apply_decision(name, version, promote, tags.get("gate.champion_version"))
+        except StaleDecisionError as exc:
+            log.warning("%s; v%s is kept as challenger", exc, version)
+            registry.apply_decision(name, version, False, None, {"gate.stale": str(exc)[:500]})
+            promote = False
         registry.client.set_model_version_tag(name, version, TAG_APPLIED, "true")
         log.info("%s v%s: %s", name, version, "now the champion" if promote else "kept as challenger")
     else:

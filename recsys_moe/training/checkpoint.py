@@ -75,7 +75,13 @@ class Progress:
 
 
 def read_progress(directory: Path) -> Progress:
-    return Progress.from_json((Path(directory) / PROGRESS).read_text())
+    path = Path(directory) / PROGRESS
+    try:
+        if path.stat().st_size > 256 * 1024 * 1024:
+            raise ValueError("over 256 MiB")
+        return Progress.from_json(path.read_text())
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -159,6 +165,13 @@ def load_train_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str
             f"{directory} was written by sharded training on {read_progress(directory).world_size} rank(s); "
             "resume it with --nproc N (any N: the tables are resharded)"
         )
-    weights = load_file(str(directory / WEIGHTS))
-    state = torch.load(directory / TRAIN_STATE, weights_only=True)
-    return weights, state, read_progress(directory)
+    progress = read_progress(directory)
+    try:
+        weights = load_file(str(directory / WEIGHTS))
+        state = torch.load(directory / TRAIN_STATE, weights_only=True)
+    except Exception as exc:  # truncated, corrupt or foreign files: say so in one line
+        raise CheckpointError(
+            f"{directory}: a corrupt checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "remove it to start over, or resume from a copy"
+        ) from None
+    return weights, state, progress

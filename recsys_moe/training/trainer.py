@@ -70,13 +70,19 @@ class LocalEngine:
 
     def restore(self, found: Path) -> Progress:
         weights, state, progress = checkpoint.load_train_state(found)
-        self.ranker.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.ranker.sparse.fused_optimizer().load_state_dict(state["embedding_optimizer"])
-        if self.weighting is not None:
-            self.weighting.load_state_dict(state["task_weighting"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            self.ranker.load_state_dict(weights)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.ranker.sparse.fused_optimizer().load_state_dict(state["embedding_optimizer"])
+            if self.weighting is not None:
+                self.weighting.load_state_dict(state["task_weighting"])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise checkpoint.CheckpointError(
+                f"{found} does not fit this model: was it written with another config or spec? "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            ) from None
         log.info("resumed from %s at epoch %d", found, progress.epoch + 1)
         return progress
 

@@ -1,0 +1,97 @@
+"""One alias move at a time per registered model, across processes.
+
+MLflow's registry sets an alias with no compare-and-set, so two promoters that both read
+`champion = v1` would both win and both record v1 as the version they replaced. Every move of
+`champion` (gate, rollback) takes this lock, re-reads the alias inside it and fails if it changed
+since the decision (`versions.StaleDecisionError`).
+
+Where the lock lives depends on the store: a file lock beside an SQLite database or a file store
+(processes on one host or one shared file system), an advisory lock in PostgreSQL. A tracking
+*server* (http/https) offers no lock: moves through it are still re-checked, but two promoters
+racing within the same instant can both pass; run one promoter per model there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class LockTimeoutError(RuntimeError):
+    pass
+
+
+def _key(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def _store_path(uri: str) -> Path | None:
+    """The file or folder of a local store, or None for a database or server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    if "://" not in uri:
+        return Path(uri)
+    return None
+
+
+@contextmanager
+def _file_lock(path: Path, timeout: float) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockTimeoutError(f"another process holds {path} for over {timeout:.0f} s") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _postgres_lock(uri: str, name: str, timeout: float) -> Iterator[None]:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    key = int(_key(f"recsys-moe/{name}"), 16) % (2**63)
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"SET lock_timeout = '{int(timeout * 1000)}ms'"))
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    engine.dispose()
+
+
+@contextmanager
+def alias_lock(uri: str, name: str, timeout: float = 120.0) -> Iterator[None]:
+    """Hold the lock on `name`'s aliases in the store at `uri`."""
+    path = _store_path(uri)
+    if path is not None:
+        folder = path if path.is_dir() else path.parent
+        with _file_lock(folder / f".{path.name}.{_key(name)}.lock", timeout):
+            yield
+    elif uri.startswith(("postgresql://", "postgresql+")):
+        with _postgres_lock(uri, name, timeout):
+            yield
+    else:
+        log.debug("%s: no cross-process lock for alias moves (re-checked only)", uri)
+        yield
