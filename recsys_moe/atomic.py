@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,7 +58,7 @@ def check_owned(target: str | Path, owner: str) -> None:
     )
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process umask, read without setting it (setting it races with other threads)."""
     try:
         with open("/proc/self/status") as fh:
@@ -70,9 +72,36 @@ def _umask() -> int:
     return mask
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
 def temp_path(target: Path) -> Path:
-    """A fresh, unused name beside `target` (hidden, unique per process and call)."""
-    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    """A fresh, unused name beside `target`: hidden, and naming the host and process writing it."""
+    return target.with_name(f".{target.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale_temps(target: str | Path) -> list[Path]:
+    """Remove the temporary files and folders a killed writer of `target` left beside it: only
+    names `temp_path` makes, only this host's, only of processes that are gone."""
+    target = Path(target)
+    removed = []
+    for path in target.parent.glob(f".{target.name}.*.tmp"):
+        match = _TEMP.match(path.name)
+        if match and match["name"] == target.name and match["host"] == _HOST and not _alive(int(match["pid"])):
+            _remove(path)
+            removed.append(path)
+    return removed
 
 
 def _remove(path: Path) -> None:
@@ -99,7 +128,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         if not tmp.exists():
             return
         if tmp.is_file():  # on disk before it gets the name: a crash cannot leave an empty file
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~umask())
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, target)

@@ -232,8 +232,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scorer(model: str) -> Scorer:
-    """A bundle directory, or a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION)."""
+def _scorer(model: str) -> tuple[Scorer, str]:
+    """A bundle directory, or a registry URI (models:/NAME@ALIAS, models:/NAME/VERSION) → the
+    scorer and what to call it (the version an alias resolved to)."""
     from recsys_moe.scoring import Scorer
 
     if model.startswith("models:/"):
@@ -242,8 +243,8 @@ def _scorer(model: str) -> Scorer:
         registry = Registry()
         name, version = registry.resolve(model)
         print(f"model: {name} v{version}")
-        return registry.scorer(name, version)
-    return Scorer(Path(model))
+        return registry.scorer(name, version), f"models:/{name}/{version}"
+    return Scorer(Path(model)), str(Path(model).resolve())
 
 
 def _ranking(args: argparse.Namespace) -> RankingConfig:
@@ -259,10 +260,12 @@ def _ranking(args: argparse.Namespace) -> RankingConfig:
 def _cmd_score(args: argparse.Namespace) -> int:
     from recsys_moe.scoring.batch import score_parquet
 
-    report = score_parquet(_scorer(args.model), Path(args.input), Path(args.output), _ranking(args), args.chunk_rows)
+    scorer, label = _scorer(args.model)
+    report = score_parquet(scorer, Path(args.input), Path(args.output), _ranking(args), args.chunk_rows, model=label)
     print(f"{report.rows_in:,} rows in, {report.rows_out:,} scored → {report.output} ({report.rows_per_s:,.0f} rows/s)")
     if report.rejects is not None:
         print(f"{report.rows_rejected:,} rows rejected → {report.rejects}")
+    print(f"completion record: {report.record}")
     return 0
 
 

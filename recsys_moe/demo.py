@@ -60,7 +60,12 @@ def run_demo(workdir: Path, impressions: int = 400_000, epochs: int = 4, seed: i
 
     registry = Registry(tracker.uri)
     name, version = registry.resolve(f"models:/{MODEL_NAME}@champion")
-    report = score_parquet(registry.scorer(name, version), manifest.raw_path("test"), workdir / "scores.parquet")
+    report = score_parquet(
+        registry.scorer(name, version),
+        manifest.raw_path("test"),
+        workdir / "scores.parquet",
+        model=f"models:/{name}/{version}",
+    )
     print(f"      {report.rows_out:,} rows scored by v{version} → {report.output} ({report.rows_per_s:,.0f} rows/s)")
 
     print("[6/6] done. Next:")

@@ -426,7 +426,7 @@ def score_next_period(run: RetrainRun) -> PeriodScores:
     from recsys_moe.features import load_spec
     from recsys_moe.registry.promotion import CHAMPION
     from recsys_moe.registry.versions import Registry
-    from recsys_moe.scoring.batch import score_parquet
+    from recsys_moe.scoring.batch import remove_result, score_parquet
 
     spec = load_spec(run.params.spec)
     next_day = run.day + timedelta(days=1)
@@ -445,10 +445,14 @@ def score_next_period(run: RetrainRun) -> PeriodScores:
     )
     if champion is None:
         log.warning("%s has no champion: nothing scores the candidates of %s", name, next_day)
-        (run.scores_dir / "scores.parquet").unlink(missing_ok=True)
+        remove_result(run.scores_dir / "scores.parquet")  # an earlier run's: no champion scores them now
         return scores
     report = score_parquet(
-        registry.scorer(name, champion), candidates_path, run.scores_dir / "scores.parquet", progress=False
+        registry.scorer(name, champion),
+        candidates_path,
+        run.scores_dir / "scores.parquet",
+        progress=False,
+        model=f"models:/{name}/{champion}",
     )
     scored = pl.read_parquet(report.output)
     log.info("scored %d candidates of %s with %s v%s → %s", report.rows_out, next_day, name, champion, report.output)

@@ -36,17 +36,22 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from recsys_moe.pipelines.validate import REASON, SchemaError
 from recsys_moe.scoring import RankingConfig, ranking_score
 from recsys_moe.scoring.scorer import ROW, Scored
 from recsys_moe.serving.model_holder import LoadedModel, ModelHolder
 from recsys_moe.serving.prom import Metrics, MetricsMiddleware
+from recsys_moe.serving.protocol import timed_protocol
 from recsys_moe.serving.schemas import ErrorBody, RankResponse, ReadyBody, RequestModels, ScoreResponse
 from recsys_moe.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
+# nginx's status for a request the client abandoned: not the server's fault, so not a 5xx. No one
+# receives the response; /metrics counts it apart from real errors.
+CLIENT_CLOSED = 499
 MAX_DETAIL = 50  # error items per response: enough to fix a request, small enough for 1000 bad rows
 Loc = list[str | int]
 
@@ -256,11 +261,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left (or took too long: protocol.TimedHttpProtocol)
+        raise ApiError(CLIENT_CLOSED, "the client closed the connection before its request was complete") from None
     return b"".join(chunks)
 
 
@@ -402,7 +410,13 @@ def run(settings: ServingSettings) -> None:
 
     app = create_app(settings)
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=settings.access_log
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        http=timed_protocol(settings.request_timeout),
+        timeout_keep_alive=settings.keep_alive,
     )
 
 

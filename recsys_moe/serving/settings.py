@@ -68,6 +68,10 @@ class ServingSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
     access_log: bool = Field(False, description="one uvicorn log line per request (costs latency at high rates)")
+    request_timeout: float = Field(
+        30.0, gt=0, description="seconds a client has to send a whole request; then the connection is closed"
+    )
+    keep_alive: int = Field(5, ge=1, description="seconds an idle keep-alive connection is kept open")
 
     @model_validator(mode="after")
     def _one_source(self) -> ServingSettings:
