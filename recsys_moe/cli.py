@@ -504,21 +504,37 @@ def main(argv: list[str] | None = None) -> int:
     from recsys_moe.config import ConfigError
     from recsys_moe.features.expressions import ExpressionError
     from recsys_moe.features.spec import SpecError
+    from recsys_moe.signals import terminate_as_interrupt
 
     expected: tuple[type[BaseException], ...] = (SpecError, ConfigError, ExpressionError, FileNotFoundError)
     try:
+        from mlflow.exceptions import MlflowException
+
         from recsys_moe.pipelines.build import RejectRateError
         from recsys_moe.pipelines.manifest import ManifestError
         from recsys_moe.pipelines.validate import SchemaError
+        from recsys_moe.registry.lock import LockTimeoutError
         from recsys_moe.registry.versions import RegistryError
 
-        expected += (RejectRateError, SchemaError, ManifestError, RegistryError, ValueError)
-        return int(args.func(args))
+        expected += (RejectRateError, SchemaError, ManifestError, RegistryError, LockTimeoutError, ValueError)
+        expected += (MlflowException, PermissionError)
+        if args.command == "serve":  # uvicorn handles SIGTERM itself: a graceful shutdown
+            return int(args.func(args))
+        with terminate_as_interrupt():
+            return int(args.func(args))
     except expected as exc:
         if args.verbose:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        text = lines[0] if isinstance(exc, MlflowException) else "\n".join(lines)  # MLflow adds stack dumps
+        print(f"error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(
+            f"interrupted ({exc or 'Ctrl-C'}): what was written is whole; a training run continues with --resume",
+            file=sys.stderr,
+        )
+        return 130
     except ModuleNotFoundError as exc:
         hint = MISSING.get((exc.name or "").split(".")[0])
         if hint is None or args.verbose:

@@ -142,15 +142,47 @@ class ConfigError(ValueError):
     """A config file or setting that cannot be used; the message names the file and the field."""
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from a file, or a ConfigError that says what is wrong with it."""
+MAX_YAML_BYTES = 1024 * 1024  # specs and configs are hand-written: a megabyte is a mistake
+MAX_YAML_NODES = 100_000  # after anchors expand: a "billion laughs" file is small on disk
+
+
+def _count_nodes(obj: Any, budget: int) -> int:
+    """Nodes of a loaded YAML document, as a validator would walk them (shared anchors count at
+    every use); stops counting past `budget`."""
+    count, stack = 0, [obj]
+    while stack and count <= budget:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+    return count
+
+
+def load_yaml(path: str | Path, error: type[ValueError] = ValueError) -> Any:
+    """A YAML file's content with bounded cost, or `error` naming the file and the problem."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise error(f"{path}: file not found")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise error(f"{path}: {path.stat().st_size:,} bytes, over the limit of {MAX_YAML_BYTES:,} for a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise error(
+            f"{path}: not valid YAML ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
+    if _count_nodes(raw, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise error(f"{path}: over {MAX_YAML_NODES:,} values once its anchors expand")
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or a ConfigError that says what is wrong with it."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found")
+    raw = load_yaml(path, ConfigError) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping of field: value")
     return raw

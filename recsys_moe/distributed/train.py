@@ -46,6 +46,7 @@ from recsys_moe.distributed.plan import plan_rows, plan_summary, weight_bytes_pe
 from recsys_moe.model.embeddings import plan_tables
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.signals import terminate_as_interrupt
 from recsys_moe.tracking.tracker import NullTracker, Tracker, open_tracker
 from recsys_moe.training import checkpoint
 from recsys_moe.training.checkpoint import Progress
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = checkpoint.resume_run_id(run_dir) if args.resume else None
     tracker = open_tracker(config.tracking, manifest.spec.name, run_id) if rank == 0 else NullTracker()
     try:
-        with tracker:
+        with terminate_as_interrupt(), tracker:  # torchrun forwards SIGTERM: the run ends KILLED
             result = train_distributed(manifest, config, tracker, resume=args.resume)
     finally:
         if dist.is_initialized():

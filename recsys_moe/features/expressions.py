@@ -41,11 +41,32 @@ class Expression:
     expr: pl.Expr
 
 
+MAX_LENGTH = 1_000  # characters: a label is a short formula; a longer one is a mistake or an attack
+MAX_DEPTH = 50  # nesting of its syntax tree
+
+
+def _depth(node: ast.AST, limit: int) -> int:
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if depth > limit:
+            return depth
+        deepest = max(deepest, depth)
+        stack += [(child, depth + 1) for child in ast.iter_child_nodes(current)]
+    return deepest
+
+
 def compile_expression(source: str) -> Expression:
+    if len(source) > MAX_LENGTH:
+        raise ExpressionError(f"expression of {len(source)} characters is over the limit of {MAX_LENGTH}")
     try:
         tree = ast.parse(source.strip(), mode="eval")
-    except SyntaxError as exc:
-        raise ExpressionError(f"not a valid expression: {source!r} ({exc.msg})") from None
+    except (SyntaxError, RecursionError, MemoryError) as exc:
+        raise ExpressionError(
+            f"not a valid expression: {source[:80]!r} ({getattr(exc, 'msg', type(exc).__name__)})"
+        ) from None
+    if _depth(tree, MAX_DEPTH) > MAX_DEPTH:
+        raise ExpressionError(f"expression {source[:80]!r}... nests deeper than {MAX_DEPTH} levels")
     columns: set[str] = set()
     expr = _compile(tree.body, columns, source)
     if not isinstance(expr, pl.Expr):

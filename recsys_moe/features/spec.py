@@ -12,9 +12,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recsys_moe.atomic import inside
+from recsys_moe.config import load_yaml
 from recsys_moe.features.expressions import ExpressionError, compile_expression
 from recsys_moe.features.history import HistorySpec
 
@@ -262,16 +263,15 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read YAML, resolving `extends: other.yaml` (top-level keys of this file win)."""
     if path.resolve() in seen:
         raise SpecError(f"{path}: 'extends' forms a cycle")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML ({exc})") from None
+    raw = load_yaml(path, SpecError)
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a mapping with 'name', 'features' and 'tasks'")
     base = raw.pop("extends", None)
     if base is None:
         return raw
     base_path = path.parent / str(base)
+    if not inside(base_path, path.parent):
+        raise SpecError(f"{path}: extends: {base!r} is not a file beside the spec (no paths that leave its folder)")
     if not base_path.is_file():
         raise SpecError(f"{path}: extends: {base_path} not found")
     return {**_read_raw(base_path, (*seen, path.resolve())), **raw}
