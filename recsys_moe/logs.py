@@ -13,5 +13,8 @@ def setup(verbose: bool = False) -> None:
     )
     logging.getLogger("recsys_moe").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    # MLflow logs a store error with its stack before raising it; the CLI reports the error in one
+    # line (and `--verbose` re-raises it whole).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")

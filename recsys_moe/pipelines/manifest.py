@@ -7,10 +7,10 @@ logs it, so a model can always be traced to the exact data and spec it was train
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from recsys_moe import atomic
 from recsys_moe.features.spec import FeatureSpec
@@ -20,6 +20,18 @@ FORMAT_VERSION = 1
 
 class ManifestError(ValueError):
     """A manifest that is missing, from another format version, or malformed."""
+
+
+def _inside(path: str) -> str:
+    """A file the manifest names lies in its dataset: a manifest arrives with a model from the
+    registry, and must not make a scorer read files elsewhere."""
+    parts = {*PurePosixPath(path).parts, *PureWindowsPath(path).parts}
+    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).is_absolute() or ".." in parts:
+        raise ValueError(f"{path!r} is not a path inside the dataset")
+    return path
+
+
+Inside = Annotated[str, AfterValidator(_inside)]
 
 
 class SparseFeatureInfo(BaseModel):
@@ -39,14 +51,14 @@ class TaskInfo(BaseModel):
 
 
 class SplitInfo(BaseModel):
-    shards: list[str]
+    shards: list[Inside]
     rows_in: int
     rows_out: int
     rows_rejected: int
-    rejects: str | None = None
+    rejects: Inside | None = None
     # The valid raw rows of an evaluation split, in shard order: the holdout that a promotion gate
     # scores every model on through its own preprocessing (models may differ in vocabularies).
-    raw: str | None = None
+    raw: Inside | None = None
     reject_reasons: dict[str, int] = Field(default_factory=dict)
 
 
@@ -73,7 +85,7 @@ class Manifest(BaseModel):
     sparse_features: list[SparseFeatureInfo]
     dense_features: list[str]
     tasks: list[TaskInfo]
-    vocab_files: dict[str, str]
+    vocab_files: dict[str, Inside]
     statistics: dict[str, dict[str, Any]]  # per dense feature: fill mean, transform mean/std, range, buckets
     splits: dict[str, SplitInfo]
     events: EventsInfo | None = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -45,12 +44,15 @@ def log_model(
 ) -> str:
     """Log `bundle_dir` as run `run_id`'s pyfunc model; returns its model URI (`models:/<id>`).
 
-    `example`: a few raw rows (holdout rows are ideal); the signature is inferred from them and
-    from the scores the bundle gives them. With `registered_name` a new registry version is
-    created too (the promotion gate decides on aliases separately).
+    `example`: a few raw rows (holdout rows are ideal), logged as the input example; the
+    signature names the input columns and the per-task outputs. Its input columns are typed
+    `any`: the types a column may arrive in, and the rows refused, are the input contract's
+    (`pipelines.coerce`, the same in every scoring path), not MLflow's own casting rules. With
+    `registered_name` a new registry version is created too (the gate decides on aliases).
     """
     import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
 
     scorer = Scorer(bundle_dir)
     inputs = None
@@ -62,10 +64,11 @@ def log_model(
             pl.col(c).cast(pl.Float64) if c in dense and example.schema[c].is_integer() else pl.col(c)
             for c in scorer.input_columns
         )
-        outputs = scorer.score(inputs).scores
-        with warnings.catch_warnings():  # integer id columns are fine: the scorer reads ids as text
-            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
-            signature = infer_signature(inputs.to_pandas(), pl.DataFrame(outputs, schema=scorer.tasks).to_pandas())
+        outputs = pl.DataFrame(scorer.score(inputs).scores, schema=scorer.tasks).to_pandas()
+        signature = ModelSignature(
+            inputs=Schema([ColSpec(AnyType(), c) for c in scorer.input_columns]),
+            outputs=infer_signature(outputs, outputs).outputs,
+        )
     mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

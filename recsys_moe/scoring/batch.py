@@ -148,6 +148,19 @@ def _check_replaceable(output: Path) -> None:
             )
 
 
+def _check_apart(files: list[Path], output: Path) -> None:
+    """The result must not replace its own input, nor another result's rejects file (which
+    would leave that result looking whole with a file not its own)."""
+    paths = {output, rejects_path(output), record_path(output)}
+    for file in files:
+        if any(p.exists() and p.samefile(file) for p in paths):
+            raise atomic.OwnershipError(f"--output {output} would replace the input {file}: choose another path")
+    if output.name.endswith(".rejects.parquet"):
+        owner = output.with_name(output.name.removesuffix(".rejects.parquet") + ".parquet")
+        if record_path(owner).exists():
+            raise atomic.OwnershipError(f"{output} is the rejects file of the result {owner}: choose another --output")
+
+
 def score_parquet(
     scorer: Scorer,
     input_path: Path,
@@ -166,6 +179,7 @@ def score_parquet(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     _check_replaceable(output)
+    _check_apart(files, output)
     atomic.clear_stale_temps(output)
     atomic.clear_stale_temps(rejects_path(output))
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)

@@ -90,23 +90,23 @@ class LocalEngine:
         """One pass over the shuffled training rows."""
         tc = self.config.train
         batches = self.data["train"].batches(tc.batch_size, shuffle=True, generator=self.generator)
-        bars = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not bar, unit="batch")
         loss_sum, n_seen, start = torch.zeros(len(self.loss_weights)), 0, time.perf_counter()
-        for step, batch in enumerate(batches):
-            if step >= self.steps:
-                break
-            out = self.ranker(batch.dense, batch.sparse)
-            per_task = per_task_losses(out.logits, batch.labels, self.is_binary)
-            loss = training_loss(per_task, self.loss_weights, self.weighting, out.gates, tc.balance_loss_weight)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # embedding rows are updated inside this call (fused optimizer)
-            self.optimizer.step()
-            loss_sum += per_task.detach() * len(batch)
-            n_seen += len(batch)
-            if step % 50 == 0:
-                bars.set_postfix(loss=f"{loss.item():.4f}")
-            bars.update(1)
-        bars.close()
+        desc = f"epoch {epoch + 1}/{tc.epochs}"
+        with tqdm(total=self.steps, desc=desc, disable=not bar, unit="batch") as bars:  # closed even when stopped
+            for step, batch in enumerate(batches):
+                if step >= self.steps:
+                    break
+                out = self.ranker(batch.dense, batch.sparse)
+                per_task = per_task_losses(out.logits, batch.labels, self.is_binary)
+                loss = training_loss(per_task, self.loss_weights, self.weighting, out.gates, tc.balance_loss_weight)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # embedding rows are updated inside this call (fused optimizer)
+                self.optimizer.step()
+                loss_sum += per_task.detach() * len(batch)
+                n_seen += len(batch)
+                if step % 50 == 0:
+                    bars.set_postfix(loss=f"{loss.item():.4f}")
+                bars.update(1)
         return EpochStats(
             loss=(loss_sum / max(n_seen, 1)).tolist(), samples_per_s=n_seen / (time.perf_counter() - start)
         )
