@@ -204,7 +204,11 @@ def test_the_cli_recovers_from_a_champion_whose_files_are_gone(
 
 # -- finding 10: no leftovers, no tracebacks ------------------------------------------------------
 def test_failed_model_loads_leave_nothing_in_the_cache(
-    synthetic_manifest: Manifest, registry: Registry, registry_store: str, tmp_path: Path
+    synthetic_manifest: Manifest,
+    registry: Registry,
+    registry_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     _, uri = train_logged_model(synthetic_manifest, registry_store, tmp_path / "gone", *WEAK)
     version = registry.register(uri, "cache-leak")
@@ -212,10 +216,16 @@ def test_failed_model_loads_leave_nothing_in_the_cache(
         Path(registry.client.get_logged_model(uri.removeprefix("models:/")).artifact_location.removeprefix("file://"))
     )
     for _ in range(5):
-        with pytest.raises(Exception):  # noqa: B017 - whatever MLflow raises for missing artifacts
+        with pytest.raises(FileNotFoundError, match="no files for this model"):
             registry.bundle("cache-leak", version)
     cache = tmp_path / "cache" / "models"
     assert not cache.exists() or not list(cache.iterdir())
+    # and the CLI says so in one line
+    pl.DataFrame({"a": [1]}).write_parquet(tmp_path / "in.parquet")
+    score = ["score", "--model", f"models:/cache-leak/{version}", "--input", str(tmp_path / "in.parquet")]
+    assert main([*score, "--output", str(tmp_path / "out.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "no files for this model" in err and "Traceback" not in err, err
 
 
 def test_user_mistakes_are_one_line_errors(

@@ -106,4 +106,9 @@ def download_bundle(model_uri: str, target: Path, tracking_uri: str | None = Non
         mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
         with atomic.building(target, "MLmodel") as tmp:
             mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))
+            if not (tmp / "MLmodel").is_file():  # MLflow returns quietly when there is nothing to fetch
+                raise FileNotFoundError(
+                    f"{model_uri}: the store holds no files for this model (its artifacts were deleted or never "
+                    "uploaded); promote or roll back to another version"
+                )
     return bundle_path(target)
