@@ -16,6 +16,7 @@ empty or holds the file its writer always writes (a dataset's `manifest.json`, a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -102,6 +103,17 @@ def clear_stale_temps(target: str | Path) -> list[Path]:
             _remove(path)
             removed.append(path)
     return removed
+
+
+def sha256(paths: list[Path]) -> str:
+    """One digest over the bytes of these files, in order: how a dataset and a batch result
+    name what they were made from and what they hold."""
+    h = hashlib.sha256()
+    for p in paths:
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _remove(path: Path) -> None:

@@ -19,7 +19,6 @@ import httpx
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-import uvicorn
 
 from recsys_moe.cli import main
 from recsys_moe.distributed.checkpoint import CheckpointError, SafeReader, load_full
@@ -28,6 +27,7 @@ from recsys_moe.serving.app import create_app
 from recsys_moe.serving.protocol import timed_protocol
 from recsys_moe.serving.settings import ServingSettings
 from recsys_moe.training import checkpoint
+from tests.test_serving import serve
 
 
 # -- finding 6: a checkpoint index is data, never code --------------------------------------------
@@ -100,25 +100,10 @@ def test_resuming_a_corrupt_checkpoint_is_a_one_line_error(
 @pytest.fixture(scope="module")
 def server(logged_model):  # type: ignore[no-untyped-def]
     """The endpoint with a 1 s request deadline, on a socket; → (host, port, base URL)."""
-    import threading
-
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads()  # the server sets torch's (process-wide) thread count
     app = create_app(ServingSettings(model_dir=logged_model[0].model_dir, max_rows=50))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", http=timed_protocol(1.0), timeout_keep_alive=5)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.02)
-    yield "127.0.0.1", port, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=15)
-    sock.close()
+    with serve(app, http=timed_protocol(1.0), timeout_keep_alive=5) as url:
+        yield "127.0.0.1", int(url.rsplit(":", 1)[1]), url
     torch.set_num_threads(threads)
 
 

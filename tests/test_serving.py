@@ -42,13 +42,14 @@ CONTEXT = ("user_id", "age", "gender", "country", "interests", "signup_days", "d
 
 
 @contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run `app` with uvicorn on a free port of 127.0.0.1 in a thread → its base URL."""
+def serve(app: FastAPI, **options: Any) -> Iterator[str]:
+    """Run `app` with uvicorn (`options`: more of uvicorn.Config) on a free port of 127.0.0.1 in
+    a thread → its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -6,7 +6,6 @@ crash never leaves half a dataset that looks whole, and a re-run replaces rather
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -55,15 +54,6 @@ def _check_rate(what: str, rejected: int, total: int, max_rate: float, reasons: 
             f"{what}: {rejected} of {total} rows rejected ({rate:.1%} > max_reject_rate "
             f"{max_rate:.1%}); top reasons: {reasons}"
         )
-
-
-def _digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with p.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def build_frames(
@@ -170,7 +160,7 @@ def build_frames(
             statistics=state.statistics(),
             splits=splits,
             events=events,
-            digest=_digest(all_shards),
+            digest=atomic.sha256(all_shards),
         )
         manifest.save(work)
     manifest.root = out_dir

@@ -14,7 +14,6 @@ existing output is replaced only when an earlier run of this function wrote it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -105,15 +104,6 @@ def _chunks(files: list[Path], chunk_rows: int) -> Iterator[pl.DataFrame]:
             yield _conform(batch, schema)
 
 
-def _sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with p.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def record_path(output: Path) -> Path:
     return output.with_name(f"{output.name}.done.json")
 
@@ -183,7 +173,7 @@ def score_parquet(
     atomic.clear_stale_temps(output)
     atomic.clear_stale_temps(rejects_path(output))
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    input_digest = _sha256(files)
+    input_digest = atomic.sha256(files)
     partial, partial_rejects = atomic.temp_path(output), atomic.temp_path(rejects_path(output))
     mark = {MARK: json.dumps({"model": model or str(scorer.directory), "input": str(input_path)}).encode()}
     writer: pq.ParquetWriter | None = None
@@ -235,9 +225,9 @@ def score_parquet(
             "rows_out": rows_out,
             "rows_rejected": rejected,
             "output": output.name,
-            "output_sha256": _sha256([partial]),
+            "output_sha256": atomic.sha256([partial]),
             "rejects": rejects_path(output).name if rejected else None,
-            "rejects_sha256": _sha256([partial_rejects]) if rejected else None,
+            "rejects_sha256": atomic.sha256([partial_rejects]) if rejected else None,
         }
         _commit(output, partial, partial_rejects if rejected else None, record)
     finally:
@@ -288,12 +278,12 @@ def read_result(output: Path) -> dict[str, Any]:
     record = json.loads(record_file.read_text())
     if record.get("kind") != KIND:
         raise IncompleteResult(f"{record_file}: not a recsys-moe completion record")
-    if not output.is_file() or _sha256([output]) != record["output_sha256"]:
+    if not output.is_file() or atomic.sha256([output]) != record["output_sha256"]:
         raise IncompleteResult(f"{output}: does not match its completion record")
     rejects = rejects_path(output)
     if record["rejects_sha256"] is None:
         if rejects.exists():
             raise IncompleteResult(f"{rejects}: the result has no rejects, yet this file is there")
-    elif not rejects.is_file() or _sha256([rejects]) != record["rejects_sha256"]:
+    elif not rejects.is_file() or atomic.sha256([rejects]) != record["rejects_sha256"]:
         raise IncompleteResult(f"{rejects}: does not match its completion record")
     return dict(record)
