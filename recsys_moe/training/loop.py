@@ -175,6 +175,7 @@ def fit(
             report_epoch(tracker, record, val, tasks, config, say, engine.label)
             if weights is not None:
                 checkpoint.save_bundle(best_dir, weights, bundle, manifest)
+        del weights  # a copy of every table: freed before save_last makes another
         progress = dataclasses.replace(progress, epoch=epoch + 1, step=0, loss_sum=[0.0] * len(tasks), rows=0.0)
         engine.save_last(progress, bundle)
         if progress.bad_epochs >= tc.patience and engine.is_main:
