@@ -163,6 +163,19 @@ def test_rebuild_is_idempotent(synthetic_raw: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temp or old copies left
 
 
+def test_the_same_rows_give_the_same_shard_bytes(tmp_path: Path) -> None:
+    """The dataset digest names the data: however Polars happened to chunk the frame in memory
+    (its parallel execution varies it run to run on large inputs), the shards' bytes are equal."""
+    from recsys_moe.pipelines.build import ROW_GROUP, _write_shards
+
+    rows = pl.DataFrame({"id": range(ROW_GROUP + 5000), "x": [0.5] * (ROW_GROUP + 5000)})
+    pieces = pl.concat([rows.slice(0, 1000), rows.slice(1000, 70_000), rows.slice(71_000)], rechunk=False)
+    assert pieces.n_chunks() == 3
+    one = _write_shards(rows, tmp_path / "one", 200_000)
+    three = _write_shards(pieces, tmp_path / "three", 200_000)
+    assert [p.read_bytes() for p in one] == [p.read_bytes() for p in three]
+
+
 def test_synthetic_dataset_is_split_by_time(synthetic_manifest: Manifest) -> None:
     frames = {s: pl.read_parquet(synthetic_manifest.shard_paths(s)) for s in ("train", "valid", "test")}
     assert all(f.height > 0 for f in frames.values())

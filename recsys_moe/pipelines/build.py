@@ -30,13 +30,19 @@ class RejectRateError(RuntimeError):
     """Too many rows failed validation: the data is more likely broken than noisy."""
 
 
+ROW_GROUP = 262_144
+
+
 def _write_shards(frame: pl.DataFrame, directory: Path, rows_per_shard: int) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     n_shards = max(1, -(-frame.height // rows_per_shard))
     for i in range(n_shards):
         path = directory / f"part-{i:05d}.parquet"
-        frame.slice(i * rows_per_shard, rows_per_shard).write_parquet(path, statistics=True)
+        # One chunk and a fixed row-group size: the same rows give the same bytes, so the
+        # dataset digest names the data (Polars' parallel chunking would vary the row groups).
+        shard = frame.slice(i * rows_per_shard, rows_per_shard).rechunk()
+        shard.write_parquet(path, statistics=True, row_group_size=ROW_GROUP)
         paths.append(path)
     return paths
 
