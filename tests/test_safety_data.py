@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 import torch
 
+from recsys_moe import atomic
 from recsys_moe.atomic import OwnershipError
 from recsys_moe.features import load_spec
 from recsys_moe.features.spec import SpecError, parse_spec
@@ -291,6 +292,33 @@ def test_input_files_of_mixed_schemas_are_one_line_errors(logged_model, holdout:
     assert main(args) == 2
     holdout.head(10).with_columns(pl.col("age").cast(pl.Int32)).write_parquet(src / "b.parquet")  # widening is fine
     assert main(args) == 0 and read_result(tmp_path / "o.parquet")["rows_in"] == 20
+
+
+def test_a_new_run_clears_every_temp_file_a_killed_run_left(
+    logged_model, synthetic_manifest: Manifest, tmp_path: Path
+) -> None:
+    """A kill can land while the result, its rejects or its completion record is being written:
+    the next run removes all three kinds of leftover, and leaves a live writer's alone."""
+    rows = read_holdout(synthetic_manifest.raw_path("test")).head(50)
+    rows.write_parquet(tmp_path / "in.parquet")
+    out = tmp_path / "out" / "scores.parquet"
+    out.parent.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = int(dead.stdout)
+    leftovers = [atomic_temp(path, gone) for path in (out, rejects_path(out), out.with_name(out.name + ".done.json"))]
+    live = atomic_temp(out, os.getpid())
+    for path in (*leftovers, live):
+        path.write_text("half")
+    score_parquet(Scorer(str(logged_model[0].model_dir)), tmp_path / "in.parquet", out, progress=False)
+    assert not [p for p in leftovers if p.exists()] and live.exists()
+    assert read_result(out)["rows_in"] == 50
+
+
+def atomic_temp(target: Path, pid: int) -> Path:
+    """The name `atomic.temp_path` gives a file process `pid` writes on this host."""
+    name = atomic.temp_path(target).name
+    host = name.rsplit(".", 2)[1].split("-")[0]
+    return target.with_name(f".{target.name}.{host}-{pid}-0123abcd.tmp")
 
 
 KILL_WORKER = """

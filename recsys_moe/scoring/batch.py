@@ -170,8 +170,8 @@ def score_parquet(
     output.parent.mkdir(parents=True, exist_ok=True)
     _check_replaceable(output)
     _check_apart(files, output)
-    atomic.clear_stale_temps(output)
-    atomic.clear_stale_temps(rejects_path(output))
+    for path in (output, rejects_path(output), record_path(output)):
+        atomic.clear_stale_temps(path)  # what a killed run left, its record's temp file included
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     input_digest = atomic.sha256(files)
     partial, partial_rejects = atomic.temp_path(output), atomic.temp_path(rejects_path(output))
