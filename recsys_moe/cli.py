@@ -146,7 +146,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 1
     else:
         run_id = checkpoint.resume_run_id(run_dir) if args.resume else None
-        with open_tracker(config.tracking, manifest.spec.name, run_id) as tracker:
+        with open_tracker(config.tracking, manifest.spec.name, config.model.arch, run_id) as tracker:
             result = train(manifest, config, tracker=tracker, progress=True, resume=args.resume)
     print_result(result)
     if result.run_id is None:

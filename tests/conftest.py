@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
+
+# Models logged here name no extra index for the CPU torch: this machine's pip configuration
+# already provides the wheel, and PyTorch's index is not reachable from it (see
+# recsys_moe/registry/environment.py; tests/test_mlflow_deploy.py checks the default).
+os.environ.setdefault("RECSYS_MOE_TORCH_INDEX_URL", "")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -8,6 +8,7 @@ under load without failing a request, and survive a schemathesis fuzz run with n
 from __future__ import annotations
 
 import itertools
+import re
 import socket
 import threading
 import time
@@ -349,6 +350,24 @@ def test_openapi_describes_the_loaded_models_fields(client: httpx.Client, scorer
     assert row["properties"]["age"]["minimum"] == 0 and row["properties"]["age"]["maximum"] == 130
     body = doc["paths"]["/v1/rank"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/RankRequest"}
+
+
+def test_docs_work_offline(client: httpx.Client) -> None:
+    """/docs references no external URL: every script, stylesheet and icon it loads comes from
+    this server (the swagger-ui-bundle package), and each of them is served."""
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert not re.findall(r"(?:https?:)?//[\w.-]+", html), "absolute URLs in /docs"
+    loaded = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+    assert len(loaded) == 4, loaded  # stylesheet, icon, script, the OpenAPI document
+    for path in loaded:
+        asset = client.get(path)
+        assert asset.status_code == 200 and len(asset.content) > 100, path
+        if path.endswith(".css"):  # a stylesheet's url(...) would be fetched too
+            assert not re.findall(r"url\(\s*['\"]?(?:https?:)?//", asset.text)
+    assert '"validatorUrl": null' in html  # else the page calls validator.swagger.io
+    assert client.get("/redoc").status_code == 404  # ReDoc's page would load from a CDN
 
 
 def test_fuzzed_requests_never_get_a_server_error(logged_model) -> None:

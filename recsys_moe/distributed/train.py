@@ -304,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = Manifest.load(args.data)
     run_dir = config.run_dir(manifest.spec.name)
     run_id = checkpoint.resume_run_id(run_dir) if args.resume else None
-    tracker = open_tracker(config.tracking, manifest.spec.name, run_id) if rank == 0 else NullTracker()
+    tracker = (
+        open_tracker(config.tracking, manifest.spec.name, config.model.arch, run_id) if rank == 0 else NullTracker()
+    )
     try:
         with terminate_as_interrupt(), tracker:  # torchrun forwards SIGTERM: the run ends KILLED
             result = train_distributed(manifest, config, tracker, resume=args.resume)

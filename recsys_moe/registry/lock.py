@@ -7,8 +7,10 @@ since the decision (`versions.StaleDecisionError`).
 
 Where the lock lives depends on the store: a file lock beside an SQLite database or a file store
 (processes on one host or one shared file system), an advisory lock in PostgreSQL. A tracking
-*server* (http/https) offers no lock: moves through it are still re-checked, but two promoters
-racing within the same instant can both pass; run one promoter per model there.
+*server* (http/https) offers no lock of its own: set `RECSYS_MOE_LOCK_URI` to a database every
+promoter can reach (the server's own PostgreSQL, `postgresql+psycopg://...`) or a path on shared
+storage, and moves through the server are locked there. Without it they are still re-checked,
+but two promoters racing within the same instant can both pass (a warning says so).
 """
 
 from __future__ import annotations
@@ -81,9 +83,14 @@ def _postgres_lock(uri: str, name: str, timeout: float) -> Iterator[None]:
     engine.dispose()
 
 
+LOCK_URI_ENV = "RECSYS_MOE_LOCK_URI"
+
+
 @contextmanager
 def alias_lock(uri: str, name: str, timeout: float = 120.0) -> Iterator[None]:
-    """Hold the lock on `name`'s aliases in the store at `uri`."""
+    """Hold the lock on `name`'s aliases in the store at `uri` (or where `RECSYS_MOE_LOCK_URI` says)."""
+    if uri.startswith(("http://", "https://", "databricks")) and os.environ.get(LOCK_URI_ENV):
+        uri = os.environ[LOCK_URI_ENV]
     path = _store_path(uri)
     if path is not None:
         folder = path if path.is_dir() else path.parent
@@ -93,5 +100,7 @@ def alias_lock(uri: str, name: str, timeout: float = 120.0) -> Iterator[None]:
         with _postgres_lock(uri, name, timeout):
             yield
     else:
-        log.debug("%s: no cross-process lock for alias moves (re-checked only)", uri)
+        log.warning(
+            "%s: alias moves are re-checked but not locked across processes; set %s to lock them", uri, LOCK_URI_ENV
+        )
         yield

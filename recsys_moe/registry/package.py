@@ -1,21 +1,23 @@
 """Log a trained model bundle as an MLflow pyfunc, and get a bundle back from a model URI.
 
 The logged model carries the bundle (weights, model config, manifest, vocabularies) as an
-artifact, a signature over the raw feature columns, and an input example of real rows. Loading
-needs only JSON, parquet and safetensors: nothing is unpickled.
+artifact, a signature over the raw feature columns, an input example of real rows, and what stock
+MLflow needs to serve it from a fresh environment: the `recsys_moe` code and requirements that
+pip can install (`registry.environment`). Loading needs only JSON, parquet and safetensors:
+nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from importlib import metadata
+import tempfile
 from pathlib import Path
 
 import polars as pl
 import yaml
 
 from recsys_moe import atomic
+from recsys_moe.registry import environment
 from recsys_moe.scoring import Scorer
 from recsys_moe.tracking.store import tracking_uri as default_tracking_uri
 
@@ -23,15 +25,6 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the logged model's name within its run
 CODE = Path(__file__).with_name("pyfunc_model.py")
-REQUIREMENTS = ("torch", "torchrec", "fbgemm-gpu-cpu", "polars", "safetensors", "pydantic", "pandas", "recsys-moe")
-
-
-def _requirements() -> list[str]:
-    pins = []
-    for name in REQUIREMENTS:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            pins.append(f"{name}=={metadata.version(name).split('+')[0]}")
-    return pins
 
 
 def log_model(
@@ -70,14 +63,21 @@ def log_model(
             outputs=infer_signature(outputs, outputs).outputs,
         )
     mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
-    with mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        artifacts = {"bundle": str(bundle_dir)}
+        shim = None
+        if environment.is_cpu_torch():
+            wheel = environment.fbgemm_cpu_shim(Path(tmp))
+            artifacts[environment.SHIM_ARTIFACT] = str(wheel)
+            shim = Path("artifacts") / wheel.name  # where MLflow puts it, relative to the model
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(CODE),
-            artifacts={"bundle": str(bundle_dir)},
+            artifacts=artifacts,
+            code_paths=[str(environment.package_code(Path(tmp)))],
             signature=signature,
             input_example=inputs.to_pandas() if inputs is not None else None,
-            pip_requirements=_requirements(),
+            pip_requirements=environment.requirements(shim),
             registered_model_name=registered_name,
             tags={"spec": scorer.spec.name, "arch": scorer.config["model"]["arch"], "tasks": ",".join(scorer.tasks)},
         )

@@ -44,6 +44,20 @@ def _one_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
+def decision_markdown(tags: dict[str, str]) -> str:
+    """A gate decision's tags as the markdown a model version page shows: the verdict, its
+    reason, and each metric of the candidate beside the champion's."""
+    lines = [f"**Gate: {tags.get('gate.decision', '?')}** — {tags.get('gate.reason', '')}", ""]
+    champion = tags.get("gate.champion_version")
+    rows = tags.get("gate.holdout_rows", "?")
+    lines.append(f"Holdout rows compared: {rows}; champion: {f'v{champion}' if champion else 'none'}.")
+    metrics = sorted(k.removeprefix("gate.candidate.") for k in tags if k.startswith("gate.candidate."))
+    if metrics:
+        lines += ["", "| metric | this version | champion |", "|---|---|---|"]
+        lines += [f"| {m} | {tags[f'gate.candidate.{m}']} | {tags.get(f'gate.champion.{m}', '–')} |" for m in metrics]
+    return "\n".join(lines)
+
+
 class Registry:
     """A thin handle on MLflow's model registry for one tracking store (the project's default
     store unless `uri` names one)."""
@@ -125,9 +139,11 @@ class Registry:
         return decision
 
     def record_decision(self, name: str, version: str, tags: dict[str, str]) -> None:
-        """Write a gate decision (`Decision.tags()`) on the version, so the registry shows why."""
+        """Write a gate decision (`Decision.tags()`) on the version, so the registry shows why:
+        as tags (for tools) and as the version's description (what its UI page shows first)."""
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, value)
+        self.client.update_model_version(name, version, description=decision_markdown(tags))
 
     def apply_decision(
         self,

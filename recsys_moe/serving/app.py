@@ -5,7 +5,7 @@
     GET  /healthz    the process is alive
     GET  /readyz     200 once a model is loaded (says which), else 503
     GET  /metrics    Prometheus text
-    GET  /docs, /openapi.json
+    GET  /docs, /openapi.json  (Swagger UI from the installed swagger-ui-bundle: no CDN, works offline)
 
 Rows go through `recsys_moe.scoring.Scorer`, the code path of batch scoring and the promotion
 gate, so the endpoint cannot drift from training. The request models are generated from the
@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -336,7 +338,10 @@ def create_app(settings: ServingSettings) -> FastAPI:
         + (f" (spec `{startup.scorer.spec.name}`, tasks {startup.scorer.tasks})." if startup else ".")
         + " Request fields are the model's raw input columns; the schema shown is the model loaded at startup.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: see _offline_docs
+        redoc_url=None,
     )
+    _offline_docs(app)
     app.state.settings, app.state.holder, app.state.metrics = settings, holder, metrics
     if startup is not None:
         schemas = startup.models.json_schemas()
@@ -402,6 +407,29 @@ def create_app(settings: ServingSettings) -> FastAPI:
     paths = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     app.add_middleware(MetricsMiddleware, metrics=metrics, paths=paths)
     return app
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """/docs with Swagger UI's files served from the installed `swagger-ui-bundle` package, so
+    the page works on a host with no internet (and loads nothing from a third party). Its spec
+    validator badge, which calls validator.swagger.io, is off."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} — API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},
+        )
 
 
 def run(settings: ServingSettings) -> None:

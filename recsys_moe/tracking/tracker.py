@@ -6,8 +6,13 @@ different backend could be added without touching the training loop.
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import logging
+import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
@@ -68,12 +73,56 @@ class NullTracker(_Closing):
     def close(self, status: str = "FINISHED") -> None: ...
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview; ours train models.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def run_name(spec: str, arch: str) -> str:
+    """`<spec>-<arch>-<UTC time>`: runs sort and read in the UI instead of MLflow's random names."""
+    return f"{spec}-{arch}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry
+        return str(os.getuid())
+
+
+def source_tags(source: str | None = None) -> dict[str, str]:
+    """What the UI shows as a run's Source, User and Git commit, and the recsys-moe version:
+    enough to find the code that trained a model. The commit is the checkout recsys-moe runs
+    from (an editable install); an installed wheel has none, its version says it."""
+    from importlib import metadata
+
+    from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]) if sys.argv and sys.argv[0] else "python"
+    tags = {"mlflow.user": _user(), "mlflow.source.type": "LOCAL", "mlflow.source.name": source or command}
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        tags["recsys_moe.version"] = metadata.version("recsys-moe")
+    package = str(Path(__file__).resolve().parents[1])
+    commit = get_git_commit(package)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        for key, value in (("branch", get_git_branch(package)), ("repoURL", get_git_repo_url(package))):
+            if value:
+                tags[f"mlflow.source.git.{key}"] = value
+    return tags
+
+
 class MlflowTracker(_Closing):
-    """One MLflow run. Creates the experiment on first use; in the default embedded store its
-    artifacts go to ./mlartifacts beside ./mlruns.db."""
+    """One MLflow run. Creates the experiment on first use (as a classic ML experiment); in the
+    default embedded store its artifacts go to ./mlartifacts beside ./mlruns.db. A new run is
+    named `run_name` and tagged with where it was started from (`source_tags`)."""
 
     def __init__(
-        self, experiment: str, run_name: str | None = None, uri: str | None = None, run_id: str | None = None
+        self,
+        experiment: str,
+        run_name: str | None = None,
+        uri: str | None = None,
+        run_id: str | None = None,
+        source: str | None = None,
     ) -> None:
         import mlflow
 
@@ -84,15 +133,26 @@ class MlflowTracker(_Closing):
             location = None
             if self.uri.startswith("sqlite:///"):
                 location = (Path(self.uri.removeprefix("sqlite:///")).parent / ARTIFACTS_NAME).resolve().as_uri()
-            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            try:
+                experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=location, tags=EXPERIMENT_KIND
+                )
+            except mlflow.exceptions.MlflowException:  # created by a concurrent run meanwhile
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                experiment_id = found.experiment_id
         else:
             experiment_id = exp.experiment_id
+            if "mlflow.experimentKind" not in exp.tags:
+                self.client.set_experiment_tag(experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         self.experiment_id = experiment_id
         if run_id is not None:  # resuming: keep logging into the interrupted run
             self.client.update_run(run_id, status="RUNNING")
             self.run_id: str = run_id
         else:
-            self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+            tags = source_tags(source)
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         log.info("MLflow run %s in experiment %r at %s", self.run_id, experiment, self.uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -146,9 +206,11 @@ class MlflowTracker(_Closing):
         self.client.set_terminated(self.run_id, status=status)
 
 
-def open_tracker(config: TrackingConfig, spec_name: str, run_id: str | None = None) -> Tracker:
+def open_tracker(config: TrackingConfig, spec_name: str, arch: str, run_id: str | None = None) -> Tracker:
     """The run's tracker: MLflow in the experiment `recsys-moe/<spec>` unless the config names
-    one, a new run or (resuming) `run_id`; nothing when tracking is off."""
+    one, a new run named `<spec>-<arch>-<time>` (or the config's name) or, resuming, `run_id`;
+    nothing when tracking is off."""
     if not config.enabled:
         return NullTracker()
-    return MlflowTracker(config.experiment or f"recsys-moe/{spec_name}", run_name=config.run_name, run_id=run_id)
+    name = config.run_name or run_name(spec_name, arch)
+    return MlflowTracker(config.experiment or f"recsys-moe/{spec_name}", run_name=name, run_id=run_id)

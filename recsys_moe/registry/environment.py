@@ -1,0 +1,129 @@
+"""What a logged model needs to run anywhere MLflow runs it: its pip requirements and its code.
+
+Stock MLflow tooling (`mlflow models serve`, `build-docker`, `spark_udf`) installs a model's
+`requirements.txt` into a fresh environment and imports its code. Three things stand in the way
+of doing that naively, and each has its answer here:
+
+- **recsys-moe is not on PyPI.** The model carries the `recsys_moe` package itself as MLflow
+  model code (`code_paths`, put on `sys.path` at load), so its requirements name only published
+  distributions: the scoring path's own imports, pinned to the versions that trained it.
+- **`torch==2.13.0` from PyPI is a multi-GB CUDA build.** On a CPU host the requirement is the
+  CPU build's own version, `torch==2.13.0+cpu`, which no CUDA wheel satisfies, preceded by
+  PyTorch's CPU index (`RECSYS_MOE_TORCH_INDEX_URL`; empty for none, where pip's own
+  configuration already provides the wheel). A CUDA host logs `torch==2.13.0` and the CUDA fbgemm.
+- **torchrec names the CUDA `fbgemm-gpu`**, which no requirements file can exclude (the project
+  installs torchrec with `--no-deps`). A CPU model carries a tiny wheel named `fbgemm-gpu`,
+  version `1.8.0+cpu`, with no files and one dependency, `fbgemm-gpu-cpu==1.8.0`: listed by path
+  in the requirements, it is the only candidate pip considers for torchrec's `fbgemm-gpu`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import recsys_moe
+from recsys_moe.features.spec import BUNDLED_SPECS
+
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# What the scoring path imports (pyfunc_model → scoring → model, features, pipelines), besides torch.
+SCORING_DISTRIBUTIONS = (
+    "numpy",
+    "pandas",
+    "polars",
+    "pyarrow",
+    "pydantic",
+    "pyyaml",
+    "safetensors",
+    "tensordict",
+    "torchmetrics",
+    "tqdm",
+    "pyre-extensions",
+    "mlflow",
+)
+SHIM_ARTIFACT = "fbgemm_cpu_shim"  # the artifact key of the shim wheel
+
+
+def _version(name: str) -> str:
+    return metadata.version(name)
+
+
+def is_cpu_torch() -> bool:
+    """The installed torch is a CPU build (`+cpu`), or has no CUDA at all."""
+    import torch
+
+    return _version("torch").endswith("+cpu") or torch.version.cuda is None
+
+
+def torch_index_url() -> str | None:
+    """The index pip needs for the CPU torch (PyTorch's own), unless the environment says otherwise."""
+    value = os.environ.get("RECSYS_MOE_TORCH_INDEX_URL", TORCH_CPU_INDEX).strip()
+    return value or None
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def fbgemm_cpu_shim(folder: Path) -> Path:
+    """Write the `fbgemm-gpu` stand-in wheel (see the module docstring) into `folder`."""
+    cpu = _version("fbgemm-gpu-cpu")
+    name, version = "fbgemm_gpu", f"{cpu}+cpu"
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{info}/METADATA": (
+            "Metadata-Version: 2.1\n"
+            "Name: fbgemm-gpu\n"
+            f"Version: {version}\n"
+            "Summary: recsys-moe stand-in: satisfies torchrec's fbgemm-gpu requirement with the CPU build\n"
+            f"Requires-Dist: fbgemm-gpu-cpu=={cpu}\n"
+        ).encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: recsys-moe\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in files.items())
+    files[f"{info}/RECORD"] = (record + f"{info}/RECORD,,\n").encode()
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path, data in files.items():
+            info_ = zipfile.ZipInfo(path, date_time=(2026, 1, 1, 0, 0, 0))  # same bytes every time
+            info_.external_attr = 0o644 << 16
+            zf.writestr(info_, data)
+    return wheel
+
+
+def requirements(shim: Path | None) -> list[str]:
+    """The model's pip requirements: torch for this host's kind, torchrec with its fbgemm, and the
+    scoring path's other distributions, all pinned to what is installed. `shim`: the stand-in
+    wheel's path as it lies in the logged model (relative to the model's directory)."""
+    torch_version = _version("torch")
+    lines: list[str] = []
+    if is_cpu_torch():
+        base = torch_version.split("+")[0]
+        index = torch_index_url()
+        if index:
+            lines.append(f"--extra-index-url {index}")
+        lines.append(f"torch=={base}+cpu")
+        lines.append(f"fbgemm-gpu-cpu=={_version('fbgemm-gpu-cpu')}")
+        if shim is not None:
+            lines.append(shim.as_posix())
+    else:
+        lines.append(f"torch=={torch_version.split('+')[0]}")
+        lines.append(f"fbgemm-gpu=={_version('fbgemm-gpu')}")
+    lines.append(f"torchrec=={_version('torchrec')}")
+    lines += [f"{name}=={_version(name)}" for name in SCORING_DISTRIBUTIONS]
+    return lines
+
+
+def package_code(folder: Path) -> Path:
+    """A clean copy of the `recsys_moe` package (sources, type marker, bundled specs) in
+    `folder`, to log as the model's code: no caches, the specs where an installed wheel has them."""
+    source = Path(recsys_moe.__file__).resolve().parent
+    target = folder / "recsys_moe"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "specs"))
+    shutil.copytree(BUNDLED_SPECS, target / "specs", ignore=shutil.ignore_patterns("__pycache__"))
+    return target
