@@ -1,19 +1,30 @@
-"""`pip install .` as a library user does it, in a fresh virtualenv that has only the CPU torch:
-the declared dependencies suffice, the one import root is `recsys_moe`, the bundled specs ship.
+"""`pip install .` as a library user does it, in a fresh virtualenv: the declared dependencies
+suffice, the one import root is `recsys_moe`, the bundled specs ship, and the serving image's
+entry point serves from there.
 
-Follows the README's install steps (torch, then fbgemm and torchrec without its CUDA dependency,
-then the project). Versions are held to the pins with `-c` so the run is repeatable; the
-constraints add no package, so a missing dependency still fails here.
+The install is `deploy/install.sh`, the script the serving Dockerfile runs (torch, then fbgemm
+and torchrec without its CUDA dependency, then the project with its serving and PostgreSQL
+extras). Versions are held to the pins with `-c` so the run is repeatable; the constraints add
+no package, so a missing dependency still fails here. The Dockerfile and compose.yaml are
+checked against what the tests run: there is no Docker daemon here to build them.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
+
+from tests.postgres import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ROOT / "requirements"
@@ -42,19 +53,46 @@ def _run(*args: str | Path, cwd: Path, timeout: int = 900) -> str:
     return proc.stdout
 
 
+def dockerfile() -> dict[str, list[str]]:
+    """The Dockerfile's instructions, by keyword (continuation lines joined)."""
+    out: dict[str, list[str]] = {}
+    text = (ROOT / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            keyword, _, rest = line.strip().partition(" ")
+            out.setdefault(keyword, []).append(rest)
+    return out
+
+
+def test_the_image_installs_with_the_tested_script_and_compose_runs_the_tested_commands() -> None:
+    from tests.test_tracking_server import mlflow_server_command
+
+    image = dockerfile()
+    installs = [r for r in image["RUN"] if "pip" in r or "install" in r]
+    assert installs == ['TORCH_INDEX="$TORCH_INDEX" sh deploy/install.sh .'], installs
+    copied = {c.split()[0].rstrip("/") for c in image["COPY"]}
+    assert {"pyproject.toml", "requirements", "recsys_moe", "features/specs", "deploy/install.sh"} <= copied
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]
+    assert compose["endpoint"]["command"] == json.loads(image["CMD"][0])
+    ours = mlflow_server_command("DB", Path("ART"), 5000)
+    flags = [a for a in compose["mlflow"]["command"] if a.startswith("--") and a != "--allowed-hosts"]
+    assert Path(ours[0]).name == compose["mlflow"]["command"][0] and flags == [a for a in ours if a.startswith("--")]
+
+
 @pytest.mark.slow
-def test_pip_install_into_a_fresh_venv(tmp_path: Path) -> None:
+def test_pip_install_into_a_fresh_venv(tmp_path: Path, logged_model) -> None:
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     python, bin_dir = venv / "bin" / "python", venv / "bin"
-    pip = [python, "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-compile"]
-    pins = ["-c", REQUIREMENTS / "torch.txt", "-c", REQUIREMENTS / "lock.txt"]
-    _run(*pip, "-r", REQUIREMENTS / "torch.txt", cwd=tmp_path)  # the CPU build, first and alone
-    _run(*pip, "--no-deps", "-r", REQUIREMENTS / "torchrec.txt", cwd=tmp_path)
     # Not editable: the wheel a user gets, built from a copy (a build writes build/ beside the source).
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=lambda d, names: SKIP & set(names) if Path(d) == ROOT else {"__pycache__"})
-    _run(*pip, *pins, source, cwd=tmp_path)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(venv)}
+    env["TORCH_INDEX"] = ""  # this machine's pip configuration holds the CPU wheel
+    proc = subprocess.run(
+        ["sh", "deploy/install.sh", "."], cwd=source, env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, f"deploy/install.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
     torch_version = _run(python, "-c", "import torch; print(torch.__version__)", cwd=tmp_path).strip()
     assert torch_version.endswith("+cpu"), f"pip replaced the CPU torch: {torch_version}"
@@ -66,3 +104,27 @@ def test_pip_install_into_a_fresh_venv(tmp_path: Path) -> None:
     top = {f.split("/")[0] for f in files if not f.startswith("..")}
     assert {t for t in top if not t.endswith(".dist-info")} == {"recsys_moe"}, top
     assert not {"features", "pipelines", "serving"} & top
+
+    # The image's entry point, run from this venv with a model directory for its CMD.
+    entry = json.loads(dockerfile()["ENTRYPOINT"][0])
+    port = free_port()
+    args = [*entry, "--model", str(logged_model[0].model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(
+        [bin_dir / args[0], *args[1:]], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"{shlex.join(args)} exited: {server.stdout.read() if server.stdout else ''}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{shlex.join(args)} did not get ready"
+            time.sleep(0.5)
+        docs = httpx.get(f"http://127.0.0.1:{port}/docs-assets/swagger-ui-bundle.js", timeout=10)
+        assert docs.status_code == 200  # the installed swagger-ui-bundle: /docs works offline
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
