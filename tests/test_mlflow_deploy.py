@@ -34,12 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_requirements_ask_for_the_cpu_torch_and_never_the_project(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RECSYS_MOE_TORCH_INDEX_URL", raising=False)
-    lines = environment.requirements(Path("artifacts/shim.whl"))
-    assert lines[0] == f"--extra-index-url {environment.TORCH_CPU_INDEX}"
+    lines = environment.requirements(Path("artifacts/wheels"))
+    assert lines[:2] == ["--find-links artifacts/wheels", f"--extra-index-url {environment.TORCH_CPU_INDEX}"]
     assert "torch==2.13.0+cpu" in lines and "fbgemm-gpu-cpu==1.8.0" in lines and "torchrec==1.8.0" in lines
-    assert "artifacts/shim.whl" in lines
-    assert not [line for line in lines if "recsys" in line or line.startswith("fbgemm-gpu==")]
-    assert all("==" in line for line in lines if not line.startswith(("--", "artifacts/")))  # every pin exact
+    assert "fbgemm-gpu==1.8.0+cpu" in lines  # only the stand-in has that version: never the CUDA build
+    assert not [line for line in lines if "recsys" in line]
+    assert all("==" in line for line in lines if not line.startswith("--"))  # every pin exact
     monkeypatch.setenv("RECSYS_MOE_TORCH_INDEX_URL", "")  # pip's own configuration has the wheel
     assert not [line for line in environment.requirements(None) if line.startswith("--")]
 
@@ -106,7 +106,13 @@ def test_stock_mlflow_serves_the_champion_from_a_fresh_venv(
     run(str(bin_dir / "mlflow"), "artifacts", "download", "-u", uri, "-d", str(tmp_path / "model"))
     requirements = (tmp_path / "model" / "requirements.txt").read_text()
     assert "recsys" not in requirements and "torch==2.13.0+cpu" in requirements
-    run(str(bin_dir / "pip"), "install", "-q", "-r", "requirements.txt", cwd=tmp_path / "model")
+    # From another directory, as `mlflow models build-docker` runs it: the wheel folder is found
+    # relative to the requirements file.
+    run(str(bin_dir / "pip"), "install", "-q", "-r", str(tmp_path / "model" / "requirements.txt"))
+    stand_in = run(
+        str(bin_dir / "python"), "-c", "from importlib.metadata import version; print(version('fbgemm-gpu'))"
+    )
+    assert stand_in.strip() == "1.8.0+cpu"
     torch_build = run(str(bin_dir / "python"), "-c", "import torch; print(torch.__version__)")
     assert torch_build.strip().endswith("+cpu")
 

@@ -13,8 +13,10 @@ of doing that naively, and each has its answer here:
   configuration already provides the wheel). A CUDA host logs `torch==2.13.0` and the CUDA fbgemm.
 - **torchrec names the CUDA `fbgemm-gpu`**, which no requirements file can exclude (the project
   installs torchrec with `--no-deps`). A CPU model carries a tiny wheel named `fbgemm-gpu`,
-  version `1.8.0+cpu`, with no files and one dependency, `fbgemm-gpu-cpu==1.8.0`: listed by path
-  in the requirements, it is the only candidate pip considers for torchrec's `fbgemm-gpu`.
+  version `1.8.0+cpu`, with no files and one dependency, `fbgemm-gpu-cpu==1.8.0`, and requires
+  exactly `fbgemm-gpu==1.8.0+cpu`: no CUDA wheel has that version, so pip takes the stand-in
+  from the model's `artifacts/wheels` (a `--find-links` that pip reads relative to the
+  requirements file, so it works from any directory, as `mlflow models build-docker` runs it).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ SCORING_DISTRIBUTIONS = (
     "pyre-extensions",
     "mlflow",
 )
-SHIM_ARTIFACT = "fbgemm_cpu_shim"  # the artifact key of the shim wheel
+WHEELS_ARTIFACT = "wheels"  # the artifact (a folder) holding the stand-in wheel
 
 
 def _version(name: str) -> str:
@@ -96,10 +98,10 @@ def fbgemm_cpu_shim(folder: Path) -> Path:
     return wheel
 
 
-def requirements(shim: Path | None) -> list[str]:
+def requirements(wheels: Path | None) -> list[str]:
     """The model's pip requirements: torch for this host's kind, torchrec with its fbgemm, and the
-    scoring path's other distributions, all pinned to what is installed. `shim`: the stand-in
-    wheel's path as it lies in the logged model (relative to the model's directory)."""
+    scoring path's other distributions, all pinned to what is installed. `wheels`: the folder of
+    the stand-in wheel as it lies in the logged model (relative to the model's directory)."""
     torch_version = _version("torch")
     lines: list[str] = []
     if is_cpu_torch():
@@ -108,9 +110,11 @@ def requirements(shim: Path | None) -> list[str]:
         if index:
             lines.append(f"--extra-index-url {index}")
         lines.append(f"torch=={base}+cpu")
-        lines.append(f"fbgemm-gpu-cpu=={_version('fbgemm-gpu-cpu')}")
-        if shim is not None:
-            lines.append(shim.as_posix())
+        cpu = _version("fbgemm-gpu-cpu")
+        lines.append(f"fbgemm-gpu-cpu=={cpu}")
+        if wheels is not None:
+            lines[:0] = [f"--find-links {wheels.as_posix()}"]
+            lines.append(f"fbgemm-gpu=={cpu}+cpu")
     else:
         lines.append(f"torch=={torch_version.split('+')[0]}")
         lines.append(f"fbgemm-gpu=={_version('fbgemm-gpu')}")

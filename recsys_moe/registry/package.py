@@ -65,11 +65,13 @@ def log_model(
     mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         artifacts = {"bundle": str(bundle_dir)}
-        shim = None
+        wheels = None
         if environment.is_cpu_torch():
-            wheel = environment.fbgemm_cpu_shim(Path(tmp))
-            artifacts[environment.SHIM_ARTIFACT] = str(wheel)
-            shim = Path("artifacts") / wheel.name  # where MLflow puts it, relative to the model
+            folder = Path(tmp) / environment.WHEELS_ARTIFACT
+            folder.mkdir()
+            environment.fbgemm_cpu_shim(folder)
+            artifacts[environment.WHEELS_ARTIFACT] = str(folder)
+            wheels = Path("artifacts") / folder.name  # where MLflow puts it, relative to the model
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(CODE),
@@ -77,7 +79,7 @@ def log_model(
             code_paths=[str(environment.package_code(Path(tmp)))],
             signature=signature,
             input_example=inputs.to_pandas() if inputs is not None else None,
-            pip_requirements=environment.requirements(shim),
+            pip_requirements=environment.requirements(wheels),
             registered_model_name=registered_name,
             tags={"spec": scorer.spec.name, "arch": scorer.config["model"]["arch"], "tasks": ",".join(scorer.tasks)},
         )
