@@ -57,42 +57,47 @@ def mlflow_server_command(backend: str, artifacts: Path, port: int) -> list[str]
 
 
 @pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(the server's http URI, its PostgreSQL URL), for this module's tests."""
+def pg() -> Iterator[postgres.Postgres]:
     why = postgres.unavailable()
     if why:
         pytest.skip(why)
+    with postgres.postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tracking_server(pg: postgres.Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(the server's http URI, its PostgreSQL URL), for this module's tests."""
     tmp = tmp_path_factory.mktemp("tracking")
-    with postgres.postgres_server() as pg:
-        backend = pg.create_database("mlflow")
-        port = postgres.free_port()
-        log = (tmp / "server.log").open("w")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        proc = subprocess.Popen(
-            mlflow_server_command(backend, tmp / "artifacts", port),
-            cwd=tmp,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        uri = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120  # the first start migrates the schema
-            while True:
-                assert proc.poll() is None, (tmp / "server.log").read_text()[-4000:]
-                try:
-                    if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, (tmp / "server.log").read_text()[-4000:]
-                time.sleep(0.5)
-            yield uri, backend
-        finally:
-            os.killpg(proc.pid, 15)
-            proc.wait(timeout=30)
-            log.close()
+    backend = pg.create_database("mlflow")
+    port = postgres.free_port()
+    log = (tmp / "server.log").open("w")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen(
+        mlflow_server_command(backend, tmp / "artifacts", port),
+        cwd=tmp,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120  # the first start migrates the schema
+        while True:
+            assert proc.poll() is None, (tmp / "server.log").read_text()[-4000:]
+            try:
+                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (tmp / "server.log").read_text()[-4000:]
+            time.sleep(0.5)
+        yield uri, backend
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        log.close()
 
 
 def _wait_for_version(url: str, version: str, timeout: float = 60) -> None:
@@ -178,7 +183,14 @@ def test_two_promoters_racing_through_the_server_are_serialised(
     _, model_uri = train_logged_model(synthetic_manifest, uri, tmp_path / "run", "train.epochs=1")
     registry, name = Registry(uri), "race-over-http"
     read_holdout(synthetic_manifest.raw_path("test")).head(300).write_parquet(tmp_path / "holdout.parquet")
-    args = [uri, name, model_uri, str(tmp_path / "holdout.parquet"), "3"]
+    won = _race(uri, name, model_uri, tmp_path / "holdout.parquet", env)
+    _check_chain(registry, name, won)
+
+
+def _race(store: str, name: str, model_uri: str, holdout: Path, env: dict[str, str]) -> list[str]:
+    """Two processes registering and force-promoting versions of `name` at once, 3 rounds each:
+    the versions each was told it promoted."""
+    args = [store, name, model_uri, str(holdout), "3"]
     procs = [
         subprocess.Popen([sys.executable, "-c", WORKER, *args], stdout=subprocess.PIPE, text=True, env=env)
         for _ in range(2)
@@ -188,8 +200,28 @@ def test_two_promoters_racing_through_the_server_are_serialised(
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0
         won += json.loads(next(line for line in out.splitlines() if line.startswith("WON "))[4:])
-    chain = [registry.alias_version(name, CHAMPION)]
-    while (previous := registry.client.get_model_version(name, str(chain[-1])).tags.get(PREVIOUS)) is not None:
+    return won
+
+
+def _check_chain(registry: Registry, name: str, won: list[str]) -> None:
+    """Every promotion reported is in the champion → previous-champion chain, once: none was lost."""
+    chain = [str(registry.alias_version(name, CHAMPION))]
+    while (previous := registry.client.get_model_version(name, chain[-1]).tags.get(PREVIOUS)) is not None:
         chain.append(previous)
         assert len(chain) <= len(won) + 1, "a cycle in the previous-champion chain"
-    assert sorted(chain, key=lambda v: int(str(v))) == sorted(won, key=int), (chain, won)
+    assert sorted(chain, key=int) == sorted(won, key=int), (chain, won)
+
+
+@pytest.mark.slow
+def test_a_postgresql_uri_is_a_store_with_a_locked_registry(
+    pg: postgres.Postgres, synthetic_manifest: Manifest, tmp_path: Path
+) -> None:
+    """MLFLOW_TRACKING_URI=postgresql+psycopg://... with no server: runs, models and the registry
+    live in the database, and alias moves take PostgreSQL advisory locks (two racing promoters)."""
+    store = pg.create_database("direct")
+    _, model_uri = train_logged_model(synthetic_manifest, store, tmp_path / "run", "train.epochs=1")
+    read_holdout(synthetic_manifest.raw_path("test")).head(300).write_parquet(tmp_path / "holdout.parquet")
+    env = {**os.environ, "RECSYS_MOE_CACHE": str(tmp_path / "cache")}
+    env.pop("RECSYS_MOE_LOCK_URI", None)
+    won = _race(store, "race-in-db", model_uri, tmp_path / "holdout.parquet", env)
+    _check_chain(Registry(store), "race-in-db", won)

@@ -71,6 +71,8 @@ def _file_lock(path: Path, timeout: float) -> Iterator[None]:
 def _postgres_lock(uri: str, name: str, timeout: float) -> Iterator[None]:
     import sqlalchemy
 
+    if uri.startswith("postgresql://"):  # SQLAlchemy's default driver is psycopg2; the pinned one is psycopg 3
+        uri = "postgresql+psycopg://" + uri.removeprefix("postgresql://")
     engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
     key = int(_key(f"recsys-moe/{name}"), 16) % (2**63)
     with engine.connect() as conn:
