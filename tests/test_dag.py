@@ -2,8 +2,9 @@
 
 The end-to-end test runs `airflow dags test` (a real Airflow 3 on a temporary SQLite metadata
 DB) against a temporary MLflow store for two consecutive days, the second on degraded data, then
-re-runs the first day. Airflow runs in subprocesses so its configuration and logging never leak
-into the rest of the test session.
+re-runs the first day; another runs a day whose partition never lands, so its sensor times out.
+Airflow runs in subprocesses so its configuration and logging never leak into the rest of the test
+session. `tests/test_dag_scheduler.py` runs the DAG under a real scheduler on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -29,13 +31,16 @@ AIRFLOW = Path(sys.executable).parent / "airflow"
 DAG_ID = "retrain_ranking"
 
 EXPECTED_DOWNSTREAM = {
+    "emit_events": {"wait_for_events"},
+    "wait_for_events": {"build_features"},
     "build_features": {"train", "publish_summary"},
     "train": {"evaluate", "register", "publish_summary"},
     "evaluate": {"register", "promote_or_keep", "publish_summary"},
     "register": {"promote_or_keep", "promote", "keep", "publish_summary"},
     "promote_or_keep": {"promote", "keep"},
-    "promote": {"score_next_period"},
-    "keep": {"score_next_period"},
+    "promote": {"wait_for_candidates"},
+    "keep": {"wait_for_candidates"},
+    "wait_for_candidates": {"score_next_period"},
     "score_next_period": {"publish_summary"},
     "publish_summary": set(),
 }
@@ -89,7 +94,11 @@ PARSE_SCRIPT = textwrap.dedent(
         out["trigger_rules"] = {t.task_id: getattr(t.trigger_rule, "value", t.trigger_rule) for t in dag.tasks}
         out["retries"] = {t.task_id: [t.retries, t.retry_exponential_backoff, t.on_failure_callback is not None]
                           for t in dag.tasks}
+        out["execution_timeout"] = {t.task_id: t.execution_timeout.total_seconds() for t in dag.tasks}
+        out["sensors"] = {t.task_id: [t.mode, t.poke_interval, t.timeout] for t in dag.tasks
+                          if getattr(t, "_is_sensor", False)}
         out["params"] = sorted(dag.params.keys())
+        out["param_defaults"] = dag.params.dump()
         out["timetable"] = repr(dag.timetable)
         out["max_active_runs"] = dag.max_active_runs
         callback = dag.default_args["on_failure_callback"]
@@ -123,14 +132,52 @@ def test_dagbag_parses_fast_with_expected_graph(tmp_path: Path) -> None:
     # Only the light modules that hold the DAG's id, params and architecture list.
     assert set(result["recsys_moe"]) <= PARSE_TIME_MODULES, result["recsys_moe"]
     assert {k: set(v) for k, v in result["downstream"].items()} == EXPECTED_DOWNSTREAM
-    assert result["trigger_rules"]["score_next_period"] == "none_failed_min_one_success"
+    # After the branch, one of promote/keep is skipped: the candidates' sensor runs after either.
+    assert result["trigger_rules"]["wait_for_candidates"] == "none_failed_min_one_success"
+    assert result["trigger_rules"]["score_next_period"] == "all_success"
     assert all(r == [2, True, True] for r in result["retries"].values())  # retries with backoff, callback
+    # The waits are sensors with a timeout (6 h, a poke every 5 min, the slot given back in between).
+    assert result["sensors"] == {
+        "wait_for_events": ["reschedule", 300, 21_600],
+        "wait_for_candidates": ["reschedule", 300, 21_600],
+    }
+    timeouts = result["execution_timeout"]  # every task has one; train the longest
+    assert set(timeouts) == set(EXPECTED_DOWNSTREAM) and timeouts["train"] == 6 * 3600
+    assert {k for k, v in timeouts.items() if v == 3600} == {
+        "emit_events",
+        "build_features",
+        "evaluate",
+        "register",
+        "score_next_period",
+    }
+    assert max(v for k, v in timeouts.items() if k != "train") < timeouts["train"]
     assert {"spec", "window_days", "arch", "margin"} <= set(result["params"])
     assert "CronTriggerTimetable(expression='0 0 * * *'" in result["timetable"]  # @daily by default
     assert result["max_active_runs"] == 1
     (line,) = result["callback_log"]
     assert "task train failed (try 2 of 3)" in line and "2026-01-09" in line
     assert "/srv/recsys/retrain/retrain_ranking/2026-01-08" in line and "boom" in line
+
+
+def test_dag_settings_come_from_the_environment(tmp_path: Path) -> None:
+    """The parse-time settings reach the tasks; a bad one is an import error that names it."""
+    env = _airflow_env(tmp_path)
+    env.update(RECSYS_MOE_RETRAIN_TRAIN_TIMEOUT="8h", RECSYS_MOE_RETRAIN_WAIT_TIMEOUT="30m")
+    env.update(RECSYS_MOE_RETRAIN_POKE_INTERVAL="1m", RECSYS_MOE_RETRAIN_SCHEDULE="none")
+    env["RECSYS_MOE_RETRAIN_PARAMS"] = json.dumps({"source_dir": "/data/events", "synthetic": {"emit": False}})
+    out = _run([sys.executable, "-c", PARSE_SCRIPT, str(DAG_FILE)], env, tmp_path, timeout=120)
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["execution_timeout"]["train"] == 8 * 3600
+    assert result["sensors"]["wait_for_events"] == ["reschedule", 60, 1800]
+    assert "NullTimetable" in result["timetable"] and result["retries"]["train"][0] == 0
+    defaults = result["param_defaults"]  # what a run without conf gets
+    assert defaults["source_dir"] == "/data/events" and defaults["synthetic"]["emit"] is False
+    assert defaults["window_days"] == 7 and defaults["synthetic"]["impressions_per_day"] == 30_000
+
+    env["RECSYS_MOE_RETRAIN_TRAIN_TIMEOUT"] = "a while"
+    out = _run([sys.executable, "-c", PARSE_SCRIPT, str(DAG_FILE)], env, tmp_path, timeout=120)
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["dag_ids"] == [] and "train_timeout" in str(result["errors"]), result["errors"]
 
 
 def test_interval_day_is_the_last_complete_day() -> None:
@@ -140,6 +187,15 @@ def test_interval_day_is_the_last_complete_day() -> None:
     assert interval_day(jan9, jan9) == date(2026, 1, 8)  # @daily trigger: an empty interval at midnight
     assert interval_day(jan9 - timedelta(days=1), jan9) == date(2026, 1, 8)  # a [Jan 8, Jan 9) interval
     assert interval_day(None, None, jan9 + timedelta(hours=13)) == date(2026, 1, 8)  # manual, mid-day
+    # Scheduled and backfilled runs pass their logical date too.
+    assert interval_day(jan9, jan9, jan9, logical_date=jan9) == date(2026, 1, 8)  # @daily
+    assert interval_day(jan9 - timedelta(days=1), jan9, jan9, jan9 - timedelta(days=1)) == date(2026, 1, 8)
+    # `airflow dags trigger --logical-date 2026-01-09`, a year later: Airflow 3 infers the data
+    # interval from the trigger's time, an empty or a cron one; the logical date decides.
+    later = datetime(2027, 1, 20, 17, 53, tzinfo=UTC)
+    assert interval_day(later, later, later, logical_date=jan9) == date(2026, 1, 8)
+    assert interval_day(later - timedelta(days=1), later, later, logical_date=jan9) == date(2026, 1, 8)
+    assert interval_day(None, None, later, logical_date=jan9 + timedelta(hours=13)) == date(2026, 1, 8)
 
 
 def test_the_run_is_typed_and_travels_as_an_xcom_dict() -> None:
@@ -293,3 +349,39 @@ def test_two_days_under_airflow_dags_test(tmp_path: Path) -> None:
     summary1b = json.loads((day1_dir / "summary.json").read_text())
     assert summary1b["training"]["reused"] and summary1b["decision"]["reused"] and not summary1b["model"]["created"]
     assert not list(day1_dir.glob(".*")), "temporary files left behind"
+
+
+# -- a late partition: the sensor waits, then fails with what is missing -------------------------
+def test_a_partition_that_never_lands_fails_its_sensor_not_retried(tmp_path: Path) -> None:
+    from recsys_moe.retrain.run import SyntheticFeed
+    from recsys_moe.retrain.steps import ensure_events
+
+    env = _airflow_env(tmp_path)
+    # Retries on (with no backoff worth waiting for): a sensor's timeout must still not be retried.
+    env.update(RECSYS_MOE_RETRAIN_RETRIES="2", RECSYS_MOE_RETRAIN_RETRY_DELAY="1s")
+    env.update(RECSYS_MOE_RETRAIN_WAIT_TIMEOUT="4s", RECSYS_MOE_RETRAIN_POKE_INTERVAL="1s")
+    upstream = tmp_path / "upstream"  # an upstream feed whose Jan 7 never lands
+    ensure_events(
+        upstream, [date(2026, 1, 5), date(2026, 1, 6), date(2026, 1, 8)], SyntheticFeed.model_validate(SYNTHETIC)
+    )
+    _run([str(AIRFLOW), "db", "migrate"], env, tmp_path)
+    conf = {"window_days": 4, "synthetic": {**SYNTHETIC, "emit": False}, "source_dir": str(upstream)}
+    args = [str(AIRFLOW), "dags", "test", DAG_ID, "2026-01-09", "-c", json.dumps(conf)]
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "DagRun failed" in out, out[-4000:]
+    missing = upstream / "impressions" / "day=2026-01-07"
+    assert f"AirflowSensorTimeout: the window's events (2026-01-05..2026-01-08) did not land in {upstream}" in out
+    assert re.search(r"within 0:00:04 \(waited 0:00:\d", out) and f"missing: {missing}\n" in out, out[-4000:]
+    states = _task_states(tmp_path / "airflow.db", "2026-01-09")
+    assert states["emit_events"] == "success" and states["wait_for_events"] == "failed", states
+    assert states["build_features"] == "upstream_failed" and states["publish_summary"] == "upstream_failed"
+    with sqlite3.connect(tmp_path / "airflow.db") as db:
+        ((tries, pokes),) = db.execute(
+            "SELECT ti.try_number, (SELECT COUNT(*) FROM task_reschedule r WHERE r.ti_id = ti.id)"
+            " FROM task_instance ti WHERE ti.dag_id = ? AND ti.task_id = 'wait_for_events'",
+            (DAG_ID,),
+        ).fetchall()
+    assert tries == 1, "a sensor timeout was retried"
+    assert pokes >= 2, "the sensor did not wait in reschedule mode"  # ~1 poke/s for 4 s
+    assert not (tmp_path / "home" / "retrain" / DAG_ID / "2026-01-08" / "features").exists()

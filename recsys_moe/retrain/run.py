@@ -1,22 +1,45 @@
 """One day's retraining run as a typed object: the params it was given and every path it reads and
 writes. The DAG resolves it in each task (`resolve_run`) and the steps (`retrain.steps`) take it.
 
-Light on purpose: the DAG file imports this module at parse time, for its id and its params
-(`airflow_params`), so it imports nothing heavier than pydantic.
+The DAG's parse-time settings (schedule, retries, sensor waits, execution timeouts) are a typed
+`DagSettings`, read from ``RECSYS_MOE_RETRAIN_*`` environment variables (`DagSettings.from_env`).
+
+Light on purpose: the DAG file imports this module at parse time, for its id, its params
+(`airflow_params`) and its settings, so it imports nothing heavier than pydantic.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from recsys_moe.config import ArchName
 
 DAG_ID = "retrain_ranking"
+SETTINGS_PREFIX = "RECSYS_MOE_RETRAIN_"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: Any) -> Any:
+    """`90`, `"90"`, `"90s"`, `"30m"`, `"6h"`, `"1d"` → a timedelta; anything else (a timedelta, an
+    ISO 8601 duration such as `"PT6H"`) is left to pydantic."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value.lower())
+        if match:
+            return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
 
 
 class Record(BaseModel):
@@ -70,6 +93,88 @@ class RetrainParams(Record):
     synthetic: SyntheticFeed = Field(default_factory=SyntheticFeed, description=SyntheticFeed.__doc__)
 
 
+class DagSettings(BaseModel):
+    """What the DAG needs at parse time, before any run exists: its schedule, its retry policy,
+    how long its sensors wait for the event log, how long each task may run, and the defaults of
+    its params (what a scheduled run, which has no conf, uses).
+
+    Read from the environment (`from_env`: ``RECSYS_MOE_RETRAIN_<FIELD>``, e.g.
+    ``RECSYS_MOE_RETRAIN_TRAIN_TIMEOUT=8h``), not from Airflow Variables: a top-level
+    `Variable.get` is a metadata-DB round trip at every parse of the file (the DAG processor
+    re-parses it every 30 s by default), which Airflow's best practices warn against, and the
+    scheduler, the DAG processor and the workers each parse the file, so they must all see the same
+    values: the deployment's environment, like its ``AIRFLOW__*`` variables, gives that. A misspelt
+    or invalid value is a DAG import error that names it, not a silent default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schedule: str | None = Field(
+        "@daily", description="cron expression or preset; `none` for manual and backfill runs only"
+    )
+    retries: int = Field(2, ge=0, description="retries of every task (not the sensors' waiting: that is a timeout)")
+    retry_delay: Duration = Field(timedelta(minutes=2), description="first retry delay, doubled on each retry")
+    max_retry_delay: Duration = Field(timedelta(minutes=30), description="longest retry delay")
+    poke_interval: Duration = Field(timedelta(minutes=5), description="how often a sensor checks the event log")
+    wait_timeout: Duration = Field(
+        timedelta(hours=6), description="how long a sensor waits for its day partitions before the run fails"
+    )
+    train_timeout: Duration = Field(timedelta(hours=6), description="execution_timeout of `train`")
+    step_timeout: Duration = Field(
+        timedelta(hours=1),
+        description="execution_timeout of emit_events, build_features, evaluate, register, score_next_period",
+    )
+    light_timeout: Duration = Field(
+        timedelta(minutes=10),
+        description="execution_timeout of the branch, promote/keep, publish_summary and each sensor poke",
+    )
+    params: RetrainParams = Field(
+        default_factory=RetrainParams,
+        description="the params' defaults, as JSON: those it names override RetrainParams' own "
+        '(e.g. {"source_dir": "/data/events", "synthetic": {"emit": false}})',
+    )
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _json(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _no_schedule(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none", "null") else value
+
+    @field_validator("train_timeout", "step_timeout", "light_timeout", "poke_interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be longer than 0 s")
+        return value
+
+    @field_validator("wait_timeout", "retry_delay", "max_retry_delay")
+    @classmethod
+    def _not_negative(cls, value: timedelta) -> timedelta:
+        if value < timedelta(0):
+            raise ValueError("must not be negative")
+        return value
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Each field's environment variable."""
+        return {name: SETTINGS_PREFIX + name.upper() for name in cls.model_fields}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DagSettings:
+        """The settings the environment sets, defaults for the rest. An unknown
+        ``RECSYS_MOE_RETRAIN_*`` variable is an error (a typo would otherwise be ignored)."""
+        environ = os.environ if environ is None else environ
+        names = cls.env_names()
+        unknown = sorted(k for k in environ if k.startswith(SETTINGS_PREFIX) and k not in names.values())
+        if unknown:
+            raise ValueError(f"unknown DAG settings {unknown}; known: {sorted(names.values())}")
+        return cls.model_validate({name: environ[env] for name, env in names.items() if env in environ})
+
+
 class RetrainRun(Record):
     """A run of one day: its params, and where everything it reads and writes lives."""
 
@@ -106,21 +211,32 @@ class RetrainRun(Record):
 
 
 def interval_day(
-    data_interval_start: datetime | None, data_interval_end: datetime | None, run_after: datetime | None = None
+    data_interval_start: datetime | None,
+    data_interval_end: datetime | None,
+    run_after: datetime | None = None,
+    logical_date: datetime | None = None,
 ) -> date:
-    """The day of events a run works on: the last complete day before its data interval ends.
+    """The day of events a run works on: the last complete day before the run's moment.
 
-    A daily ``CronDataIntervalTimetable`` run for [Jan 8, Jan 9) and a ``@daily`` trigger
-    (``CronTriggerTimetable``, an empty interval at Jan 9 00:00) both give Jan 8; a manual run
-    at Jan 9 13:00 also gives Jan 8 (Jan 9 is not over yet). Runs without a data interval (an
-    Airflow 3 manual run with no logical date) use `run_after`.
+    That moment is the end of the run's data interval when it has a real one of its own: a
+    ``CronDataIntervalTimetable`` run for [Jan 8, Jan 9) (logical date Jan 8) gives Jan 8.
+    Otherwise it is the logical date: a ``@daily`` trigger (``CronTriggerTimetable``, an empty
+    interval at Jan 9 00:00) gives Jan 8, and so does ``airflow dags trigger --logical-date
+    2026-01-09``, whose data interval Airflow 3 infers from the trigger's wall-clock time, not from
+    the logical date. A run with no logical date (a manual run in Airflow 3) uses `run_after`: at
+    Jan 9 13:00 it gives Jan 8, as Jan 9 is not over yet.
     """
-    end = data_interval_end or run_after
-    if end is None:
-        raise ValueError("a run needs a data interval or a run_after date")
-    if data_interval_start is not None and data_interval_start < end:
-        return (end - timedelta(microseconds=1)).date()
-    return end.date() - timedelta(days=1)
+    if (
+        data_interval_start is not None
+        and data_interval_end is not None
+        and data_interval_start < data_interval_end
+        and (logical_date is None or logical_date == data_interval_start)  # the interval is the run's own
+    ):
+        return (data_interval_end - timedelta(microseconds=1)).date()
+    moment = logical_date or data_interval_end or run_after
+    if moment is None:
+        raise ValueError("a run needs a logical date, a data interval or a run_after date")
+    return moment.date() - timedelta(days=1)
 
 
 def home(explicit: str | None = None) -> Path:
@@ -147,9 +263,11 @@ def resolve_run(params: dict[str, Any] | RetrainParams | None, dag_id: str, day:
     )
 
 
-def airflow_params() -> dict[str, dict[str, Any]]:
-    """Each param as the keyword arguments of an Airflow `Param`: its default and its JSON schema
-    (type, bounds, choices, description), read off `RetrainParams`."""
+def airflow_params(defaults: RetrainParams | None = None) -> dict[str, dict[str, Any]]:
+    """Each param as the keyword arguments of an Airflow `Param`: its default (from `defaults`, the
+    deployment's `DagSettings.params`, else `RetrainParams`' own) and its JSON schema (type,
+    bounds, choices, description), read off `RetrainParams`."""
+    defaults = defaults or RetrainParams()
     schema = RetrainParams.model_json_schema()
     out = {}
     for name, field in RetrainParams.model_fields.items():
@@ -158,6 +276,6 @@ def airflow_params() -> dict[str, dict[str, Any]]:
             prop["type"] = [option["type"] for option in prop.pop("anyOf")]
         if "$ref" in prop:  # a nested model: an object in the form
             prop = {"type": "object", "description": field.description}
-        default = field.get_default(call_default_factory=True)
+        default = getattr(defaults, name)
         out[name] = {"default": default.to_xcom() if isinstance(default, Record) else default, **prop}
     return out

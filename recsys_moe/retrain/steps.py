@@ -5,13 +5,19 @@ record that travels to the next task as an XCom (`Record.to_xcom`), so the DAG o
 together and each step can be run and tested without Airflow. Heavy imports (polars, torch,
 mlflow) happen inside the steps.
 
-One run works on one **day**: the last complete day before the run's data interval ends
+One run works on one **day**: the last complete day before the run's logical date
 (`run.interval_day`). Everything it writes lives under ``<home>/retrain/<dag_id>/<day>/``:
 
 * ``features/``  the Polars pipeline's dataset for the window of days ending on that day;
 * ``model/``     the training checkpoints, ``model/best`` the model bundle, ``model/train.json``;
 * ``scores/``    the next day's candidates and their scores by the champion;
 * ``summary.json`` the run summary.
+
+The days a run reads are partitions of the event log (``impressions/day=YYYY-MM-DD/``) that
+land on their own schedule. `check_inputs` says which of them are still missing: the DAG's sensors
+poke it until they are all there or their timeout passes (`wait_timeout_message` names what never
+came), so lateness is waited for, not retried into. `emit_events` writes the synthetic log's days
+first when the run emits its own events.
 
 Every output is written through `recsys_moe.atomic` (directories swapped in, files renamed in), so
 a retry or a re-run of the same day replaces its outputs instead of duplicating or half-writing
@@ -27,7 +33,7 @@ import json
 import logging
 from datetime import date, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field
 
@@ -46,12 +52,35 @@ TAG_DAG, TAG_DAY, TAG_RUN, TAG_FINGERPRINT = "retrain.dag_id", "retrain.interval
 TAG_APPLIED = "retrain.applied"  # set once the promote/keep branch has moved the aliases
 
 
+Wait = Literal["events", "candidates"]  # what a sensor waits for: the window's days, or the next day
+
+
+class Emitted(Record):
+    """What `emit_events` did: the synthetic days it wrote (none when events come from upstream)."""
+
+    emit: bool
+    source_dir: str
+    days: list[str]
+
+
+class InputCheck(Record):
+    """What a sensor found in the event log: the days it waits for and the paths still missing."""
+
+    wait: Wait
+    source_dir: str
+    days: list[str]
+    missing: list[str]
+
+    @property
+    def ready(self) -> bool:
+        return not self.missing
+
+
 class Features(Record):
     features_dir: str
     digest: str
     rows: dict[str, int]
     rejected: dict[str, int]
-    emitted_days: list[str]
 
 
 class Trained(Record):
@@ -116,6 +145,42 @@ def _partition(source_dir: Path, day: date) -> Path:
     return source_dir / "impressions" / f"day={day.isoformat()}"
 
 
+def wait_days(run: RetrainRun, wait: Wait) -> list[date]:
+    """The days whose partitions a run needs: its window (`build_features`) or the day after it,
+    whose impressions are the candidates `score_next_period` scores."""
+    first, last = run.window
+    return _days(first, last) if wait == "events" else [last + timedelta(days=1)]
+
+
+def required_inputs(source_dir: Path, days: list[date]) -> list[Path]:
+    """Everything reading `days` of the log needs: the user and item tables and one partition a day."""
+    return [source_dir / "users.parquet", source_dir / "items.parquet", *(_partition(source_dir, d) for d in days)]
+
+
+def is_present(path: Path) -> bool:
+    """A table is a file; a day partition is a directory with at least one parquet file in it (an
+    empty directory is a writer that has not landed anything yet)."""
+    if path.suffix == ".parquet":
+        return path.is_file()
+    return path.is_dir() and any(path.glob("*.parquet"))
+
+
+def check_inputs(run: RetrainRun, wait: Wait) -> InputCheck:
+    """Which of the inputs a run waits for are there yet: what a sensor pokes."""
+    days = wait_days(run, wait)
+    missing = [str(p) for p in required_inputs(run.source_dir, days) if not is_present(p)]
+    return InputCheck(wait=wait, source_dir=str(run.source_dir), days=[d.isoformat() for d in days], missing=missing)
+
+
+def wait_timeout_message(check: InputCheck, waited: timedelta, timeout: timedelta) -> str:
+    """Why a sensor gave up: what it waited for, how long, and the paths that never appeared."""
+    what = "window's events" if check.wait == "events" else "next day's candidates"
+    return (
+        f"the {what} ({check.days[0]}..{check.days[-1]}) did not land in {check.source_dir} within "
+        f"{timeout} (waited {waited}); missing: {', '.join(check.missing)}"
+    )
+
+
 def ensure_events(source_dir: str | Path, days: list[date], feed: SyntheticFeed) -> list[str]:
     """Emit the synthetic source's partitions of `days` that are missing → the days written.
 
@@ -144,10 +209,22 @@ def _window_frames(source_dir: Path, days: list[date]) -> pl.LazyFrame:
 
     from recsys_moe.pipelines.sources import events
 
-    missing = [d.isoformat() for d in days if not _partition(source_dir, d).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"{source_dir}: no events for days {missing} (not landed yet?)")
+    missing = [str(p) for p in required_inputs(source_dir, days) if not is_present(p)]
+    if missing:  # the sensors wait for these: only a partition removed since gets here
+        raise FileNotFoundError(f"{source_dir}: missing {missing}")
     return events.joined(source_dir).filter(pl.col("ts").dt.date().is_in(days))
+
+
+def emit_events(run: RetrainRun) -> Emitted:
+    """With `synthetic.emit`, write the synthetic log's missing partitions of the run's window and
+    of the next day (whose candidates get scored), so the sensors find them; otherwise nothing:
+    the events come from upstream and the sensors wait for them."""
+    if not run.params.synthetic.emit:
+        log.info("synthetic.emit is off: waiting for upstream events in %s", run.source_dir)
+        return Emitted(emit=False, source_dir=str(run.source_dir), days=[])
+    first, day = run.window
+    days = ensure_events(run.source_dir, _days(first, day + timedelta(days=1)), run.params.synthetic)
+    return Emitted(emit=True, source_dir=str(run.source_dir), days=days)
 
 
 def build_features(run: RetrainRun) -> Features:
@@ -165,9 +242,6 @@ def build_features(run: RetrainRun) -> Features:
             f"source 'synthetic'), not {spec.dataset.source if spec.dataset else None!r}"
         )
     first, day = run.window
-    emitted: list[str] = []
-    if run.params.synthetic.emit:  # the window and the next day (whose candidates get scored)
-        emitted = ensure_events(run.source_dir, _days(first, day + timedelta(days=1)), run.params.synthetic)
     valid_days = int(spec.dataset.options.get("valid_days", 1))
     test_days = int(spec.dataset.options.get("test_days", 1))
     if run.params.window_days <= valid_days + test_days:
@@ -185,7 +259,6 @@ def build_features(run: RetrainRun) -> Features:
         digest=manifest.digest,
         rows=rows,
         rejected={s: i.rows_rejected for s, i in manifest.splits.items()},
-        emitted_days=emitted,
     )
 
 
@@ -239,7 +312,9 @@ def train_model(run: RetrainRun) -> Trained:
             )
             return record.model_copy(update={"reused": True})
 
-    tracker = MlflowTracker(run.params.experiment, run_name=f"{run.dag_id}-{run.day}", uri=run.tracking_uri)
+    tracker = MlflowTracker(
+        run.params.experiment, run_name=f"{run.dag_id}-{run.day}", uri=run.tracking_uri, source=f"airflow:{run.dag_id}"
+    )
     with atomic.building(run.model_dir, "train.json") as work, tracker:
         tracker.set_tags({TAG_DAG: run.dag_id, TAG_DAY: run.day.isoformat(), TAG_FINGERPRINT: fingerprint})
         result = train(manifest, _run_config(run, work), tracker=tracker, progress=False)
