@@ -44,6 +44,19 @@ def test_requirements_ask_for_the_cpu_torch_and_never_the_project(monkeypatch: p
     assert not [line for line in environment.requirements(None) if line.startswith("--")]
 
 
+def test_fbgemm_is_the_one_torchrec_runs_on_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host with the CUDA fbgemm logs it; one with the CPU build, or with the stand-in itself
+    (an environment made from a model's requirements), logs the CPU build and the stand-in."""
+    installed = {"fbgemm-gpu": "1.8.0"}
+    real = environment._version
+    monkeypatch.setattr(environment, "_version", lambda name: installed.get(name) or real(name))
+    lines = environment.requirements(Path("artifacts/wheels"))
+    assert "fbgemm-gpu==1.8.0" in lines and not [line for line in lines if "cpu==" in line or "find-links" in line]
+    installed["fbgemm-gpu"] = "1.8.0+cpu"  # the stand-in
+    lines = environment.requirements(Path("artifacts/wheels"))
+    assert {"fbgemm-gpu-cpu==1.8.0", "fbgemm-gpu==1.8.0+cpu", "--find-links artifacts/wheels"} <= set(lines)
+
+
 def test_the_fbgemm_stand_in_is_a_valid_wheel_that_only_pulls_the_cpu_build(tmp_path: Path) -> None:
     wheel = environment.fbgemm_cpu_shim(tmp_path)
     (tmp_path / "again").mkdir()

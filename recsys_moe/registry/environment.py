@@ -62,6 +62,15 @@ def is_cpu_torch() -> bool:
     return _version("torch").endswith("+cpu") or torch.version.cuda is None
 
 
+def uses_stand_in() -> bool:
+    """Whether torchrec runs on fbgemm's CPU build here (so the model needs the `fbgemm-gpu`
+    stand-in), rather than on the CUDA `fbgemm-gpu` (the stand-in itself does not count)."""
+    try:
+        return _version("fbgemm-gpu").endswith("+cpu")
+    except metadata.PackageNotFoundError:
+        return True
+
+
 def torch_index_url() -> str | None:
     """The index pip needs for the CPU torch (PyTorch's own), unless the environment says otherwise."""
     value = os.environ.get("RECSYS_MOE_TORCH_INDEX_URL", TORCH_CPU_INDEX).strip()
@@ -99,24 +108,25 @@ def fbgemm_cpu_shim(folder: Path) -> Path:
 
 
 def requirements(wheels: Path | None) -> list[str]:
-    """The model's pip requirements: torch for this host's kind, torchrec with its fbgemm, and the
-    scoring path's other distributions, all pinned to what is installed. `wheels`: the folder of
-    the stand-in wheel as it lies in the logged model (relative to the model's directory)."""
-    torch_version = _version("torch")
+    """The model's pip requirements: torch of this host's kind (CPU or CUDA), torchrec with the
+    fbgemm it runs on here, and the scoring path's other distributions, all pinned to what is
+    installed. `wheels`: the folder of the stand-in wheel as it lies in the logged model (relative
+    to the model's directory), when `uses_stand_in()`."""
     lines: list[str] = []
+    torch_base = _version("torch").split("+")[0]
     if is_cpu_torch():
-        base = torch_version.split("+")[0]
         index = torch_index_url()
-        if index:
-            lines.append(f"--extra-index-url {index}")
-        lines.append(f"torch=={base}+cpu")
+        lines += [f"--extra-index-url {index}"] if index else []
+        lines.append(f"torch=={torch_base}+cpu")
+    else:
+        lines.append(f"torch=={torch_base}")  # PyPI's default build is the CUDA one
+    if uses_stand_in():
         cpu = _version("fbgemm-gpu-cpu")
         lines.append(f"fbgemm-gpu-cpu=={cpu}")
         if wheels is not None:
             lines[:0] = [f"--find-links {wheels.as_posix()}"]
             lines.append(f"fbgemm-gpu=={cpu}+cpu")
     else:
-        lines.append(f"torch=={torch_version.split('+')[0]}")
         lines.append(f"fbgemm-gpu=={_version('fbgemm-gpu')}")
     lines.append(f"torchrec=={_version('torchrec')}")
     lines += [f"{name}=={_version(name)}" for name in SCORING_DISTRIBUTIONS]

@@ -66,7 +66,7 @@ def log_model(
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         artifacts = {"bundle": str(bundle_dir)}
         wheels = None
-        if environment.is_cpu_torch():
+        if environment.uses_stand_in():
             folder = Path(tmp) / environment.WHEELS_ARTIFACT
             folder.mkdir()
             environment.fbgemm_cpu_shim(folder)
