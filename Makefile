@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(PINS) | sha256sum | cut -c1-16)
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TEST_ARGS ?=
 
-.PHONY: install demo test lint typecheck format bench bench-experts bench-serving bench-census bench-distributed bench-pipelines lock clean help
+.PHONY: install demo test lint typecheck format bench bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads lock clean help
 
 help:
 	@echo "make demo          synthetic data -> pipeline -> MMoE -> MLflow, end to end"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench-census  the MMoE paper's census-income comparison"
 	@echo "make bench-distributed  sharded training on 1 vs 2 ranks, memory per rank, TBE vs nn.EmbeddingBag"
 	@echo "make bench-pipelines    history features on 10M events: Polars vs pandas; AUC with and without"
+	@echo "make bench-threads      training beside a busy process: the thread governor vs fixed counts"
 
 install: $(STAMP)
 
@@ -52,7 +53,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: bench-experts bench-serving bench-census bench-distributed bench-pipelines
+bench: bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads
 
 bench-experts: $(STAMP)
 	$(BIN)/python benchmarks/experts.py
@@ -68,6 +69,9 @@ bench-distributed: $(STAMP)
 
 bench-pipelines: $(STAMP)
 	$(BIN)/python benchmarks/history_features.py
+
+bench-threads: $(STAMP)
+	$(BIN)/python benchmarks/threads.py
 
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(torch|torchrec|fbgemm-gpu-cpu)==' > requirements/lock.txt

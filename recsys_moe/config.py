@@ -95,7 +95,12 @@ class TrainConfig(_Strict):
         0.02, ge=0, lt=1, description="warn when an expert's mean gate weight (or routed share) falls below this"
     )
     seed: int = 0
-    threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads; default $RECSYS_MOE_THREADS, else what the host can give now "
+        "(affinity, CPU quota, less other processes' load; re-checked every 2 s)",
+    )
     tasks: list[str] | None = Field(None, description="train only these tasks (single_task needs one)")
     max_steps_per_epoch: int | None = Field(None, ge=1)
     checkpoint_every: int | None = Field(

@@ -17,7 +17,14 @@ PACKAGE = ROOT / "recsys_moe"
 # Bottom to top. A module may import from its own unit (the longest prefix listed here) and from
 # any unit of a lower layer; units that share a layer do not import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("recsys_moe", "recsys_moe.atomic", "recsys_moe.config", "recsys_moe.logs", "recsys_moe.signals"),
+    (
+        "recsys_moe",
+        "recsys_moe.atomic",
+        "recsys_moe.config",
+        "recsys_moe.logs",
+        "recsys_moe.signals",
+        "recsys_moe.threads",
+    ),
     ("recsys_moe.features",),  # spec models and the label language
     ("recsys_moe.pipelines",),  # raw data → validated shards + manifest
     ("recsys_moe.kernels",),  # expert-block compute, below the model blocks

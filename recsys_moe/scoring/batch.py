@@ -27,12 +27,14 @@ from typing import Any, cast
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from tqdm.auto import tqdm
 
 from recsys_moe import atomic
 from recsys_moe.pipelines.validate import REASON, SchemaError
 from recsys_moe.scoring import RankingConfig, Scorer, ranking_score
 from recsys_moe.scoring.scorer import ROW
+from recsys_moe.threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +183,12 @@ def score_parquet(
     rows_in = rows_out = rejected = 0
     start = time.perf_counter()
     bar = tqdm(total=total, desc=f"score {Path(input_path).name}", unit="row", unit_scale=True, disable=not progress)
+    threads_before = torch.get_num_threads()
+    threads = ThreadGovernor()  # what the host can give, re-checked between chunks
     try:
         try:
             for chunk in _chunks(files, chunk_rows):
+                threads.tick()
                 scored = scorer.score(chunk)
                 # Keys identify rows; without key columns in the input, the row number does.
                 ids = scored.keys if scored.keys.width else pl.DataFrame({ROW: scored.rows + rows_in})
@@ -208,6 +213,7 @@ def score_parquet(
                 pq.write_table(schema.with_metadata(mark).empty_table(), partial)
         finally:
             bar.close()
+            torch.set_num_threads(threads_before)  # the caller's setting again
             for w in (writer, reject_writer):
                 if w is not None:
                     w.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recsys_moe.scoring import RankingConfig
+from recsys_moe.threads import fixed_threads
 
 TOKEN_ENV = "RECSYS_MOE_TOKEN"
 MiB = 1024 * 1024
@@ -63,7 +64,11 @@ class ServingSettings(BaseModel):
         default_factory=_token_from_env, repr=False, description=f"bearer token for /v1/*; default: ${TOKEN_ENV}"
     )
     ranking: RankingConfig = Field(default_factory=RankingConfig, description="default ranking of /v1/rank")
-    torch_threads: int = Field(1, ge=1, description="intra-op threads per inference (requests run in parallel)")
+    torch_threads: int = Field(
+        default_factory=lambda: fixed_threads() or 1,
+        ge=1,
+        description="intra-op threads per inference (requests run in parallel); default $RECSYS_MOE_THREADS, else 1",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"

@@ -17,6 +17,7 @@ from recsys_moe.config import RunConfig
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.threads import ThreadGovernor
 from recsys_moe.tracking.tracker import NullTracker, Tracker
 from recsys_moe.training import checkpoint
 from recsys_moe.training.checkpoint import Progress
@@ -42,8 +43,7 @@ class LocalEngine:
 
     def __init__(self, manifest: Manifest, config: RunConfig, progress_bar: bool = True) -> None:
         tc = config.train
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
+        self.threads = ThreadGovernor(tc.threads)  # fixed, or what the host can give (re-checked while training)
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed)
         self.config = config
@@ -96,6 +96,7 @@ class LocalEngine:
             for step, batch in enumerate(batches):
                 if step >= self.steps:
                     break
+                self.threads.tick()
                 out = self.ranker(batch.dense, batch.sparse)
                 per_task = per_task_losses(out.logits, batch.labels, self.is_binary)
                 loss = training_loss(per_task, self.loss_weights, self.weighting, out.gates, tc.balance_loss_weight)
