@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(PINS) | sha256sum | cut -c1-16)
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TEST_ARGS ?=
 
-.PHONY: install demo test lint typecheck format bench bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads lock clean help
+.PHONY: install demo test lint typecheck format bench bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads bench-reference lock clean help
 
 help:
 	@echo "make demo          synthetic data -> pipeline -> MMoE -> MLflow, end to end"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench-distributed  sharded training on 1 vs 2 ranks, memory per rank, TBE vs nn.EmbeddingBag"
 	@echo "make bench-pipelines    history features on 10M events: Polars vs pandas; AUC with and without"
 	@echo "make bench-threads      training beside a busy process: the thread governor vs fixed counts"
+	@echo "make bench-reference    the project's MMoE vs a plain-PyTorch MMoE on census (train, infer, neighbour)"
 
 install: $(STAMP)
 
@@ -53,7 +54,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads
+bench: bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads bench-reference
 
 bench-experts: $(STAMP)
 	$(BIN)/python benchmarks/experts.py
@@ -72,6 +73,9 @@ bench-pipelines: $(STAMP)
 
 bench-threads: $(STAMP)
 	$(BIN)/python benchmarks/threads.py
+
+bench-reference: $(STAMP)
+	$(BIN)/python benchmarks/reference.py
 
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(torch|torchrec|fbgemm-gpu-cpu)==' > requirements/lock.txt

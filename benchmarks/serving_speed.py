@@ -4,7 +4,7 @@
 
 1. Batch scoring: a census-size MMoE (8 experts [64, 32], the census benchmark's model; trained
    briefly here, speed does not depend on quality) scores the census test rows repeated to
-   ~500k rows through `serving.batch.score_parquet` (parquet in → parquet out). Falls back to
+   ~500k rows through `scoring.batch.score_parquet` (parquet in → parquet out). Falls back to
    the synthetic data set when `../shared/data/census-income` is absent.
 2. Online: a synthetic feed model (user context + item candidates) is logged to a temporary
    MLflow store and served two ways on loopback, one worker process each:
@@ -14,6 +14,9 @@
    aiohttp, requests scheduled at a fixed rate; latency counted from the scheduled time, so a
    slow server cannot hide queueing) runs each rate for `--seconds`; then a closed loop with 8
    concurrent clients measures the peak throughput. The load generator shares the 2 cores.
+3. Where a `/v1/rank` request's time goes: each stage of the handler timed in process, beside
+   the bare model forward of the same rows; and the bare model's rate on the batch rows, which
+   batch scoring is judged against.
 
 Writes benchmarks/results/serving.md and serving.json.
 """
@@ -42,7 +45,7 @@ from recsys_moe.features import load_spec
 from recsys_moe.pipelines.build import build
 from recsys_moe.pipelines.sources import synthetic
 from recsys_moe.registry.promotion import read_holdout
-from recsys_moe.scoring import Scorer
+from recsys_moe.scoring import Scorer, ranking_score
 from recsys_moe.scoring.batch import score_parquet
 from recsys_moe.training.trainer import train
 
@@ -54,7 +57,7 @@ CENSUS = ROOT.parent / "shared" / "data" / "census-income"
 MODEL = ["model.arch=mmoe", "model.num_experts=8", "model.expert_hidden=[64,32]", "model.tower_hidden=[16]"]
 USER_COLUMNS = ["user_id", "country", "gender", "age", "interests", "signup_days"]
 CANDIDATES = 100
-RATES = (50, 100, 200)
+RATES = (50, 100, 150, 200)
 
 
 def _train(manifest: Any, workdir: Path, steps: int) -> Path:
@@ -88,6 +91,7 @@ def bench_batch(target_rows: int) -> dict[str, Any]:
     runs = [score_parquet(scorer, source, CACHE / "scores.parquet", progress=False) for _ in range(3)]
     best = min(runs, key=lambda r: r.seconds)
     return {
+        "bare_rows_per_s": max(bare_inference_rate(bundle, source) for _ in range(3)),
         "data": name,
         "rows": best.rows_in,
         "seconds": best.seconds,
@@ -185,6 +189,103 @@ async def _closed_loop(url: str, body: dict, clients: int, seconds: float) -> di
     }
 
 
+def _mean_ms(fn: Any, n: int) -> float:
+    for _ in range(max(10, n // 10)):
+        fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def profile_rank(model_dir: Path, body: dict[str, Any], n: int = 300) -> dict[str, float]:
+    """Where one `/v1/rank` request's server time goes, in process, on the server's one thread
+    per request: each stage of `Service.rank` timed on its own (mean ms over `n` runs), the whole
+    handler, and the bare model forward of the same rows (tensors already built) it is judged by."""
+    from recsys_moe.data.loader import InMemoryDataset
+    from recsys_moe.serving.app import Service, create_app
+    from recsys_moe.serving.settings import ServingSettings
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    settings = ServingSettings(model_dir=model_dir)
+    app = create_app(settings)
+    service = Service(settings, app.state.holder, app.state.metrics)
+    loaded = app.state.holder.current
+    scorer, models = loaded.scorer, loaded.models
+    payload = json.dumps(body).encode()
+    request = models.rank.model_validate_json(payload)
+    items = models.field_items()
+    context = request.context.__dict__
+    columns = {
+        column: [c.__dict__[f] if f in c.model_fields_set else context.get(f) for c in request.candidates]
+        for f, column in items
+    }
+    frame = models.frame(columns)
+    valid, _ = scorer.validate(frame)
+    encoded = scorer.encode(valid)
+    dataset = InMemoryDataset(encoded, scorer.manifest, scorer.model.sparse.keys, tasks=None)
+    batch = dataset.batch(torch.arange(len(dataset)))
+    rows = len(request.candidates)
+    context_row = frame.head(1)  # the context as one more row: the bare forward of 1 + 100 rows
+    bare_dataset = InMemoryDataset(scorer.encode(scorer.validate(pl.concat([context_row, frame]))[0]), scorer.manifest, scorer.model.sparse.keys, tasks=None)  # fmt: skip
+    bare_batch = bare_dataset.batch(torch.arange(len(bare_dataset)))
+    scores = scorer.predict_encoded(encoded)
+
+    def respond() -> None:
+        combined = ranking_score(scores, scorer.tasks, settings.ranking)
+        order = np.argsort(-combined, kind="stable")
+        json.dumps([{"index": int(i), "score": float(combined[i])} for i in order.tolist()])
+
+    with torch.inference_mode():
+        stages = {
+            "parse + validate the JSON body (pydantic-core)": _mean_ms(
+                lambda: models.rank.model_validate_json(payload), n
+            ),
+            "request → columns (context merged into each candidate)": _mean_ms(
+                lambda: {
+                    column: [c.__dict__[f] if f in c.model_fields_set else context.get(f) for c in request.candidates]
+                    for f, column in items
+                },
+                n,
+            ),
+            "columns → polars frame": _mean_ms(lambda: models.frame(columns), n),
+            "input contract (Scorer.validate)": _mean_ms(lambda: scorer.validate(frame), n),
+            "encode: types, transforms, vocabularies (Scorer.encode)": _mean_ms(lambda: scorer.encode(valid), n),
+            "frame → tensors (dataset + KJT)": _mean_ms(
+                lambda: InMemoryDataset(encoded, scorer.manifest, scorer.model.sparse.keys, tasks=None).batch(
+                    torch.arange(rows)
+                ),
+                n,
+            ),
+            "model forward (embeddings + MMoE + towers)": _mean_ms(
+                lambda: scorer.model.predict(batch.dense, batch.sparse), n
+            ),
+            "ranking + response JSON": _mean_ms(respond, n),
+        }
+        bare = _mean_ms(lambda: scorer.model.predict(bare_batch.dense, bare_batch.sparse), n)
+    total = _mean_ms(lambda: service.rank(payload), n)
+    torch.set_num_threads(threads)
+    return {"stages": stages, "handler_ms": total, "bare_forward_ms": bare, "rows": rows + 1}
+
+
+def bare_inference_rate(bundle: Path, source: Path) -> float:
+    """The model alone on the batch benchmark's rows: encoded and turned into tensors beforehand,
+    in the scorer's own inference batches: the rate batch scoring is judged by."""
+    from recsys_moe.data.loader import InMemoryDataset
+
+    scorer = Scorer(bundle)
+    encoded = scorer.encode(scorer.validate(pl.read_parquet(source))[0])
+    dataset = InMemoryDataset(encoded, scorer.manifest, scorer.model.sparse.keys, tasks=None)
+    batches = list(dataset.batches(scorer.batch_size))
+    with torch.inference_mode():
+        scorer.model.predict(batches[0].dense, batches[0].sparse)
+        start = time.perf_counter()
+        for b in batches:
+            scorer.model.predict(b.dense, b.sparse)
+    return len(dataset) / (time.perf_counter() - start)
+
+
 def bench_online(seconds: float) -> dict[str, Any]:
     from recsys_moe.registry.package import log_model
     from recsys_moe.tracking.tracker import MlflowTracker
@@ -218,6 +319,7 @@ def bench_online(seconds: float) -> dict[str, Any]:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }  # mlflow runs `uvicorn`
     out: dict[str, Any] = {"candidates": CANDIDATES, "seconds_per_rate": seconds}
+    out["profile"] = profile_rank(result.model_dir, ours_body)
     servers = {
         "recsys-moe": (
             [
@@ -303,7 +405,10 @@ def mm_rate(seconds: float = 1.0) -> float:
 def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, Any]) -> str:
     ours, theirs = online["recsys-moe"], online["mlflow"]
     ratio = ours["peak"]["rps"] / theirs["peak"]["rps"]
-    at100 = next(r for r in ours["rates"] if r["rate"] == 100)
+    at150 = next(r for r in ours["rates"] if r["rate"] == 150)
+    prof = online["profile"]
+    handler_x = prof["handler_ms"] / prof["bare_forward_ms"]
+    batch_share = batch["rows_per_s"] / batch["bare_rows_per_s"]
     lines = [
         "# Serving: batch scoring and the online ranking endpoint",
         "",
@@ -338,6 +443,28 @@ def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, 
         lines.append(
             f"| {name} | {p['rps']:.1f} | {p['rps'] * online['candidates']:,.0f} | {p['p50_ms']:.1f} | {p['errors']} |"
         )
+    stage_sum = sum(prof["stages"].values())
+    lines += [
+        "",
+        "## Where a `/v1/rank` request's server time goes",
+        "",
+        f"In process, one thread (the server's per-request setting), mean of 300 runs each: every stage of the "
+        f"handler on its own, then the whole handler, against the bare model forward of the same "
+        f"{prof['rows']} rows (context + candidates, tensors already built). HTTP (uvicorn, the event loop, the "
+        "threadpool hop) comes on top: compare the closed-loop figure above.",
+        "",
+        "| stage | ms | share |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {k} | {v:.3f} | {v / stage_sum:.0%} |" for k, v in prof["stages"].items()]
+    lines += [
+        f"| **the whole handler** (`Service.rank`) | **{prof['handler_ms']:.3f}** | |",
+        f"| bare model forward, {prof['rows']} rows | {prof['bare_forward_ms']:.3f} | |",
+        "",
+        f"The handler costs {handler_x:.1f}× the bare forward. Most of it is the general data-frame path the "
+        "request shares with batch scoring (polars frame, input contract, encoding, tensors), which for 100 rows "
+        "is per-call overhead rather than work.",
+    ]
     lines += [
         "",
         "## Batch scoring (`recsys-moe score`: parquet → parquet, chunks of 65,536 rows)",
@@ -345,14 +472,20 @@ def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, 
         f"{batch['rows']:,} raw {batch['data']} rows scored by a census-size MMoE (8 experts [64, 32]) in "
         f"{batch['seconds']:.2f} s: **{batch['rows_per_s']:,.0f} rows/s** (best of 3: "
         f"{', '.join(f'{x:,.0f}' for x in batch['all_rows_per_s'])}), including parquet read, validation, "
-        "transform, inference, ranking score and parquet write.",
+        "transform, inference, ranking score and parquet write. The bare model on the same rows (encoded and "
+        f"turned into tensors beforehand, in the scorer's inference batches, best of 3): {batch['bare_rows_per_s']:,.0f} rows/s; "
+        f"batch scoring runs at **{batch_share:.0%}** of it.",
         "",
-        "## Targets",
+        "## Targets (ratios within this run)",
         "",
-        f"- p99 ≤ 20 ms at 100 requests/s: {at100['p99_ms']:.1f} ms, **{'met' if at100['p99_ms'] <= 20 else 'not met'}**.",
-        f"- ≥ 3× MLflow's serving throughput: {ratio:.1f}×, **{'met' if ratio >= 3 else 'not met'}**.",
-        f"- Batch scoring ≥ 200k rows/s: {batch['rows_per_s']:,.0f}, "
-        f"**{'met' if batch['rows_per_s'] >= 200_000 else 'not met'}**.",
+        f"- `/v1/rank` server time ≤ 4× the bare forward of the same rows: {handler_x:.1f}×, "
+        f"**{'met' if handler_x <= 4 else 'not met'}**.",
+        f"- Closed-loop throughput ≥ 300 requests/s: {ours['peak']['rps']:.0f}, "
+        f"**{'met' if ours['peak']['rps'] >= 300 else 'not met'}**.",
+        f"- p99 ≤ 20 ms at 150 requests/s open loop: {at150['p99_ms']:.1f} ms, "
+        f"**{'met' if at150['p99_ms'] <= 20 else 'not met'}**.",
+        f"- Batch scoring ≥ 70% of the bare model's rate: {batch_share:.0%}, **{'met' if batch_share >= 0.7 else 'not met'}**.",
+        f"- Against `mlflow models serve` (context merged into each row): {ratio:.1f}× its peak throughput.",
         "",
         "Raw numbers: `serving.json`.",
         "",
