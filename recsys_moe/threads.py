@@ -5,7 +5,8 @@ platform runs on. In a container the process may own fewer cores than the machin
 affinity mask, a cgroup CPU quota). And on a shared host (an Airflow worker, a serving host, a
 laptop running a build) another busy process makes every OpenMP barrier wait for a thread that
 is not scheduled: measured here, a 2-thread training run on 2 cores next to one CPU-bound
-neighbour fell from 146k to 49k samples/s, while 1 thread kept 104k (`benchmarks/threads.py`).
+neighbour fell from 174k to 48k samples/s, while 1 thread kept 124k
+(`benchmarks/results/threads.md`).
 
 So the default is a `ThreadGovernor`: at most the CPUs this process may use (`available_cpus`),
 minus what other processes have been using on them lately (`/proc/stat` less our own CPU time),

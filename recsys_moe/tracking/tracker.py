@@ -10,6 +10,7 @@ import contextlib
 import getpass
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -105,8 +106,9 @@ def source_tags(source: str | None = None) -> dict[str, str]:
     commit = get_git_commit(package)
     if commit:
         tags["mlflow.source.git.commit"] = commit
-        for key, value in (("branch", get_git_branch(package)), ("repoURL", get_git_repo_url(package))):
-            if value:
+        url = get_git_repo_url(package)
+        for key, value in (("branch", get_git_branch(package)), ("repoURL", url and re.sub(r"//[^/@]*@", "//", url))):
+            if value:  # a remote URL's user:token@ is not for the tracking server
                 tags[f"mlflow.source.git.{key}"] = value
     return tags
 
