@@ -173,3 +173,20 @@ def test_stock_mlflow_serves_the_champion_from_a_fresh_venv(
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
         log.close()
+
+
+def test_only_the_stand_in_missing_here_is_not_a_warning() -> None:
+    """The project's own environment has no stand-in (torchrec is installed --no-deps): MLflow's
+    mismatch warning is dropped for it alone, and kept whenever anything else differs."""
+    import logging
+
+    def passes(message: str) -> bool:
+        logger = logging.getLogger("mlflow.utils.requirements_utils")
+        record = logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, None, None)
+        return all(f.filter(record) for f in logger.filters)
+
+    head = "Detected one or more mismatches between the model's dependencies and the current Python environment:\n"
+    stand_in = " - fbgemm-gpu (current: uninstalled, required: fbgemm-gpu==1.8.0+cpu)\n"
+    assert not passes(head + stand_in + "To fix ...")
+    assert passes(head + stand_in + " - polars (current: 1.0, required: polars==2.1.0)\nTo fix ...")
+    assert passes("something else entirely")

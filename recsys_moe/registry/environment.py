@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import shutil
 import zipfile
@@ -141,3 +142,19 @@ def package_code(folder: Path) -> Path:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "specs"))
     shutil.copytree(BUNDLED_SPECS, target / "specs", ignore=shutil.ignore_patterns("__pycache__"))
     return target
+
+
+class _StandInOnly(logging.Filter):
+    """Drops MLflow's "mismatches between the model's dependencies and the current environment"
+    warning when the stand-in is the only mismatch: the project's own environment runs torchrec on
+    fbgemm-gpu-cpu without it (installed `--no-deps`), which is what the stand-in stands for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "mismatches between the model's dependencies" not in message:
+            return True
+        mismatches = [line for line in message.splitlines() if line.startswith(" - ")]
+        return not mismatches or not all(line.startswith(" - fbgemm-gpu ") for line in mismatches)
+
+
+logging.getLogger("mlflow.utils.requirements_utils").addFilter(_StandInOnly())
