@@ -17,7 +17,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 from tests.postgres import free_port
+from tests.processes import wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ROOT / "requirements"
@@ -109,20 +109,11 @@ def test_pip_install_into_a_fresh_venv(tmp_path: Path, logged_model) -> None:
     entry = json.loads(dockerfile()["ENTRYPOINT"][0])
     port = free_port()
     args = [*entry, "--model", str(logged_model[0].model_dir), "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(
-        [bin_dir / args[0], *args[1:]], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([bin_dir / args[0], *args[1:]], cwd=tmp_path, env=env, stdout=out, stderr=out)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, f"{shlex.join(args)} exited: {server.stdout.read() if server.stdout else ''}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"{shlex.join(args)} did not get ready"
-            time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/readyz", server, lambda: f"{shlex.join(args)}\n{log.read_text()}")
         docs = httpx.get(f"http://127.0.0.1:{port}/docs-assets/swagger-ui-bundle.js", timeout=10)
         assert docs.status_code == 200  # the installed swagger-ui-bundle: /docs works offline
     finally:

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from recsys_moe.registry.versions import Registry
 from recsys_moe.scoring import Scorer
 from recsys_moe.scoring.batch import score_parquet
 from tests.postgres import free_port
+from tests.processes import wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,16 +140,7 @@ def test_stock_mlflow_serves_the_champion_from_a_fresh_venv(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-4000:]
-            time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, (tmp_path / "serve.log").read_text, 180)
         scorer = Scorer(result.model_dir)
         rows = read_holdout(synthetic_manifest.raw_path("test")).head(300).select(scorer.input_columns)
         body = {"dataframe_split": json.loads(rows.to_pandas().to_json(orient="split", index=False))}

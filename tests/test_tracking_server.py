@@ -30,6 +30,7 @@ from recsys_moe.serving.app import create_app
 from recsys_moe.serving.settings import ServingSettings
 from tests import postgres
 from tests.conftest import train_logged_model
+from tests.processes import wait_for_http
 from tests.test_safety_registry import WORKER
 from tests.test_serving import serve
 
@@ -83,16 +84,7 @@ def tracking_server(pg: postgres.Postgres, tmp_path_factory: pytest.TempPathFact
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120  # the first start migrates the schema
-        while True:
-            assert proc.poll() is None, (tmp / "server.log").read_text()[-4000:]
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (tmp / "server.log").read_text()[-4000:]
-            time.sleep(0.5)
+        wait_for_http(f"{uri}/health", proc, (tmp / "server.log").read_text)  # the first start migrates the schema
         yield uri, backend
     finally:
         os.killpg(proc.pid, 15)
@@ -225,3 +217,16 @@ def test_a_postgresql_uri_is_a_store_with_a_locked_registry(
     env.pop("RECSYS_MOE_LOCK_URI", None)
     won = _race(store, "race-in-db", model_uri, tmp_path / "holdout.parquet", env)
     _check_chain(Registry(store), "race-in-db", won)
+
+
+def test_an_unreachable_lock_store_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock database nobody listens on: the move does not happen unlocked; the error names the
+    lock and its store, with the password hidden."""
+    from recsys_moe.registry.lock import LockTimeoutError, alias_lock
+
+    monkeypatch.setenv("RECSYS_MOE_LOCK_URI", f"postgresql+psycopg://u:secret@127.0.0.1:{postgres.free_port()}/db")
+    moved = []
+    expected = r"alias lock of 'ranker' in postgresql\+psycopg://u:\*\*\*@"
+    with pytest.raises(LockTimeoutError, match=expected) as err, alias_lock("http://mlflow:5000", "ranker"):
+        moved.append(True)
+    assert not moved and "secret" not in str(err.value) and "\n" not in str(err.value)

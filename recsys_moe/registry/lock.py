@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class LockTimeoutError(RuntimeError):
-    pass
+    """The alias lock could not be taken: held by another process too long, or its store unreachable."""
 
 
 def _key(name: str) -> str:
@@ -75,14 +75,21 @@ def _postgres_lock(uri: str, name: str, timeout: float) -> Iterator[None]:
         uri = "postgresql+psycopg://" + uri.removeprefix("postgresql://")
     engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
     key = int(_key(f"recsys-moe/{name}"), 16) % (2**63)
-    with engine.connect() as conn:
+    try:
+        conn = engine.connect()
         conn.execute(sqlalchemy.text(f"SET lock_timeout = '{int(timeout * 1000)}ms'"))
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-        try:
-            yield
-        finally:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-    engine.dispose()
+    except sqlalchemy.exc.DBAPIError as exc:  # unreachable, refused, or held past the timeout
+        engine.dispose()
+        where = engine.url.render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise LockTimeoutError(f"cannot take the alias lock of {name!r} in {where}: {reason}") from None
+    try:
+        yield
+    finally:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        conn.close()
+        engine.dispose()
 
 
 LOCK_URI_ENV = "RECSYS_MOE_LOCK_URI"
