@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,19 @@ def both(manifest: Manifest, tasks: list[str], epochs: int, workdir: Path) -> di
     return {"reference": reference, "project": project}
 
 
+def neighbour_runs(manifest: Manifest, tasks: list[str], workdir: Path) -> dict[str, Any]:
+    """One epoch of each, quiet and then beside a process spinning one core."""
+    quiet = both(manifest, tasks, 1, workdir / "quiet")
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        busy = both(manifest, tasks, 1, workdir / "busy")
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    return {"quiet": quiet, "busy": busy}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
@@ -158,15 +172,7 @@ def main() -> int:
     gflops_before = gemm_rate(2.0)
     quiet = both(manifest, tasks, args.epochs, CACHE / "reference_runs")
     gflops_after = gemm_rate(2.0)
-    import subprocess
-
-    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)
-        busy = both(manifest, tasks, 1, CACHE / "reference_runs_busy")
-    finally:
-        neighbour.kill()
-        neighbour.wait()
+    busy = neighbour_runs(manifest, tasks, CACHE / "reference_runs_neighbour")["busy"]
     gflops = (gflops_before + gflops_after) / 2
     bound = gflops * 1e9 / flops
     meta = {

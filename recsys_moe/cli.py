@@ -285,6 +285,7 @@ def serve_settings(args: argparse.Namespace) -> ServingSettings:
         "poll_seconds": args.poll_seconds,
         "max_rows": args.max_rows,
         "torch_threads": args.threads,
+        "scoring_workers": args.scoring_workers,
         "wait_for_model": args.wait,
         "token": args.token,
     }
@@ -469,7 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--poll-seconds", type=float, help="how often to check the alias for a new version (default 30)")
     p.add_argument("--max-rows", type=int, help="most rows or candidates per request (default 1000)")
-    p.add_argument("--threads", type=int, help="torch threads per request (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per request (default $RECSYS_MOE_THREADS, else 1)")
+    p.add_argument(
+        "--scoring-workers", type=int, help="requests scored at once; the rest queue (default: half the cores, ≥ 1)"
+    )
     p.add_argument("--token", help="require this bearer token on /v1/* (default: $RECSYS_MOE_TOKEN if set)")
     p.add_argument(
         "--wait",

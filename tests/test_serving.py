@@ -318,6 +318,43 @@ def test_waits_for_an_alias_that_does_not_exist_yet(
         assert http.post("/v1/score", json={"rows": raw_rows[:2]}).status_code == 200
 
 
+def test_requests_beyond_the_scoring_workers_queue_and_all_succeed(logged_model, raw_rows) -> None:
+    """With one scoring worker, 12 concurrent requests are scored one at a time (never two at
+    once) and every one is answered; probes are answered meanwhile."""
+    app = create_app(ServingSettings(model_dir=logged_model[0].model_dir, scoring_workers=1))
+    service_rank = app.state.holder.current.scorer.score_rows
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def tracked(*args: Any) -> Any:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.02)  # long enough for the others to pile up
+            return service_rank(*args)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    app.state.holder.current.scorer.score_rows = tracked
+    context, candidates = _feed(raw_rows, 20)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        results: list[int] = []
+
+        def one() -> None:
+            results.append(http.post("/v1/rank", json={"context": context, "candidates": candidates}).status_code)
+
+        threads = [threading.Thread(target=one) for _ in range(12)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        assert http.get("/healthz").status_code == 200  # the event loop is not held by scoring
+        for t in threads:
+            t.join(30)
+    assert results == [200] * 12
+    assert peak[0] == 1
+
+
 # -- 5. operations and fuzzing ---------------------------------------------------------------------
 def test_metrics_and_readiness(client: httpx.Client, raw_rows, scorer: Scorer) -> None:
     _ok(client, raw_rows)

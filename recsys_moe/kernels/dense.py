@@ -52,16 +52,12 @@ def stacked_mlp(
 def combine(expert_out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Gate-weighted sum of experts for every gate at once: expert_out [E, B, H], gates [B, G, E] → [G, B, H].
 
-    The contraction is per sample. Usually a multiply-and-sum: a bmm over B tiny [G, E] x [E, H]
-    matrices is ~8x slower. But the multiply-sum's [G, E, B, H] temporary costs memory traffic,
-    and once it is large (many experts, big batches) the per-sample bmm wins: measured forward +
-    backward on a 2-core AVX2 CPU, 3x faster at E = 64, B = 8192, G = 2; slower for E < 16.
+    The contraction is per sample: one batched matmul over B of [G, E] x [E, H]. Measured forward +
+    backward with torch 2.13 on a 2-core AVX2 CPU, it beats the multiply-and-sum (whose [G, E, B, H]
+    temporary is all memory traffic) at every shape tried: 2.6x at the census shapes (E 8, B 1024,
+    H 32, G 2), 7x at B 8192, 17x at E 16, B 4096, H 64; level at E 4. An einsum picks the same bmm.
     """
-    num_experts, batch, hidden = expert_out.shape
-    if num_experts >= 16 and gates.shape[1] * num_experts * batch * hidden >= 1 << 23:
-        return torch.einsum("ebh,bge->gbh", expert_out, gates)
-    weights = gates.permute(1, 2, 0).unsqueeze(-1)  # [G, E, B, 1]
-    return (weights * expert_out.unsqueeze(0)).sum(dim=1)
+    return torch.bmm(gates, expert_out.transpose(0, 1)).transpose(0, 1)
 
 
 def dense_experts_combine(x: Tensor, weights: list[Tensor], biases: list[Tensor], gate_weights: Tensor) -> Tensor:

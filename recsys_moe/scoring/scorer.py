@@ -17,8 +17,10 @@ An unseen categorical value is not an error: it maps to the OOV row, as it did i
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -31,6 +33,7 @@ from recsys_moe.pipelines.build import load_state
 from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.pipelines.transform import encoders, key_column, typed_columns
 from recsys_moe.pipelines.validate import REASON, check_columns, reject_reason
+from recsys_moe.scoring.rows import RowEncoder
 from recsys_moe.training import checkpoint
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class Scorer:
         # (a server sees one schema, a batch job one per input file).
         self._rejects: dict[tuple[tuple[str, pl.DataType], ...], pl.Expr] = {}
         self._typed: dict[tuple[tuple[str, pl.DataType], ...], list[pl.Expr]] = {}
+        self._rows: RowEncoder | None = None  # built on first use: only the endpoint needs it
 
     @property
     def input_columns(self) -> list[str]:
@@ -110,6 +114,24 @@ class Scorer:
             for batch in dataset.batches(self.batch_size):
                 out.append(self.model.predict(batch.dense, batch.sparse))
         return torch.cat(out).numpy()
+
+    def score_rows(
+        self, columns: Mapping[str, Sequence[Any]], n: int, shared: Mapping[str, Any] | None = None
+    ) -> np.ndarray | None:
+        """[n, T] scores of rows given as raw columns of Python values (`shared`: one value for
+        every row), without a data frame; None when a row might be rejected or a value's type is
+        not one the fast path reads. The caller then scores the same rows with `score(frame)`,
+        which names the rejects (see `scoring.rows`)."""
+        if self._rows is None:
+            self._rows = RowEncoder(self.spec, self._state, self.model.sparse.keys)
+        encoded = self._rows.encode(columns, n, shared)
+        if encoded is None:
+            return None
+        dense, sparse = encoded
+        if n == 0:
+            return np.zeros((0, len(self.tasks)), dtype=np.float32)
+        with torch.inference_mode():
+            return self.model.predict(dense, sparse).numpy()
 
     def score(self, frame: pl.DataFrame) -> Scored:
         valid, rejects = self.validate(frame)

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recsys_moe.scoring import RankingConfig
-from recsys_moe.threads import fixed_threads
+from recsys_moe.threads import available_cpus, fixed_threads
 
 TOKEN_ENV = "RECSYS_MOE_TOKEN"
 MiB = 1024 * 1024
@@ -67,7 +67,13 @@ class ServingSettings(BaseModel):
     torch_threads: int = Field(
         default_factory=lambda: fixed_threads() or 1,
         ge=1,
-        description="intra-op threads per inference (requests run in parallel); default $RECSYS_MOE_THREADS, else 1",
+        description="intra-op threads per inference; default $RECSYS_MOE_THREADS, else 1",
+    )
+    scoring_workers: int = Field(
+        default_factory=lambda: max(1, available_cpus() // 2),
+        ge=1,
+        description="requests scored at once; more wait their turn in order. Default: half the cores this process "
+        "may use (at least 1): requests scored in parallel beyond that only contend for the cores and the GIL",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
