@@ -287,9 +287,18 @@ def profile_rank(model_dir: Path, body: dict[str, Any], n: int = 300) -> dict[st
             "model forward (embeddings + MMoE + towers)": _mean_ms(lambda: scorer.model.predict(dense, sparse), n),
             "ranking + response JSON": _mean_ms(respond, n),
         }
-        bare = _mean_ms(lambda: scorer.model.predict(bare_batch.dense, bare_batch.sparse), n)
         general = _mean_ms(lambda: scorer.score(models.frame(split_rows.merged())), n)
-    total = _mean_ms(lambda: service.rank(payload), n)
+
+    def bare_forward() -> None:
+        with torch.inference_mode():
+            scorer.model.predict(bare_batch.dense, bare_batch.sparse)
+
+    # The two figures the target compares, timed in alternating rounds (best round of each), so
+    # this VM's drift cannot favour one of them.
+    total = bare = float("inf")
+    for _ in range(5):
+        total = min(total, _mean_ms(lambda: service.rank(payload), n // 5))
+        bare = min(bare, _mean_ms(bare_forward, n // 5))
     torch.set_num_threads(threads)
     return {
         "stages": stages,
@@ -497,7 +506,7 @@ def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, 
         "## Where a `/v1/rank` request's server time goes",
         "",
         f"In process, one thread (the server's per-request setting), mean of 300 runs each: every stage of the "
-        f"handler on its own, then the whole handler, against the bare model forward of the same "
+        f"handler on its own, then the whole handler (it and the bare forward: best of 5 alternating rounds of 60), against the bare model forward of the same "
         f"{prof['rows']} rows (context + candidates, tensors already built). HTTP (uvicorn, the event loop, the "
         "threadpool hop) comes on top: compare the closed-loop figure above.",
         "",
@@ -508,7 +517,6 @@ def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, 
     lines += [
         f"| **the whole handler** (`Service.rank`) | **{prof['handler_ms']:.3f}** | |",
         f"| bare model forward, {prof['rows']} rows | {prof['bare_forward_ms']:.3f} | |",
-        "",
         f"| the general path on the same rows (polars frame → input contract → encode → tensors → forward) "
         f"| {prof['general_path_ms']:.3f} | |",
         "",

@@ -92,8 +92,10 @@ class InMemoryDataset:
     def __len__(self) -> int:
         return self.num_rows
 
-    def batch(self, idx: torch.Tensor) -> Batch:
-        n = idx.shape[0]
+    def batch(self, idx: torch.Tensor | slice) -> Batch:
+        """The rows `idx`: an index tensor (a shuffled batch) or a slice (in order: views, no gather)."""
+        dense = self.dense[idx]
+        n = dense.shape[0]
         if not self.multi_hot:  # fast path: one gather for all features
             values = self.ids[idx].t().reshape(-1)
             lengths = self._ones.expand(-1, n).reshape(-1)
@@ -110,14 +112,16 @@ class InMemoryDataset:
                     lens.append(torch.ones(n, dtype=torch.int32))
             values, lengths = torch.cat(vals), torch.cat(lens)
         sparse = KeyedJaggedTensor(keys=self.sparse_keys, values=values, lengths=lengths)
-        return Batch(dense=self.dense[idx], sparse=sparse, labels=self.labels[idx])
+        return Batch(dense=dense, sparse=sparse, labels=self.labels[idx])
 
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:
-        order = torch.randperm(self.num_rows, generator=generator) if shuffle else torch.arange(self.num_rows)
+        order = torch.randperm(self.num_rows, generator=generator) if shuffle else None
         for start in range(0, self.num_rows, batch_size):
-            yield self.batch(order[start : start + batch_size])
+            yield self.batch(
+                order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
+            )
 
     def num_batches(self, batch_size: int) -> int:
         return -(-self.num_rows // batch_size)

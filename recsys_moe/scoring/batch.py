@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,30 +187,40 @@ def score_parquet(
     threads = ThreadGovernor()  # what the host can give, re-checked between chunks
     try:
         try:
-            for chunk in _chunks(files, chunk_rows):
-                threads.tick()
-                scored = scorer.score(chunk)
-                # Keys identify rows; without key columns in the input, the row number does.
-                ids = scored.keys if scored.keys.width else pl.DataFrame({ROW: scored.rows + rows_in})
-                out = ids.with_columns(
-                    [pl.Series(t, scored.scores[:, i]) for i, t in enumerate(scorer.tasks)]
-                    + [pl.Series(SCORE, ranking_score(scored.scores, scorer.tasks, ranking))]
-                )
-                table = out.to_arrow()
-                writer = writer or pq.ParquetWriter(partial, table.schema.with_metadata(mark))
-                writer.write_table(table.cast(writer.schema))
-                if scored.rejects.height:
-                    bad = scored.rejects.with_columns(pl.col(ROW).cast(pl.Int64) + rows_in).to_arrow()
-                    reject_writer = reject_writer or pq.ParquetWriter(partial_rejects, bad.schema.with_metadata(mark))
-                    reject_writer.write_table(bad.cast(reject_writer.schema))
-                rows_in += chunk.height
-                rows_out += out.height
-                rejected += scored.rejects.height
-                bar.update(chunk.height)
-                bar.set_postfix(rejected=rejected)
-            if writer is None:  # empty input: still write a valid, empty output
-                schema = pa.schema([(t, pa.float32()) for t in scorer.tasks] + [(SCORE, pa.float64())])
-                pq.write_table(schema.with_metadata(mark).empty_table(), partial)
+            # One chunk's output is written in a thread while the next is scored (pyarrow releases
+            # the GIL); at most one write is in flight, and leaving the block waits for it.
+            with ThreadPoolExecutor(1, thread_name_prefix="score-writer") as background:
+                written: Future[None] | None = None
+                for chunk in _chunks(files, chunk_rows):
+                    threads.tick()
+                    scored = scorer.score(chunk)
+                    # Keys identify rows; without key columns in the input, the row number does.
+                    ids = scored.keys if scored.keys.width else pl.DataFrame({ROW: scored.rows + rows_in})
+                    out = ids.with_columns(
+                        [pl.Series(t, scored.scores[:, i]) for i, t in enumerate(scorer.tasks)]
+                        + [pl.Series(SCORE, ranking_score(scored.scores, scorer.tasks, ranking))]
+                    )
+                    table = out.to_arrow()
+                    writer = writer or pq.ParquetWriter(partial, table.schema.with_metadata(mark))
+                    if written is not None:
+                        written.result()  # raises what the previous write raised
+                    written = background.submit(writer.write_table, table.cast(writer.schema))
+                    if scored.rejects.height:
+                        bad = scored.rejects.with_columns(pl.col(ROW).cast(pl.Int64) + rows_in).to_arrow()
+                        reject_writer = reject_writer or pq.ParquetWriter(
+                            partial_rejects, bad.schema.with_metadata(mark)
+                        )
+                        reject_writer.write_table(bad.cast(reject_writer.schema))
+                    rows_in += chunk.height
+                    rows_out += out.height
+                    rejected += scored.rejects.height
+                    bar.update(chunk.height)
+                    bar.set_postfix(rejected=rejected)
+                if written is not None:
+                    written.result()
+                if writer is None:  # empty input: still write a valid, empty output
+                    schema = pa.schema([(t, pa.float32()) for t in scorer.tasks] + [(SCORE, pa.float64())])
+                    pq.write_table(schema.with_metadata(mark).empty_table(), partial)
         finally:
             bar.close()
             torch.set_num_threads(threads_before)  # the caller's setting again
