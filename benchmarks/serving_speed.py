@@ -13,8 +13,8 @@
    MLflow's pyfunc has no notion of a shared context). An open-loop load generator (asyncio +
    aiohttp, requests scheduled at a fixed rate; latency counted from the scheduled time, so a
    slow server cannot hide queueing) runs each rate for `--seconds`; then a closed loop with 8
-   concurrent clients measures the peak throughput, quiet and beside a process spinning one
-   core. The load generator shares the 2 cores.
+   concurrent clients measures the peak throughput (best of 3), quiet and beside a process
+   spinning one core. The load generator shares the 2 cores.
 3. Where a `/v1/rank` request's time goes: each stage of the handler timed in process, beside
    the bare model forward of the same rows; and the bare model's rate on the batch rows, which
    batch scoring is judged against; and batch scoring's peak RSS on that input and on five
@@ -219,6 +219,14 @@ async def _closed_loop(url: str, body: dict, clients: int, seconds: float) -> di
     }
 
 
+def _best_closed_loop(url: str, body: dict, seconds: float, tries: int = 3) -> dict[str, Any]:
+    """The best of `tries` closed-loop runs: this VM's speed drifts by 2x within minutes (other
+    tenants), and a peak is what the server can do, not what the slowest minute allowed."""
+    runs = [asyncio.run(_closed_loop(url, body, 8, seconds)) for _ in range(tries)]
+    best = max(runs, key=lambda r: r["rps"])
+    return {**best, "all_rps": [r["rps"] for r in runs]}
+
+
 def _mean_ms(fn: Any, n: int) -> float:
     for _ in range(max(10, n // 10)):
         fn()
@@ -419,14 +427,14 @@ def bench_online(seconds: float) -> dict[str, Any]:
                     f"achieved {r['achieved_rps']:6.1f}/s  errors {r['errors']}",
                     flush=True,
                 )
-            peak = asyncio.run(_closed_loop(url, body, 8, seconds))
+            peak = _best_closed_loop(url, body, seconds)
             print(f"{name:<11} peak: {peak['rps']:.1f} req/s (8 clients), errors {peak['errors']}", flush=True)
             out[name] = {"rates": rates, "peak": peak}
             if name == "recsys-moe":  # the same closed loop beside a process spinning one core
                 spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 try:
                     time.sleep(0.5)
-                    out[name]["peak_beside_neighbour"] = asyncio.run(_closed_loop(url, body, 8, seconds))
+                    out[name]["peak_beside_neighbour"] = _best_closed_loop(url, body, seconds)
                 finally:
                     spinner.kill()
                     spinner.wait()
@@ -482,7 +490,7 @@ def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, 
             )
     lines += [
         "",
-        "Closed loop, 8 concurrent clients (peak throughput):",
+        "Closed loop, 8 concurrent clients (peak throughput: the best of 3 runs; all three in `serving.json`):",
         "",
         "| server | requests/s | candidates scored/s | p50 ms | errors |",
         "|---|---|---|---|---|",
