@@ -506,7 +506,8 @@ def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, 
         "",
         f"Beside a process spinning one core (the load generator shares the cores too): recsys-moe's closed loop "
         f"does {busy['rps']:.1f} requests/s (p50 {busy['p50_ms']:.1f} ms, {busy['errors']} errors), "
-        f"{slowdown:.2f}× slower than on the quiet machine.",
+        f"against {ours['peak']['rps']:.1f} quiet: quiet / busy = {slowdown:.2f}. The server scores on one core "
+        "(one scoring worker on 2 cores), so the neighbour mostly takes the core it leaves.",
     ]
     stage_sum = sum(prof["stages"].values())
     lines += [

@@ -131,7 +131,8 @@ def test_values_of_other_types_fall_back_rather_than_guess(scorer: Scorer, model
     """Direct callers (not the request models) may pass anything: the fast path reads only the
     types it knows, so a string number or a bool is the contract's to judge."""
     data = columns(models, clean[:4])
-    for column, value in [("age", "40"), ("age", True), ("age", math.nan), ("device", 3), ("interests", "cat_01")]:
+    cases = [("age", "40"), ("age", True), ("age", math.nan), ("age", 10**400), ("device", 3), ("interests", "cat_01")]
+    for column, value in cases:
         changed = {k: list(v) for k, v in data.items()}
         changed[column][1] = value
         assert scorer.score_rows(changed, 4) is None, (column, value)

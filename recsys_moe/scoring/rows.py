@@ -1,8 +1,8 @@
 """Request-sized rows → model tensors, without a data frame: the online endpoint's fast path.
 
 For 100 rows, the general path (a polars frame, the input contract's expressions, the encoding
-expressions, the loader's tensors) is per-call overhead, not work: it cost ~7× the model's
-forward (see benchmarks/results/serving.md). This module encodes the same rows with plain
+expressions, the loader's tensors) is per-call overhead, not work: 9-15x the model's forward
+of the same rows (benchmarks/results/serving.md). This module encodes the same rows with plain
 Python and numpy: dictionary lookups for vocabularies, the same arithmetic for dense transforms.
 
 It is not a second input contract. It handles only rows that are certainly valid: values of the
@@ -87,14 +87,17 @@ class RowEncoder:
         """(values with nulls as NaN, null mask), or None when a row needs the input contract."""
         if not set(map(type, values)) <= _NUMBERS:
             return None
-        if None in values:
-            if not f.nullable:
-                return None
-            nulls = np.fromiter((v is None for v in values), dtype=bool, count=len(values))
-            x = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
-        else:
-            nulls = np.zeros(len(values), dtype=bool)
-            x = np.array(values, dtype=np.float64)
+        try:
+            if None in values:
+                if not f.nullable:
+                    return None
+                nulls = np.fromiter((v is None for v in values), dtype=bool, count=len(values))
+                x = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+            else:
+                nulls = np.zeros(len(values), dtype=bool)
+                x = np.array(values, dtype=np.float64)
+        except OverflowError:  # an int beyond float64: not finite, the contract's to reject
+            return None
         given = x[~nulls]
         if not np.isfinite(given).all():
             return None

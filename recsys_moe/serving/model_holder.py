@@ -65,9 +65,10 @@ def warm_up(loaded: LoadedModel) -> None:
             row[column.name] = ["warm-up"]
         else:
             row[column.name] = "warm-up"
-    frame = loaded.models.frame({column: [value] * 4 for column, value in row.items()})
+    columns = {column: [value] * 4 for column, value in row.items()}
     try:
-        loaded.scorer.score(frame)
+        loaded.scorer.score(loaded.models.frame(columns))
+        loaded.scorer.score_rows(columns, 4)  # the fast path: builds its vocabulary lookups now
     except Exception:  # a failed warm-up costs latency, not correctness: the model loaded
         log.warning("warm-up of %s v%s failed", loaded.name, loaded.version, exc_info=True)
 
