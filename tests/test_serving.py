@@ -7,11 +7,13 @@ under load without failing a request, and survive a schemathesis fuzz run with n
 
 from __future__ import annotations
 
+import gc
 import itertools
 import re
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -296,6 +298,29 @@ def test_champion_swap_under_load_fails_no_request(
         assert f'recsys_serving_model_info{{name="{name}",' in metrics and f'version="{v1}"' in metrics
         assert f"recsys_serving_model_version {float(v1)}" in metrics
         assert httpx.get(f"{url}/readyz").json()["model"]["version"] == v1
+
+
+def test_a_serving_process_freezes_its_heap_and_frees_a_swapped_out_model(
+    logged_model, registry_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run` freezes the heap after each load (a full GC over ~430k objects paused a request for
+    250 ms); with the heap frozen, a swap must still free the old model, not keep it for good."""
+    monkeypatch.setenv("RECSYS_MOE_CACHE", str(tmp_path / "cache"))
+    registry, name = Registry(registry_store), "serving-freeze"
+    v1, v2 = registry.register(logged_model[1], name), registry.register(logged_model[1], name)
+    registry.client.set_registered_model_alias(name, "champion", v1)
+    settings = ServingSettings(model_uri=f"models:/{name}@champion", tracking_uri=registry_store, poll_seconds=0)
+    try:
+        app = create_app(settings, freeze_heap=True)
+        holder = app.state.holder
+        assert gc.get_freeze_count() > 0
+        old_model = weakref.ref(holder.current.scorer.model)
+        registry.client.set_registered_model_alias(name, "champion", v2)
+        assert holder.refresh() and holder.current.version == v2
+        assert old_model() is None, "the swapped-out model is still alive after the swap"
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_waits_for_an_alias_that_does_not_exist_yet(

@@ -22,9 +22,11 @@ do not thrash the cores. Any bad input is a 4xx that names the row and the field
 
 from __future__ import annotations
 
+import gc
 import hmac
 import itertools
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -371,12 +373,31 @@ def _openapi(app: FastAPI, schemas: dict[str, Any]) -> Callable[[], dict[str, An
     return openapi
 
 
-def create_app(settings: ServingSettings) -> FastAPI:
+def settle_heap() -> None:
+    """Collect, then freeze what survives (`gc.freeze`): the loaded model, its vocabularies and
+    the libraries are ~430k objects, and every full collection walked them all, a 250 ms pause
+    in whichever request triggered it. Frozen, they are skipped. Called once the model is in
+    place and again after each swap (the old model is collected first)."""
+    start = time.perf_counter()
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    log.info("heap settled: %d objects frozen in %.0f ms", gc.get_freeze_count(), (time.perf_counter() - start) * 1e3)
+
+
+def create_app(settings: ServingSettings, freeze_heap: bool = False) -> FastAPI:
     """Load the model (raises if it cannot be served, unless `wait_for_model`) and build the app.
-    The alias poller starts and stops with the app's lifespan."""
+    The alias poller starts and stops with the app's lifespan. `freeze_heap` (what `run` does,
+    for a process that only serves): `settle_heap` after every load or swap of the model."""
     torch.set_num_threads(settings.torch_threads)
     metrics = Metrics()
-    holder = ModelHolder(settings, on_swap=metrics.on_swap, on_error=metrics.on_error)
+
+    def on_swap(old: LoadedModel | None, new: LoadedModel) -> None:
+        metrics.on_swap(old, new)
+        if freeze_heap:
+            settle_heap()
+
+    holder = ModelHolder(settings, on_swap=on_swap, on_error=metrics.on_error)
     holder.load()
     service = Service(settings, holder, metrics)
 
@@ -496,7 +517,7 @@ def run(settings: ServingSettings) -> None:
     """Serve until interrupted (uvicorn, one process: the model and its poller live in it)."""
     import uvicorn
 
-    app = create_app(settings)
+    app = create_app(settings, freeze_heap=True)
     uvicorn.run(
         app,
         host=settings.host,
