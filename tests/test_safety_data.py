@@ -223,6 +223,44 @@ def test_ids_in_the_wrong_shape_are_rejects_not_tracebacks(logged_model, holdout
     assert reasons == ["interests: a string where a list of ids is expected"] * 2
 
 
+def test_dense_values_of_any_column_type_are_rejects_not_tracebacks(logged_model, holdout: pl.DataFrame) -> None:
+    """A struct, list or binary column where a number is expected failed the whole batch inside
+    the contract's cast; a categorical of numbers failed too. Now: rejects naming the feature,
+    and numbers held as categorical text score as the numbers they are."""
+    scorer = Scorer(logged_model[0].model_dir)
+    rows = holdout.head(3)
+    for bad, kind in [
+        (pl.struct(pl.col("age"), pl.col("price")), "Struct"),
+        (pl.concat_list(pl.col("age")), "List"),
+        (pl.col("age").cast(pl.String).cast(pl.Binary), "Binary"),
+    ]:
+        scored = scorer.score(rows.with_columns(bad.alias("age")))
+        assert scored.rejects.height == 3, kind
+        assert all(
+            r.startswith(f"age: {kind}") and r.endswith("values are not numbers")
+            for r in scored.rejects["_reject_reason"]
+        )
+    as_text = scorer.score(rows.with_columns(pl.col("age").cast(pl.String).cast(pl.Categorical)))
+    np.testing.assert_allclose(as_text.scores, scorer.score(rows).scores, rtol=0, atol=1e-6)
+
+
+def test_a_damaged_input_file_is_a_one_line_error_and_leaves_nothing(
+    logged_model, holdout: pl.DataFrame, tmp_path: Path
+) -> None:
+    from recsys_moe.cli import main
+
+    source = tmp_path / "in.parquet"
+    holdout.write_parquet(source)
+    data = bytearray(source.read_bytes())
+    for i in range(len(data) // 4, len(data) // 2, 7):  # the pages, not the footer
+        data[i] ^= 0xFF
+    source.write_bytes(data)
+    out = tmp_path / "out" / "scores.parquet"
+    args = ["score", "--model", str(logged_model[0].model_dir), "--input", str(source), "--output", str(out)]
+    assert main(args) == 2
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
 # -- finding 8: batch results are all or nothing ----------------------------------------------------
 def test_a_failed_rerun_keeps_the_earlier_result(logged_model, holdout: pl.DataFrame, tmp_path: Path) -> None:
     scorer = Scorer(logged_model[0].model_dir)

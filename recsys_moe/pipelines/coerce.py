@@ -61,6 +61,18 @@ def _id_text(x: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     return x.cast(pl.String, strict=False)
 
 
+def dense_number(column: str, dtype: pl.DataType) -> pl.Expr | None:
+    """A dense feature's raw column as Float64 (values that are not numbers become null), or None
+    when the column's type holds no numbers at all (structs, lists, binary): every given value
+    of it is then rejected, rather than the cast failing the whole batch."""
+    col = pl.col(column)
+    if isinstance(dtype, pl.Categorical | pl.Enum):
+        return col.cast(pl.String).cast(pl.Float64, strict=False)
+    if isinstance(dtype, pl.Struct | pl.List | pl.Array | pl.Binary | pl.Object):
+        return None
+    return col.cast(pl.Float64, strict=False)
+
+
 def id_problems(f: Feature, dtype: pl.DataType) -> list[tuple[pl.Expr, pl.Expr]]:
     """(condition, reason) pairs that reject a row's value of categorical/multi-hot `f`."""
     col = pl.col(f.source_column)

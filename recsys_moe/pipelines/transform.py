@@ -11,7 +11,7 @@ import polars as pl
 
 from recsys_moe.features.expressions import compile_expression
 from recsys_moe.features.spec import Feature, FeatureSpec
-from recsys_moe.pipelines.coerce import typed_ids
+from recsys_moe.pipelines.coerce import dense_number, typed_ids
 from recsys_moe.pipelines.fit import OOV, FittedState, signed_log1p, stable_hash_ids, stable_hash_lists
 
 
@@ -25,7 +25,8 @@ def label_column(task: str) -> str:
 
 def _typed_feature(f: Feature, dtype: pl.DataType) -> pl.Expr:
     if f.kind == "dense":
-        return pl.col(f.source_column).cast(pl.Float64, strict=False).alias(f.name)
+        number = dense_number(f.source_column, dtype)
+        return (number if number is not None else pl.lit(None, pl.Float64)).alias(f.name)  # rejected rows only
     return typed_ids(f, dtype)
 
 

@@ -10,7 +10,7 @@ import polars as pl
 
 from recsys_moe.features.expressions import compile_expression
 from recsys_moe.features.spec import Feature, FeatureSpec, Task
-from recsys_moe.pipelines.coerce import id_problems
+from recsys_moe.pipelines.coerce import dense_number, id_problems
 
 REASON = "_reject_reason"
 
@@ -32,9 +32,12 @@ def _text(col: str) -> pl.Expr:
     return pl.col(col).cast(pl.String, strict=False)
 
 
-def _dense_checks(f: Feature) -> list[tuple[pl.Expr, pl.Expr]]:
+def _dense_checks(f: Feature, dtype: pl.DataType) -> list[tuple[pl.Expr, pl.Expr]]:
     raw = pl.col(f.source_column)
-    num = raw.cast(pl.Float64, strict=False)
+    num = dense_number(f.source_column, dtype)
+    if num is None:
+        given = raw.is_not_null() if f.nullable else pl.lit(True)
+        return [(given, pl.lit(f"{f.name}: {dtype} values are not numbers"))]
     checks = [
         (raw.is_not_null() & num.is_null(), pl.format(f"{f.name}: not a number ({{}})", _text(f.source_column))),
         (num.is_nan() | num.is_infinite(), pl.lit(f"{f.name}: not finite")),
@@ -68,7 +71,7 @@ def reject_reason(spec: FeatureSpec, schema: pl.Schema, with_labels: bool = True
     checks: list[tuple[pl.Expr, pl.Expr]] = []
     for f in spec.features:
         if f.kind == "dense":
-            checks += _dense_checks(f)
+            checks += _dense_checks(f, schema.get(f.source_column, pl.String()))
             continue
         if not f.nullable:
             checks.append((pl.col(f.source_column).is_null(), pl.lit(f"{f.name}: null in a non-nullable feature")))

@@ -103,7 +103,10 @@ def _chunks(files: list[Path], chunk_rows: int) -> Iterator[pl.DataFrame]:
             pl.col(name).cast(dtype) if name in present else pl.lit(None, dtype).alias(name)
             for name, dtype in schema.items()
         ]
-        yield from pl.scan_parquet(f).select(columns).collect_batches(chunk_size=chunk_rows)
+        try:
+            yield from pl.scan_parquet(f).select(columns).collect_batches(chunk_size=chunk_rows)
+        except pl.exceptions.PolarsError as exc:  # a damaged file: its footer read, its pages not
+            raise SchemaError(f"{f}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
 
 
 def record_path(output: Path) -> Path:
