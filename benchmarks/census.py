@@ -328,7 +328,7 @@ def main() -> int:
         records = [
             RunRecord(**r) for r in json.loads(previous.read_text())["runs"] if (r["group"], r["arch"]) not in planned
         ]
-    from reference import neighbour_runs, train_reference  # the plain-PyTorch MMoE (imports this module)
+    from reference import beside_neighbour, both, train_reference  # the plain-PyTorch MMoE (imports this module)
 
     reference_runs = [train_reference(m1, m1.task_names, epochs=1, seed=0)]
     for group, arch, tasks, seed in tqdm(plan, desc="census runs", unit="run"):
@@ -349,13 +349,15 @@ def main() -> int:
         (args.out / "census.json").write_text(
             json.dumps({"meta": meta, "runs": [asdict(r) for r in records]}, indent=1)
         )
-    reference_runs.append(train_reference(m1, m1.task_names, epochs=1, seed=0))
+    neighbour = CACHE / "census_neighbour_runs"
+    quiet = both(m1, m1.task_names, 1, neighbour / "quiet")  # its reference epoch is the "after" measurement
+    reference_runs.append(quiet["reference"])
     meta["reference"] = {
         f"{kind}_samples_per_s": statistics.mean(r[f"{kind}_samples_per_s"] for r in reference_runs)
         for kind in ("train", "infer")
     }
     meta["reference_runs"] = reference_runs
-    meta["neighbour"] = neighbour_runs(m1, m1.task_names, CACHE / "census_neighbour_runs")
+    meta["neighbour"] = {"quiet": quiet, "busy": beside_neighbour(m1, m1.task_names, neighbour / "busy")}
     (args.out / "census.json").write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in records]}, indent=1))
     report = write_report(records, meta, {g: m.task_names for g, m in manifests.items()})
     (args.out / "census.md").write_text(report)

@@ -139,17 +139,15 @@ def both(manifest: Manifest, tasks: list[str], epochs: int, workdir: Path) -> di
     return {"reference": reference, "project": project}
 
 
-def neighbour_runs(manifest: Manifest, tasks: list[str], workdir: Path) -> dict[str, Any]:
-    """One epoch of each, quiet and then beside a process spinning one core."""
-    quiet = both(manifest, tasks, 1, workdir / "quiet")
+def beside_neighbour(manifest: Manifest, tasks: list[str], workdir: Path) -> dict[str, Any]:
+    """One epoch of each beside a process spinning one core."""
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)
-        busy = both(manifest, tasks, 1, workdir / "busy")
+        return both(manifest, tasks, 1, workdir)
     finally:
         neighbour.kill()
         neighbour.wait()
-    return {"quiet": quiet, "busy": busy}
 
 
 def main() -> int:
@@ -172,7 +170,7 @@ def main() -> int:
     gflops_before = gemm_rate(2.0)
     quiet = both(manifest, tasks, args.epochs, CACHE / "reference_runs")
     gflops_after = gemm_rate(2.0)
-    busy = neighbour_runs(manifest, tasks, CACHE / "reference_runs_neighbour")["busy"]
+    busy = beside_neighbour(manifest, tasks, CACHE / "reference_runs_busy")
     gflops = (gflops_before + gflops_after) / 2
     bound = gflops * 1e9 / flops
     meta = {

@@ -243,7 +243,7 @@ def profile_rank(model_dir: Path, body: dict[str, Any], n: int = 300) -> dict[st
     The general path (a polars frame through the input contract), which the handler takes only
     when a row may be rejected, is timed on the same rows for comparison."""
     from recsys_moe.data.loader import InMemoryDataset
-    from recsys_moe.serving.app import Rows, Service, create_app
+    from recsys_moe.serving.app import Rows, Service, candidate_rows, create_app
     from recsys_moe.serving.settings import ServingSettings
 
     threads = torch.get_num_threads()
@@ -256,13 +256,10 @@ def profile_rank(model_dir: Path, body: dict[str, Any], n: int = 300) -> dict[st
     payload = json.dumps(body).encode()
     request = models.rank.model_validate_json(payload)
     items = models.field_items()
-    context = request.context.__dict__
     rows = len(request.candidates)
 
     def split() -> Rows:
-        setters = {f for c in request.candidates for f in c.model_fields_set}
-        per_row = {column: [c.__dict__[f] for c in request.candidates] for f, column in items if f in setters}
-        return Rows(per_row, rows, {column: context.get(f) for f, column in items if f not in setters})
+        return candidate_rows(request, items)
 
     split_rows = split()
     scorer.score_rows(split_rows.columns, rows, split_rows.shared)
