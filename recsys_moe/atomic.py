@@ -218,6 +218,21 @@ def swap_in(work: str | Path, target: str | Path) -> Path:
     return target
 
 
+def publish_once(work: str | Path, target: str | Path, owner: str) -> Path:
+    """Put `work` at `target` unless another writer already put a whole copy there, then drop
+    `work`: for content that is the same whoever writes it (a cache keyed by an immutable id).
+    Unlike `swap_in`, a copy in place is never moved away, so a reader of it never finds it gone.
+    """
+    work, target = Path(work), Path(target)
+    try:
+        os.rename(work, target)  # atomic; fails when target is a directory with files in it
+    except OSError:
+        if not (target / owner).is_file():
+            raise
+        shutil.rmtree(work, ignore_errors=True)  # the other writer won: same content
+    return target
+
+
 def committed(target: str | Path) -> Path | None:
     """`target`, or its previous version when a kill fell between `swap_in`'s two renames."""
     target = Path(target)

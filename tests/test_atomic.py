@@ -117,3 +117,27 @@ def test_platform_outputs_are_readable_by_the_group_and_others(
         )
     for root in (raw, tmp_path / "ds", tmp_path / "run", tmp_path / "scores"):
         assert modes(root) == {"files": {0o644}, "dirs": {0o755}}, root
+
+
+def test_a_cache_entry_is_published_once_and_never_moved_under_a_reader(tmp_path: Path) -> None:
+    """Two processes downloading the same model: the first whole copy stays in place. The gate
+    of the other failed reading a vocabulary the second writer's swap had moved away (CI)."""
+    target = tmp_path / "cache" / "m-1"
+    first, second = atomic.staging_dir(target), atomic.staging_dir(target)
+    for work, text in ((first, "first"), (second, "second")):
+        (work / "MLmodel").write_text(text)
+        (work / "vocab.parquet").write_text(text)
+    atomic.publish_once(first, target, "MLmodel")
+    reader = open(target / "vocab.parquet")  # noqa: SIM115 (held open across the second publish)
+    atomic.publish_once(second, target, "MLmodel")
+    assert reader.read() == "first" and (target / "vocab.parquet").read_text() == "first"
+    reader.close()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m-1"]  # the loser's copy is gone
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    work = atomic.staging_dir(foreign)
+    (work / "MLmodel").write_text("x")
+    with pytest.raises(OSError):
+        atomic.publish_once(work, foreign, "MLmodel")  # not a copy of ours: never replaced
+    assert (foreign / "notes.txt").read_text() == "mine"

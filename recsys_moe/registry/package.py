@@ -10,6 +10,7 @@ nothing is unpickled.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -104,13 +105,20 @@ def download_bundle(model_uri: str, target: Path, tracking_uri: str | None = Non
     """
     import mlflow
 
-    if not (target / "MLmodel").exists():  # absent, or a partial download from an earlier crash
+    if not (target / "MLmodel").exists():
         mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
-        with atomic.building(target, "MLmodel") as tmp:
+        atomic.check_owned(target, "MLmodel")
+        tmp = atomic.staging_dir(target)
+        try:
             mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp))
             if not (tmp / "MLmodel").is_file():  # MLflow returns quietly when there is nothing to fetch
                 raise FileNotFoundError(
                     f"{model_uri}: the store holds no files for this model (its artifacts were deleted or never "
                     "uploaded); promote or roll back to another version"
                 )
+            # Another process may be downloading the same model: the first whole copy stays, so
+            # one that is reading it never sees it replaced (a gate failed on a vanished vocab).
+            atomic.publish_once(tmp, target, "MLmodel")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
     return bundle_path(target)
