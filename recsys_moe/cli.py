@@ -140,6 +140,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             how = "single-process training; resume it without --nproc"
         print(f"error: {found} was written by {how}", file=sys.stderr)
         return 2
+    if args.nproc is not None and not manifest.sparse_features:
+        print(
+            f"error: {args.data} has no sparse features, so no tables to shard: train it without --nproc",
+            file=sys.stderr,
+        )
+        return 2
     if args.nproc is not None:
         result = _train_distributed(args, config, run_dir)
         if result is None:

@@ -141,6 +141,11 @@ class ShardedEngine:
 
     def __init__(self, manifest: Manifest, config: RunConfig) -> None:
         tc = config.train
+        if not manifest.sparse_features:
+            raise ValueError(
+                f"spec {manifest.spec.name!r} has no sparse features: there are no embedding tables to shard, "
+                "so train it in one process (recsys-moe train without --nproc)"
+            )
         self.manifest, self.config = manifest, config
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0

@@ -118,6 +118,8 @@ class MultiTaskRanker(nn.Module):
                     bias[i].fill_(task.train_mean)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> ArchOutput:
+        if not self.sparse.keys:  # a dense-only spec: no tables to look up
+            return self.arch(dense)
         return self.from_pooled(self.sparse.lookup(sparse), dense)
 
     def from_pooled(self, pooled: KeyedTensor, dense: torch.Tensor) -> ArchOutput:
