@@ -87,6 +87,15 @@ class TrainConfig(_Strict):
     )
     embedding_lr: float = Field(0.05, gt=0)
     patience: int = Field(2, ge=1, description="epochs without improvement before stopping")
+    baselines: bool = Field(
+        True,
+        description="also fit a smoothed per-id mean and a linear model on the same split, logged beside the model",
+    )
+    selection_metric: Literal["auc", "gauc"] = Field(
+        "auc",
+        description="binary tasks' score for picking the best epoch (mean over tasks): auc, or gauc "
+        "(needs the spec's group_key)",
+    )
     task_weighting: Literal["fixed", "uncertainty"] = Field(
         "fixed", description="fixed: the spec's task weights; uncertainty: learned (Kendall et al., 2018)"
     )

@@ -33,6 +33,18 @@ def test_run_is_written_to_a_temporary_store(synthetic_manifest: Manifest, tmp_p
     assert len(client.get_metric_history(run.info.run_id, "val_conversion_auc")) == 2
     assert abs(run.data.metrics["test_click_auc"] - result.test.metrics["click"]["auc"]) < 1e-9
     assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {synthetic_manifest.digest[:36]}
+    # GAUC (the spec groups by user_id) per epoch, and the baselines beside the model's metrics.
+    assert len(client.get_metric_history(run.info.run_id, "val_click_gauc")) == 2
+    assert abs(run.data.metrics["test_click_gauc"] - result.test.metrics["click"]["gauc"]) < 1e-9
+    assert [b["name"] for b in result.baselines] == ["key_mean", "linear"]
+    for b in result.baselines:
+        for split in ("valid", "test"):
+            for task in ("click", "conversion"):
+                for metric in ("auc", "gauc", "logloss"):
+                    key = f"baseline_{b['name']}_{split}_{task}_{metric}"
+                    assert abs(run.data.metrics[key] - b[split][task][metric]) < 1e-9, key
+        assert run.data.tags[f"baseline.{b['name']}"] == b["detail"]
+    assert 0.5 < result.baselines[1]["test"]["click"]["auc"] < 1  # the linear model learned something
 
     artifacts = {a.path for top in ("plots", "dataset") for a in client.list_artifacts(run.info.run_id, top)}
     assert {"dataset/manifest.json", "plots/validation_curves.png", "plots/gate_heatmap.png"} <= artifacts

@@ -16,7 +16,7 @@ from torchrec import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from recsys_moe.pipelines.manifest import Manifest
-from recsys_moe.pipelines.transform import label_column
+from recsys_moe.pipelines.transform import key_column, label_column
 
 
 @dataclass
@@ -69,6 +69,12 @@ class InMemoryDataset:
         self.padded = {k: self._pad(frame[k], info[k].max_length) for k in self.multi_hot}
         labels = frame.select([label_column(t) for t in self.tasks]).to_numpy() if self.tasks else np.zeros((n, 0))
         self.labels = torch.from_numpy(np.array(labels, dtype=np.float32, order="C"))
+        # GAUC's groups: a stable 64-bit hash of the spec's group_key, equal across ranks' shares.
+        group = manifest.spec.group_key
+        column = key_column(group) if group is not None else None
+        self.groups: torch.Tensor | None = None
+        if column is not None and column in frame.columns:
+            self.groups = torch.from_numpy(frame[column].hash(seed=0).reinterpret(signed=True).to_numpy().copy())
         self._ones = torch.ones(len(single), 1, dtype=torch.int32)
 
     @staticmethod

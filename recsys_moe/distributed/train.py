@@ -96,7 +96,12 @@ def _all_gather_rows(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def evaluate_sharded(
-    model: ShardedRanker, share: InMemoryDataset, total_rows: int, batch_size: int, device: torch.device
+    model: ShardedRanker,
+    share: InMemoryDataset,
+    total_rows: int,
+    batch_size: int,
+    device: torch.device,
+    selection: str = "auc",
 ) -> Evaluation:
     """Exact per-task metrics over all ranks' slices. A collective: every rank runs the same
     number of forward passes (the sharded lookup exchanges embeddings with every rank)."""
@@ -122,7 +127,8 @@ def evaluate_sharded(
     if gates.totals is not None:
         for total in gates.totals:
             dist.all_reduce(total)
-    metrics = per_task_metrics(scores, labels, ranker.task_names, ranker.task_types)
+    groups = _all_gather_rows(share.groups.to(device), device) if share.groups is not None else None
+    metrics = per_task_metrics(scores, labels, ranker.task_names, ranker.task_types, groups, selection)
     return gates.evaluation(metrics, labels.shape[0], scores)
 
 
@@ -243,8 +249,9 @@ class ShardedEngine:
         return both.cpu()
 
     def validate(self) -> Evaluation:
+        tc = self.config.train
         return evaluate_sharded(
-            self.model, self.valid_share, self.valid_rows, self.config.train.eval_batch_size, self.device
+            self.model, self.valid_share, self.valid_rows, tc.eval_batch_size, self.device, tc.selection_metric
         )
 
     def best_weights(self) -> dict[str, torch.Tensor] | None:

@@ -150,6 +150,11 @@ class FeatureSpec(_Strict):
     description: str = ""
     dataset: DatasetSource | None = None
     keys: list[str] = Field(default_factory=list, description="raw columns passed through to outputs")
+    group_key: str | None = Field(
+        None,
+        description="one of `keys` (e.g. user_id): binary tasks also report GAUC, the AUC within each of "
+        "its groups weighted by the group's rows, and training may select on it (train.selection_metric)",
+    )
     history: HistorySpec | None = Field(None, description="point-in-time features computed from the event log")
     features: list[Feature] = Field(min_length=1)
     tasks: list[Task] = Field(min_length=1)
@@ -168,6 +173,8 @@ class FeatureSpec(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> FeatureSpec:
+        if self.group_key is not None and self.group_key not in self.keys:
+            raise ValueError(f"group_key: {self.group_key!r} must be one of keys {self.keys}")
         for kind, names in (("feature", [f.name for f in self.features]), ("task", [t.name for t in self.tasks])):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:

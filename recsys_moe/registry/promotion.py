@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PREVIOUS = "previous_champion"  # tag on a champion version: the version it replaced (for rollback)
-HIGHER_IS_BETTER = {"auc": True, "r2": True, "logloss": False, "mse": False}
+HIGHER_IS_BETTER = {"auc": True, "gauc": True, "r2": True, "logloss": False, "mse": False}
 
 
 class PromotionConfig(BaseModel):
@@ -36,7 +36,7 @@ class PromotionConfig(BaseModel):
 
     metrics: list[str] = Field(
         default_factory=list,
-        description="'<task>.<metric>' to compare (auc, logloss, r2, mse); empty: auc of every binary "
+        description="'<task>.<metric>' to compare (auc, gauc where the spec has a group_key, logloss, r2, mse); empty: auc of every binary "
         "task and r2 of every regression task",
     )
     margin: float = Field(0.0, ge=0, description="required mean improvement over the champion")
@@ -87,14 +87,26 @@ def _labels(scorer: Scorer, holdout: pl.DataFrame) -> tuple[pl.DataFrame, np.nda
     return frame.drop("_bad_label"), ~frame["_bad_label"].to_numpy()
 
 
-def _metrics(scorer: Scorer, scores: np.ndarray, labels: pl.DataFrame) -> dict[str, float]:
-    """'<task>.<metric>' for every task the holdout labels, on these rows."""
+def _groups(scorer: Scorer, holdout: pl.DataFrame) -> np.ndarray | None:
+    """GAUC's group of each holdout row (the spec's group_key, hashed as the trainer does), or None."""
+    key = scorer.spec.group_key
+    if key is None or key not in holdout.columns:
+        return None
+    return holdout[key].hash(seed=0).reinterpret(signed=True).to_numpy().copy()
+
+
+def _metrics(
+    scorer: Scorer, scores: np.ndarray, labels: pl.DataFrame, groups: np.ndarray | None = None
+) -> dict[str, float]:
+    """'<task>.<metric>' for every task the holdout labels, on these rows (with gauc where grouped)."""
     out: dict[str, float] = {}
+    group_ids = torch.from_numpy(groups) if groups is not None else None
     for i, (task, kind) in enumerate(zip(scorer.tasks, scorer.task_types)):
         y = labels[task].to_numpy().astype(np.float32)
         if np.isnan(y).all():
             continue
-        metrics = task_metrics(kind, torch.from_numpy(np.ascontiguousarray(scores[:, i])), torch.from_numpy(y))
+        score = torch.from_numpy(np.ascontiguousarray(scores[:, i]))
+        metrics = task_metrics(kind, score, torch.from_numpy(y), group_ids)
         out.update({f"{task}.{k}": float(v) for k, v in metrics.items() if k != "score"})
     return out
 
@@ -209,12 +221,14 @@ def evaluate_candidate(
     labels = labels[common.tolist()] if len(common) else labels.head(0)
     if (why := _evidence(candidate, labels, len(common), config)) is not None:
         return refuse(why, len(common))
-    cand = _metrics(candidate, scored.scores[cand_at[common]], labels)
+    groups = _groups(candidate, holdout)
+    groups = groups[common] if groups is not None else None
+    cand = _metrics(candidate, scored.scores[cand_at[common]], labels, groups)
     champ = None
     if champion is not None:
         champ_scores = theirs.scores[champ_at[common]]
         # In the candidate's task order: `compatible` made sure the tasks and their types agree.
-        champ = _metrics(candidate, champ_scores[:, [champion.tasks.index(t) for t in candidate.tasks]], labels)
+        champ = _metrics(candidate, champ_scores[:, [champion.tasks.index(t) for t in candidate.tasks]], labels, groups)
     not_finite = sorted(
         m for m in metrics if not np.isfinite(cand.get(m, 0.0)) or not np.isfinite((champ or {}).get(m, 0.0))
     )

@@ -85,16 +85,23 @@ class GateSums:
 
 
 def per_task_metrics(
-    scores: torch.Tensor, labels: torch.Tensor, tasks: Sequence[str], task_types: Sequence[str]
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    tasks: Sequence[str],
+    task_types: Sequence[str],
+    groups: torch.Tensor | None = None,
+    selection: str = "auc",
 ) -> dict[str, dict[str, float]]:
-    """scores, labels [N, T] → task → its metrics (column by column, never pooled)."""
+    """scores, labels [N, T] → task → its metrics (column by column, never pooled); with `groups`
+    (the spec's group_key per row) binary tasks add their GAUC."""
     return {
-        task: task_metrics(kind, scores[:, i], labels[:, i]) for i, (task, kind) in enumerate(zip(tasks, task_types))
+        task: task_metrics(kind, scores[:, i], labels[:, i], groups, selection)
+        for i, (task, kind) in enumerate(zip(tasks, task_types))
     }
 
 
-def evaluate(model: MultiTaskRanker, dataset: InMemoryDataset, batch_size: int) -> Evaluation:
-    """Per-task metrics on a dataset. Restores the model's train/eval mode on the way out, so a
+def evaluate(model: MultiTaskRanker, dataset: InMemoryDataset, batch_size: int, selection: str = "auc") -> Evaluation:
+    """Per-task metrics on a dataset; `selection` (auc or gauc) is what `Evaluation.score` averages. Restores the model's train/eval mode on the way out, so a
     validation pass in the middle of training never leaves dropout switched off."""
     was_training = model.training
     model.eval()
@@ -110,5 +117,5 @@ def evaluate(model: MultiTaskRanker, dataset: InMemoryDataset, batch_size: int) 
     finally:
         model.train(was_training)
     scores = model.scores(all_logits)
-    metrics = per_task_metrics(scores, dataset.labels, model.task_names, model.task_types)
+    metrics = per_task_metrics(scores, dataset.labels, model.task_names, model.task_types, dataset.groups, selection)
     return gates.evaluation(metrics, len(dataset), scores)

@@ -29,6 +29,7 @@ from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.tracking.tracker import Tracker
 from recsys_moe.training import checkpoint
+from recsys_moe.training.baselines import fit_baselines
 from recsys_moe.training.checkpoint import Progress
 from recsys_moe.training.evaluation import Evaluation, evaluate
 from recsys_moe.training.losses import UncertaintyWeighting
@@ -69,6 +70,7 @@ class TrainResult:
     train_samples_per_s: float
     tasks: list[str] = field(default_factory=list)
     sharding: ShardingInfo | None = None
+    baselines: list[dict[str, Any]] = field(default_factory=list)  # training.baselines.Baseline as dicts
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe: the metrics of the evaluations (not their scores or gate arrays)."""
@@ -151,6 +153,10 @@ def fit(
     best_dir = run_dir / "best"
     tasks = engine.ranker.task_names
     checkpoint.check_run_dir(run_dir)
+    if tc.selection_metric == "gauc" and manifest.spec.group_key is None:
+        raise ValueError(
+            f"train.selection_metric=gauc needs a group_key in spec {manifest.spec.name!r} (e.g. group_key: user_id)"
+        )
     found = checkpoint.latest(run_dir) if resume else None
     if found is not None:
         progress = engine.restore(found)
@@ -185,9 +191,16 @@ def fit(
     if not engine.is_main:
         return None
     model = engine.final_model(checkpoint.load_weights(best_dir)[0])
-    valid = evaluate(model, engine.holdout("valid"), tc.eval_batch_size)
-    test = evaluate(model, engine.holdout("test"), tc.eval_batch_size)
+    valid = evaluate(model, engine.holdout("valid"), tc.eval_batch_size, tc.selection_metric)
+    test = evaluate(model, engine.holdout("test"), tc.eval_batch_size, tc.selection_metric)
     log_results(tracker, progress.history, valid, test, model, progress.best_epoch, config.model.gate != "softmax")
+    baselines = []
+    if tc.baselines:
+        data = {split: engine.holdout(split) for split in ("train", "valid", "test")}
+        baselines = fit_baselines(manifest, data, tasks, model.task_types, tc.selection_metric, tc.seed)
+        for b in baselines:
+            tracker.log_metrics(b.flat())
+            tracker.set_tags({f"baseline.{b.name}": b.detail})
     rates = [r["train_samples_per_s"] for r in progress.history]
     return TrainResult(
         run_id=tracker.run_id,
@@ -200,6 +213,7 @@ def fit(
         train_samples_per_s=statistics.median(rates) if rates else math.nan,
         tasks=tasks,
         sharding=sharding,
+        baselines=[dataclasses.asdict(b) for b in baselines],
     )
 
 

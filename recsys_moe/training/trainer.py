@@ -113,7 +113,8 @@ class LocalEngine:
         )
 
     def validate(self) -> Evaluation:
-        return evaluate(self.ranker, self.data["valid"], self.config.train.eval_batch_size)
+        tc = self.config.train
+        return evaluate(self.ranker, self.data["valid"], tc.eval_batch_size, tc.selection_metric)
 
     def best_weights(self) -> dict[str, torch.Tensor]:
         return checkpoint.state_tensors(self.ranker)
