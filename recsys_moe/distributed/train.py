@@ -39,6 +39,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys_moe import atomic, logs
 from recsys_moe.config import RunConfig, load_config
+from recsys_moe.data.id_dropout import drop_to_oov, oov_rates, step_generator
 from recsys_moe.data.loader import Batch, InMemoryDataset
 from recsys_moe.distributed import checkpoint as dcheckpoint
 from recsys_moe.distributed.model import ShardedRanker, build_sharded, full_state_dict
@@ -220,7 +221,15 @@ class ShardedEngine:
         n_seen, start = 0, time.perf_counter()
         order = epoch_order(len(self.train_share), tc.seed, epoch, self.rank)[: self.rows_per_rank]
         chunks = order.split(self.local_batch)[: self.steps]
-        batches = (_table_batch(self.ranker, self.train_share.batch(idx)) for idx in chunks[first:])
+        rates = oov_rates(self.manifest.spec, self.ranker.sparse.keys)
+
+        def batch(step: int) -> Batch:
+            b = self.train_share.batch(chunks[step])
+            if rates is not None:
+                b = drop_to_oov(b, rates, step_generator(tc.seed, epoch, step, self.rank))
+            return _table_batch(self.ranker, b)
+
+        batches = (batch(step) for step in range(first, len(chunks)))
         for step in range(first, len(chunks)):
             loss_sum += self.pipeline.progress(batches)  # forward, backward (tables updated inside), Adam step
             rows += len(chunks[step])

@@ -40,6 +40,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DEFAULT_OOV_RATE = 0.02
+
+
 class VocabPolicy(_Strict):
     """How raw values become embedding rows. Row 0 is always the OOV/null row."""
 
@@ -47,6 +50,21 @@ class VocabPolicy(_Strict):
     min_count: int = Field(1, ge=1, description="fitted: values seen fewer times map to OOV")
     max_size: int | None = Field(None, ge=1, description="fitted: keep only the most frequent values")
     buckets: int | None = Field(None, ge=1, description="hash: number of hash buckets")
+    oov_rate: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="share of training ids replaced by the OOV row, so that unseen ids at serving time get "
+        "a learned vector rather than a random one (default: 0.02 fitted, 0 hash)",
+    )
+
+    @property
+    def training_oov_rate(self) -> float:
+        """`oov_rate`, or its default: fitted vocabularies drop 2% of ids to OOV; hashed ones, which
+        have no unseen values, none."""
+        if self.oov_rate is not None:
+            return self.oov_rate
+        return DEFAULT_OOV_RATE if self.kind == "fitted" else 0.0
 
     @property
     def hash_buckets(self) -> int:

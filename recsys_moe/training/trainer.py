@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recsys_moe.config import RunConfig
+from recsys_moe.data.id_dropout import drop_to_oov, oov_rates, step_generator
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.pipelines.manifest import Manifest
@@ -60,6 +61,7 @@ class LocalEngine:
         for split in tqdm(("train", "valid", "test"), desc="load data", disable=not progress_bar, leave=False):
             self.data[split] = InMemoryDataset.from_split(manifest, split, self.ranker.sparse.keys, tasks)
         self.generator = torch.Generator().manual_seed(tc.seed)
+        self.oov_rates = oov_rates(manifest.spec, self.ranker.sparse.keys)
         self.steps = self.data["train"].num_batches(tc.batch_size)
         if tc.max_steps_per_epoch:
             self.steps = min(self.steps, tc.max_steps_per_epoch)
@@ -97,6 +99,8 @@ class LocalEngine:
                 if step >= self.steps:
                     break
                 self.threads.tick()
+                if self.oov_rates is not None:
+                    batch = drop_to_oov(batch, self.oov_rates, step_generator(tc.seed, epoch, step))
                 out = self.ranker(batch.dense, batch.sparse)
                 per_task = per_task_losses(out.logits, batch.labels, self.is_binary)
                 loss = training_loss(per_task, self.loss_weights, self.weighting, out.gates, tc.balance_loss_weight)
