@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(PINS) | sha256sum | cut -c1-16)
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TEST_ARGS ?=
 
-.PHONY: install demo test lint typecheck format bench bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads bench-reference lock clean help
+.PHONY: install demo test lint typecheck format bench bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads bench-reference bench-cold-start bench-synthetic lock clean help
 
 help:
 	@echo "make demo          synthetic data -> pipeline -> MMoE -> MLflow, end to end"
@@ -23,6 +23,8 @@ help:
 	@echo "make bench-pipelines    history features on 10M events: Polars vs pandas; AUC with and without"
 	@echo "make bench-threads      training beside a busy process: the thread governor vs fixed counts"
 	@echo "make bench-reference    the project's MMoE vs a plain-PyTorch MMoE on census (train, infer, neighbour)"
+	@echo "make bench-cold-start   a time-split ratings log with mostly new test users: models vs baselines, AUC and GAUC"
+	@echo "make bench-synthetic    the MMoE paper's synthetic regression: no seed leaves a task stuck"
 
 install: $(STAMP)
 
@@ -54,7 +56,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads bench-reference
+bench: bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads bench-reference bench-cold-start bench-synthetic
 
 bench-experts: $(STAMP)
 	$(BIN)/python benchmarks/experts.py
@@ -76,6 +78,12 @@ bench-threads: $(STAMP)
 
 bench-reference: $(STAMP)
 	$(BIN)/python benchmarks/reference.py
+
+bench-cold-start: $(STAMP)
+	$(BIN)/python benchmarks/cold_start.py
+
+bench-synthetic: $(STAMP)
+	$(BIN)/python benchmarks/mmoe_synthetic.py
 
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(torch|torchrec|fbgemm-gpu-cpu)==' > requirements/lock.txt

@@ -87,6 +87,15 @@ class TrainConfig(_Strict):
     )
     embedding_lr: float = Field(0.05, gt=0)
     patience: int = Field(2, ge=1, description="epochs without improvement before stopping")
+    min_epochs: int = Field(3, ge=1, description="no early stop before this many epochs")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="dense learning rate after warmup: constant, or cosine decay to min_lr_ratio x lr"
+    )
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of the planned steps spent warming up")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: the last step's rate as a share of lr")
+    grad_clip_norm: float | None = Field(
+        10.0, gt=0, description="clip the dense gradients' global norm to this (null: no clipping)"
+    )
     baselines: bool = Field(
         True,
         description="also fit a smoothed per-id mean and a linear model on the same split, logged beside the model",

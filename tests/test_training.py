@@ -13,7 +13,7 @@ from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.training import checkpoint
 from recsys_moe.training.evaluation import evaluate
 from recsys_moe.training.metrics import auc
-from recsys_moe.training.trainer import train
+from recsys_moe.training.trainer import LocalEngine, train
 
 
 def _config(tmp_path: Path, *extra: str):
@@ -88,10 +88,23 @@ def test_regression_tasks_train(synthetic_raw: Path, tmp_path: Path) -> None:
     assert set(dwell) == {"mse", "r2", "score"} and dwell["r2"] > 0.05
 
 
-def test_resume_continues_exactly(synthetic_manifest: Manifest, tmp_path: Path) -> None:
-    """A run stopped after epoch 2 and resumed to epoch 3 ends where an uninterrupted run ends."""
+def test_resume_continues_exactly(
+    synthetic_manifest: Manifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped after epoch 2 and resumed to epoch 3 ends where an uninterrupted run ends
+    (the learning-rate schedule included: it is a function of the step)."""
     full = train(synthetic_manifest, _config(tmp_path / "a"), progress=False)
-    train(synthetic_manifest, _config(tmp_path / "b", "train.epochs=2"), progress=False)
+    real_epoch = LocalEngine.train_epoch
+
+    def stop_at_third(self, epoch, progress, bar):  # type: ignore[no-untyped-def]
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch, progress, bar)
+
+    monkeypatch.setattr(LocalEngine, "train_epoch", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        train(synthetic_manifest, _config(tmp_path / "b"), progress=False)
+    monkeypatch.setattr(LocalEngine, "train_epoch", real_epoch)
     resumed = train(synthetic_manifest, _config(tmp_path / "b"), progress=False, resume=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     w_full, _ = checkpoint.load_weights(tmp_path / "a" / "run" / "last")

@@ -53,6 +53,7 @@ from recsys_moe.training import checkpoint
 from recsys_moe.training.checkpoint import Progress
 from recsys_moe.training.evaluation import Evaluation, GateSums, per_task_metrics
 from recsys_moe.training.loop import EpochStats, ShardingInfo, TrainResult, fit
+from recsys_moe.training.schedule import LrSchedule, StepControl
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,9 @@ class ShardedEngine:
         self.steps = -(-self.rows_per_rank // self.local_batch)
         if tc.max_steps_per_epoch:
             self.steps = min(self.steps, tc.max_steps_per_epoch)
+        self.control = StepControl(
+            self.optimizer, LrSchedule.from_config(tc, self.steps), tc.grad_clip_norm, [p for _, p in dense]
+        )
         self.pipeline: TrainPipelineSparseDist | None = None  # made after a restore, at the first epoch
         self.pipelined: list[str] = []
         self.dmp.train()
@@ -219,6 +223,7 @@ class ShardedEngine:
             # TorchRec's pipeline: batch i+1's sparse all-to-all overlaps batch i's forward and backward.
             self.pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
         n_seen, start = 0, time.perf_counter()
+        self.control.start(epoch * self.steps + first)
         order = epoch_order(len(self.train_share), tc.seed, epoch, self.rank)[: self.rows_per_rank]
         chunks = order.split(self.local_batch)[: self.steps]
         rates = oov_rates(self.manifest.spec, self.ranker.sparse.keys)

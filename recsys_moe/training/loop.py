@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from recsys_moe.config import RunConfig
+from recsys_moe.config import RunConfig, TrainConfig
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.pipelines.manifest import Manifest
@@ -170,7 +170,7 @@ def fit(
     say = tqdm.write if progress_bar else log.info
 
     for epoch in range(progress.epoch, tc.epochs):
-        if progress.bad_epochs >= tc.patience:  # a resumed run that had already stopped early
+        if stops_early(progress, tc):  # a resumed run that had already stopped early
             break
         stats = engine.train_epoch(epoch, progress, progress_bar)
         val = engine.validate()
@@ -184,7 +184,7 @@ def fit(
         del weights  # a copy of every table: freed before save_last makes another
         progress = dataclasses.replace(progress, epoch=epoch + 1, step=0, loss_sum=[0.0] * len(tasks), rows=0.0)
         engine.save_last(progress, bundle)
-        if progress.bad_epochs >= tc.patience and engine.is_main:
+        if stops_early(progress, tc) and engine.is_main:
             log.info("early stop: no improvement of the mean validation score for %d epochs", progress.bad_epochs)
 
     sharding = engine.finish()
@@ -215,6 +215,11 @@ def fit(
         sharding=sharding,
         baselines=[dataclasses.asdict(b) for b in baselines],
     )
+
+
+def stops_early(progress: Progress, tc: TrainConfig) -> bool:
+    """`patience` epochs without a better validation score, and at least `min_epochs` done."""
+    return progress.bad_epochs >= tc.patience and progress.epoch >= tc.min_epochs
 
 
 def epoch_record(

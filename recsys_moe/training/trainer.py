@@ -25,6 +25,7 @@ from recsys_moe.training.checkpoint import Progress
 from recsys_moe.training.evaluation import Evaluation, evaluate
 from recsys_moe.training.loop import EpochStats, ShardingInfo, TrainResult, fit
 from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses, task_weights, training_loss
+from recsys_moe.training.schedule import LrSchedule, StepControl
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,16 @@ class LocalEngine:
         self.steps = self.data["train"].num_batches(tc.batch_size)
         if tc.max_steps_per_epoch:
             self.steps = min(self.steps, tc.max_steps_per_epoch)
+        self.control = StepControl(
+            self.optimizer, LrSchedule.from_config(tc, self.steps), tc.grad_clip_norm, self.optimizer_params()
+        )
         self.extra_params: dict[str, Any] = {"parameters": sum(p.numel() for p in self.ranker.parameters())}
         self.extra_tags: dict[str, str] = {}
         self.extra_files: list[tuple[Path, str]] = []
         self.ranker.train()
+
+    def optimizer_params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def restore(self, found: Path) -> Progress:
         weights, state, progress = checkpoint.load_train_state(found)
@@ -93,6 +100,7 @@ class LocalEngine:
         tc = self.config.train
         batches = self.data["train"].batches(tc.batch_size, shuffle=True, generator=self.generator)
         loss_sum, n_seen, start = torch.zeros(len(self.loss_weights)), 0, time.perf_counter()
+        self.control.start(epoch * self.steps)
         desc = f"epoch {epoch + 1}/{tc.epochs}"
         with tqdm(total=self.steps, desc=desc, disable=not bar, unit="batch") as bars:  # closed even when stopped
             for step, batch in enumerate(batches):
