@@ -88,6 +88,8 @@ class RunRecord:
     gemm_gflops: float  # measured just before this run: the VM's speed drifts between runs
     # The dense learning rate's schedule; runs before warmup + cosine became the default had none.
     lr_schedule: str = "constant"
+    # The invocation that measured it; the × ref columns divide only by a reference of the same one.
+    session: str = ""
 
 
 def gemm_rate(seconds: float = 2.0) -> float:
@@ -170,8 +172,8 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def _times(rate: float, ref: dict[str, float] | None, kind: str) -> str:
-    return f"{rate / ref[f'{kind}_samples_per_s']:.2f}" if ref else "–"
+def _times(rate: float, ref: dict[str, float] | None, kind: str, same_session: bool = True) -> str:
+    return f"{rate / ref[f'{kind}_samples_per_s']:.2f}" if ref and same_session else "–"
 
 
 def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, list[str]]) -> str:
@@ -226,6 +228,7 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
                 cells += [_mean_std(aucs), f"{max(aucs):.4f}"] if aucs else ["–", "–"]
             paper = PAPER.get(group, {}).get(arch)
             paper_cell = " / ".join(f"{paper[t]:.4f}" for t in tasks) if paper else "–"
+            same = all(r.session in ("", meta.get("session", "")) for r in rows)  # "": before sessions were recorded
             train_rate = statistics.median(r.train_samples_per_s for r in rows)
             infer_rate = statistics.median(r.infer_samples_per_s for r in rows)
             seeds = len({r.seed for r in rows})
@@ -234,11 +237,18 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
                 f"| {ARCH_NAMES[arch]} | {len(rows) // max(len({tuple(r.tasks) for r in rows}), 1)} seeds"
                 f"{'' if seeds >= meta['seeds'] else ' (incomplete)'} | "
                 + " | ".join(cells)
-                + f" | {paper_cell} | {train_rate:,.0f} | {_times(train_rate, ref, 'train')} "
-                f"| {infer_rate:,.0f} | {_times(infer_rate, ref, 'infer')} |"
+                + f" | {paper_cell} | {train_rate:,.0f} | {_times(train_rate, ref, 'train', same)} "
+                f"| {infer_rate:,.0f} | {_times(infer_rate, ref, 'infer', same)} |"
             )
-        lines += ["", f"Dense learning-rate schedule of these runs: {'; '.join(sorted(schedules))}.", ""]
-    mmoe = [r for r in records if r.arch == "mmoe"]
+        lines += ["", f"Dense learning-rate schedule of these runs: {'; '.join(sorted(schedules))}."]
+        if not all(r.session in ("", meta.get("session", "")) for r in records if r.group == group):
+            lines.append(
+                "These runs were measured in a later session than the plain-PyTorch reference, so their × ref "
+                "columns are left empty; their AUCs compare, their speeds only roughly."
+            )
+        lines.append("")
+    # The GEMM bound is the d_in of the group the speed session measured.
+    mmoe = [r for r in records if r.arch == "mmoe" and r.group == meta.get("speed_group", "census_group1")]
     if mmoe:
         flops = meta["mmoe_flops_per_sample"]
         rate = statistics.median(r.train_samples_per_s for r in mmoe)
@@ -338,6 +348,14 @@ def main() -> int:
     # table can grow one architecture at a time.
     records: list[RunRecord] = []
     previous = args.out / "census.json"
+    session = time.strftime("%Y-%m-%dT%H:%M")
+    # The speed measurements (the reference, the neighbour) belong to census_group1; an invocation
+    # without it only adds quality rows and keeps the earlier session's speed figures.
+    measures_speed = args.fresh or not previous.exists() or "census_group1" in args.groups
+    if not measures_speed:
+        meta = json.loads(previous.read_text())["meta"]
+    else:
+        meta["session"], meta["speed_group"] = session, args.groups[0]
     if previous.exists() and not args.fresh:
         planned = {(g, a) for g, a, _, _ in plan}
         records = [
@@ -345,7 +363,7 @@ def main() -> int:
         ]
     from reference import beside_neighbour, both, train_reference  # the plain-PyTorch MMoE (imports this module)
 
-    reference_runs = [train_reference(m1, m1.task_names, epochs=1, seed=0)]
+    reference_runs = [train_reference(m1, m1.task_names, epochs=1, seed=0)] if measures_speed else []
     for group, arch, tasks, seed in tqdm(plan, desc="census runs", unit="run"):
         rec = run_one(
             manifests[group],
@@ -356,6 +374,7 @@ def main() -> int:
             args.epochs,
             CACHE / "runs" / f"{group}-{arch}-{'-'.join(tasks)}-{seed}",
         )
+        rec.session = session
         records.append(rec)
         tqdm.write(
             f"{group} {arch:<13} seed {seed} {rec.test_auc} best epoch {rec.best_epoch} "
@@ -364,17 +383,19 @@ def main() -> int:
         (args.out / "census.json").write_text(
             json.dumps({"meta": meta, "runs": [asdict(r) for r in records]}, indent=1)
         )
-    neighbour = CACHE / "census_neighbour_runs"
-    quiet = both(m1, m1.task_names, 1, neighbour / "quiet")  # its reference epoch is the "after" measurement
-    reference_runs.append(quiet["reference"])
-    meta["reference"] = {
-        f"{kind}_samples_per_s": statistics.mean(r[f"{kind}_samples_per_s"] for r in reference_runs)
-        for kind in ("train", "infer")
-    }
-    meta["reference_runs"] = reference_runs
-    meta["neighbour"] = {"quiet": quiet, "busy": beside_neighbour(m1, m1.task_names, neighbour / "busy")}
+    if measures_speed:
+        neighbour = CACHE / "census_neighbour_runs"
+        quiet = both(m1, m1.task_names, 1, neighbour / "quiet")  # its reference epoch is the "after" measurement
+        reference_runs.append(quiet["reference"])
+        meta["reference"] = {
+            f"{kind}_samples_per_s": statistics.mean(r[f"{kind}_samples_per_s"] for r in reference_runs)
+            for kind in ("train", "infer")
+        }
+        meta["reference_runs"] = reference_runs
+        meta["neighbour"] = {"quiet": quiet, "busy": beside_neighbour(m1, m1.task_names, neighbour / "busy")}
     (args.out / "census.json").write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in records]}, indent=1))
-    report = write_report(records, meta, {g: m.task_names for g, m in manifests.items()})
+    group_tasks = {g: load_spec(g).task_names for g in sorted({r.group for r in records})}
+    report = write_report(records, meta, group_tasks)
     (args.out / "census.md").write_text(report)
     print(report)
     return 0

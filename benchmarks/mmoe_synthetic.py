@@ -89,8 +89,9 @@ def write_report(runs: list[dict], meta: dict) -> str:
         "regression tasks (see the module docstring for the generator). A task is **stuck** when its test MSE "
         f"is more than {STUCK - 1:.0%} above the best seed's (same architecture and correlation).",
         "",
-        "| correlation | model | y1 test MSE mean ± sd | y2 test MSE mean ± sd | worst / best seed MSE (y1, y2) | stuck runs |",
-        "|---|---|---|---|---|---|",
+        "| correlation | model | y1 test MSE mean ± sd | y2 test MSE mean ± sd | worst / best seed MSE (y1, y2) "
+        "| test R² range (y1; y2) | stuck runs |",
+        "|---|---|---|---|---|---|---|",
     ]
     stuck_total = 0
     for p in meta["correlations"]:
@@ -98,15 +99,20 @@ def write_report(runs: list[dict], meta: dict) -> str:
             rows = [r for r in runs if r["p"] == p and r["arch"] == arch]
             if not rows:
                 continue
-            cells, ratios, stuck = [], [], 0
+            cells, ratios, r2s, stuck = [], [], [], 0
             for t in ("y1", "y2"):
                 mses = [r["test"][t]["mse"] for r in rows]
                 cells.append(f"{statistics.mean(mses):.4f} ± {statistics.stdev(mses) if len(mses) > 1 else 0:.4f}")
                 ratios.append(f"{max(mses) / min(mses):.3f}")
+                r2 = [r["test"][t]["r2"] for r in rows]
+                r2s.append(f"{min(r2):.3f}–{max(r2):.3f}")
             for r in rows:
                 stuck += any(r["test"][t]["mse"] > STUCK * min(q["test"][t]["mse"] for q in rows) for t in ("y1", "y2"))
             stuck_total += stuck
-            lines.append(f"| {p} | {label} | {cells[0]} | {cells[1]} | {', '.join(ratios)} | {stuck} of {len(rows)} |")
+            lines.append(
+                f"| {p} | {label} | {cells[0]} | {cells[1]} | {', '.join(ratios)} | {'; '.join(r2s)} "
+                f"| {stuck} of {len(rows)} |"
+            )
     lines += [
         "",
         f"**{stuck_total} stuck runs** in {len(runs)}. Raw per-run numbers (R², MSE, epochs): `mmoe_synthetic.json`.",
@@ -118,7 +124,7 @@ def write_report(runs: list[dict], meta: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--correlations", nargs="+", type=float, default=[0.5, 0.9])
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--out", type=Path, default=RESULTS)

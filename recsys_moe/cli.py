@@ -188,7 +188,12 @@ def _train_distributed(args: argparse.Namespace, config: RunConfig, run_dir: Pat
 def _promotion(args: argparse.Namespace) -> PromotionConfig:
     from recsys_moe.registry.promotion import PromotionConfig
 
-    return PromotionConfig(metrics=args.metrics or [], margin=args.margin, tolerance=args.tolerance)
+    return PromotionConfig(
+        metrics=args.metrics or [],
+        margin=args.margin,
+        tolerance=args.tolerance,
+        beat_baselines_by=args.beat_baselines_by,
+    )
 
 
 def _print_decision(name: str, version: str, decision: Decision) -> None:
@@ -355,6 +360,13 @@ def _gate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--margin", type=float, default=0.0, help="required mean improvement over the champion")
     p.add_argument("--tolerance", type=float, default=0.002, help="largest allowed regression on any one metric")
+    p.add_argument(
+        "--beat-baselines-by",
+        type=float,
+        metavar="MARGIN",
+        help="also require the candidate's run to beat the baselines fitted in it by MARGIN on every metric",
+    )
+    p.epilog = (p.epilog or "") + " Metrics: auc, gauc (specs with a group_key), logloss, r2, mse."
 
 
 def _ranking_args(p: argparse.ArgumentParser) -> None:

@@ -87,7 +87,12 @@ class TrainConfig(_Strict):
     )
     embedding_lr: float = Field(0.05, gt=0)
     patience: int = Field(2, ge=1, description="epochs without improvement before stopping")
-    min_epochs: int = Field(3, ge=1, description="no early stop before this many epochs")
+    min_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="no early stop before this many epochs; default: half of `epochs` (a cosine schedule's "
+        "best epochs come late, once the rate has decayed)",
+    )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="dense learning rate after warmup: constant, or cosine decay to min_lr_ratio x lr"
     )

@@ -140,3 +140,36 @@ def test_model_cache_is_keyed_by_the_logged_model_not_name_and_version(
     assert a.bundle("same-name", "1") != b.bundle("same-name", "1")
     rows = read_holdout(synthetic_manifest.raw_path("test")).head(20)
     assert not np.allclose(a.scorer("same-name", "1").score(rows).scores, b.scorer("same-name", "1").score(rows).scores)
+
+
+def test_the_gate_can_require_beating_the_runs_baselines(
+    synthetic_manifest: Manifest, logged_model, registry_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With promotion.beat_baselines_by the gate also reads the candidate's run: its test metrics
+    against the baselines fitted in the same run (training.baselines), on the same rows."""
+    monkeypatch.setenv("RECSYS_MOE_CACHE", str(tmp_path / "cache"))
+    registry = Registry(registry_store)
+    holdout = read_holdout(synthetic_manifest.raw_path("test"))
+    result, uri = logged_model
+    run = {b["name"]: b["test"]["click"]["auc"] for b in result.baselines}
+    gap = result.test.metrics["click"]["auc"] - max(run.values())
+    easy, hard = (
+        PromotionConfig(metrics=["click.auc"], beat_baselines_by=gap - 0.001),
+        PromotionConfig(metrics=["click.auc"], beat_baselines_by=gap + 0.001),
+    )
+    name = "baseline-gate"
+    version = registry.register(uri, name)
+    refused = registry.gate(name, version, holdout, hard)
+    assert not refused.promote and "does not beat its baselines" in refused.reason
+    assert max(run, key=run.__getitem__) in refused.reason
+    promoted = registry.gate(name, version, holdout, easy)
+    assert promoted.promote, promoted.reason
+
+
+def test_baseline_shortfall_reads_direction_and_absence() -> None:
+    from recsys_moe.registry.promotion import baseline_shortfall
+
+    logged = {"test_a_logloss": 0.40, "baseline_linear_test_a_logloss": 0.45, "baseline_key_mean_test_a_logloss": 0.41}
+    assert baseline_shortfall(logged, ["a.logloss"], 0.0) is None  # lower is better
+    assert "key_mean" in (baseline_shortfall(logged, ["a.logloss"], 0.02) or "")
+    assert "no test a.auc" in (baseline_shortfall(logged, ["a.auc"], 0.0) or "")

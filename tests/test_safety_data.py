@@ -359,6 +359,7 @@ def atomic_temp(target: Path, pid: int) -> Path:
     return target.with_name(f".{target.name}.{host}-{pid}-0123abcd.tmp")
 
 
+KILLS = 12  # enough to land both mid-scoring and after a commit (the window is measured first)
 KILL_WORKER = """
 import sys
 from pathlib import Path
@@ -403,7 +404,8 @@ def test_sigkill_at_any_moment_leaves_a_whole_result_or_none(
         assert proc.wait() == 0
         took.append(time.perf_counter() - start)
     seen = {"this run's": 0, "the previous run's": 0, "none": 0, "ran out": 0}
-    for attempt in range(20):
+    strata = rng.sample(range(KILLS), KILLS)
+    for attempt in range(KILLS):
         key = "ab"[attempt % 2]
         proc = subprocess.Popen(
             [sys.executable, "-c", KILL_WORKER, model_dir, str(inputs[key]), str(out)],
@@ -411,7 +413,9 @@ def test_sigkill_at_any_moment_leaves_a_whole_result_or_none(
             text=True,
         )
         assert proc.stdout is not None and proc.stdout.readline().strip() == "loaded"
-        time.sleep(rng.uniform(0, 1.2 * max(took)))  # anywhere in the scoring, now and then past its end
+        # Stratified over the window (strata in random order): every part of the scoring is hit, and
+        # now and then past its end, in an order that puts kills mid-scoring after a committed run.
+        time.sleep((strata[attempt] + rng.random()) / KILLS * 1.2 * max(took))
         proc.send_signal(signal.SIGKILL)
         if proc.wait() == 0:
             seen["ran out"] += 1
@@ -424,7 +428,7 @@ def test_sigkill_at_any_moment_leaves_a_whole_result_or_none(
         seen["this run's" if source == key else "the previous run's"] += 1
         assert pl.read_parquet(out).equals(expected) and record["rows_in"] == expected.height
         assert rejects_path(out).exists() == (record["rows_rejected"] > 0)
-    assert seen["this run's"] + seen["the previous run's"] + seen["none"] == 20
+    assert seen["this run's"] + seen["the previous run's"] + seen["none"] == KILLS
     # A run that is never killed still ends whole, and clears what the killed ones left.
     subprocess.run([sys.executable, "-c", KILL_WORKER, model_dir, str(inputs["a"]), str(out)], check=True)
     assert read_result(out)["rows_in"] == 8 * rows.height

@@ -38,6 +38,14 @@ def _with(**changes) -> dict:
             "embedding_dim: Input should be greater",
         ),
         (
+            _with(features=[{"name": "u", "kind": "categorical", "embedding_dim": 6}]),
+            "features[0] ('u'): embedding_dim: 6 is not a multiple of 4",
+        ),
+        (
+            _with(group_key="user_id"),
+            "group_key: 'user_id' must be one of keys",
+        ),
+        (
             _with(features=[{"name": "u", "kind": "categorical", "embedding_dim": 4, "colour": 1}]),
             "features[0] ('u').colour",
         ),

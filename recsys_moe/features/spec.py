@@ -103,6 +103,10 @@ class Feature(_Strict):
         if embedded and self.embedding_dim is None:
             what = "bucketized dense" if self.kind == "dense" else self.kind
             raise ValueError(f"embedding_dim: required for {what} features")
+        if self.embedding_dim is not None and self.embedding_dim % 4:
+            raise ValueError(
+                f"embedding_dim: {self.embedding_dim} is not a multiple of 4 (FBGEMM's embedding kernels need one)"
+            )
         if not embedded and self.embedding_dim is not None:
             raise ValueError("embedding_dim: only valid for categorical, multi_hot or bucketized features")
         if self.kind == "dense" and self.vocab is not None:

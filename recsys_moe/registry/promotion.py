@@ -45,6 +45,11 @@ class PromotionConfig(BaseModel):
     max_extra_rejects: float = Field(
         0.01, ge=0, le=1, description="largest share of holdout rows the candidate may reject that the champion scores"
     )
+    beat_baselines_by: float | None = Field(
+        None,
+        description="also require the candidate's run to beat each baseline fitted in it (training.baselines) "
+        "by this much on every compared metric, on the run's test split; null: not required",
+    )
 
 
 @dataclass
@@ -174,6 +179,30 @@ def decide(
     if not improved:
         return False, f"mean improvement {mean:+.4f} does not reach the margin {config.margin} ({summary})"
     return True, f"mean improvement {mean:+.4f} ≥ margin {config.margin} ({summary})"
+
+
+def baseline_shortfall(run_metrics: dict[str, float], metrics: list[str], margin: float) -> str | None:
+    """Why the run does not beat its own baselines by `margin` on `metrics` ('<task>.<metric>',
+    compared as the run logged them on its test split), or None when it does."""
+    short = []
+    for m in metrics:
+        task, metric = m.rsplit(".", 1)
+        model = run_metrics.get(f"test_{task}_{metric}")
+        suffix = f"_test_{task}_{metric}"
+        baselines = {
+            k[len("baseline_") : -len(suffix)]: v
+            for k, v in run_metrics.items()
+            if k.startswith("baseline_") and k.endswith(suffix)
+        }
+        if model is None or not baselines:
+            return f"the run logged no test {m} for the model and its baselines (train.baselines=false?)"
+        for name, value in baselines.items():
+            gain = (model - value) * (1 if HIGHER_IS_BETTER[metric] else -1)
+            if not gain >= margin:
+                short.append(f"{m} {model:.4f} vs {name} {value:.4f} ({gain:+.4f})")
+    if short:
+        return f"does not beat its baselines by {margin}: {'; '.join(short)}"
+    return None
 
 
 def evaluate_candidate(

@@ -16,7 +16,16 @@ import polars as pl
 
 from recsys_moe.registry.lock import alias_lock
 from recsys_moe.registry.package import download_bundle
-from recsys_moe.registry.promotion import CHALLENGER, CHAMPION, PREVIOUS, Decision, PromotionConfig, evaluate_candidate
+from recsys_moe.registry.promotion import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    Decision,
+    PromotionConfig,
+    baseline_shortfall,
+    default_metrics,
+    evaluate_candidate,
+)
 from recsys_moe.scoring import Scorer
 from recsys_moe.tracking.store import tracking_uri as default_tracking_uri
 
@@ -129,6 +138,14 @@ class Registry:
                     ) from None
                 log.warning("champion %s v%s cannot be loaded (%s): forcing v%s", name, champion, exc, version)
         decision = evaluate_candidate(candidate, champion_scorer, holdout, config, champion)
+        if decision.promote and config.beat_baselines_by is not None:
+            found = self.client.get_model_version(name, version)
+            run_id = found.run_id or found.tags.get("run_id")
+            run_metrics = self.client.get_run(run_id).data.metrics if run_id else {}
+            metrics = config.metrics or default_metrics(candidate)
+            short = baseline_shortfall(run_metrics, metrics, config.beat_baselines_by)
+            if short is not None:
+                decision.promote, decision.reason = False, short
         if force and not decision.promote:
             decision.promote, decision.forced = True, True
             decision.reason = f"forced (the gate said: {decision.reason})"

@@ -219,7 +219,12 @@ def fit(
 
 def stops_early(progress: Progress, tc: TrainConfig) -> bool:
     """`patience` epochs without a better validation score, and at least `min_epochs` done."""
-    return progress.bad_epochs >= tc.patience and progress.epoch >= tc.min_epochs
+    return progress.bad_epochs >= tc.patience and progress.epoch >= min_epochs(tc)
+
+
+def min_epochs(tc: TrainConfig) -> int:
+    """`train.min_epochs`, or half of the planned epochs (rounded up)."""
+    return tc.min_epochs if tc.min_epochs is not None else (tc.epochs + 1) // 2
 
 
 def epoch_record(
