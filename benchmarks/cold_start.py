@@ -20,7 +20,6 @@ Writes benchmarks/results/cold_start.md and cold_start.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
@@ -32,6 +31,7 @@ import numpy as np
 import polars as pl
 import torch
 import yaml
+from results_io import mean_sd, rewrite, save
 from tqdm.auto import tqdm
 
 from recsys_moe.config import load_config
@@ -132,12 +132,6 @@ def time_split(log: pl.DataFrame, out: Path) -> dict[str, float]:
     } | {f"{split}_rows": parts[split].height for split in parts}
 
 
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
 def write_report(runs: list[dict], meta: dict) -> str:
     lines = [
         "# Cold start: a ratings log with a global time split",
@@ -162,7 +156,7 @@ def write_report(runs: list[dict], meta: dict) -> str:
     def row(name: str, metrics: list[dict[str, dict[str, float]]]) -> str:
         cells = []
         for t in TASKS:
-            cells += [_mean_std([m[t]["auc"] for m in metrics]), _mean_std([m[t]["gauc"] for m in metrics])]
+            cells += [mean_sd([m[t]["auc"] for m in metrics]), mean_sd([m[t]["gauc"] for m in metrics])]
         return f"| {name} | {len(metrics)} | " + " | ".join(cells) + " |"
 
     for arch, label in [*ARCHS.items(), (NO_OOV, "MMoE without id dropout (`oov_rate: 0`)")]:
@@ -214,10 +208,7 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true", help="rewrite cold_start.md from cold_start.json")
     args = parser.parse_args()
     if args.report_only:
-        raw = json.loads((args.out / "cold_start.json").read_text())
-        report = write_report(raw["runs"], raw["meta"])
-        (args.out / "cold_start.md").write_text(report)
-        print(report)
+        print(rewrite(args.out, "cold_start", write_report))
         return 0
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
@@ -264,11 +255,7 @@ def main() -> int:
                 "baselines": result.baselines,
             }
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cold_start.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    report = write_report(runs, meta)
-    (args.out / "cold_start.md").write_text(report)
-    print(report)
+    print(save(args.out, "cold_start", meta, runs, write_report))
     return 0
 
 

@@ -17,7 +17,6 @@ Writes benchmarks/results/mmoe_synthetic.md and mmoe_synthetic.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
@@ -28,6 +27,7 @@ import numpy as np
 import polars as pl
 import torch
 import yaml
+from results_io import rewrite, save
 from tqdm.auto import tqdm
 
 from recsys_moe.config import load_config
@@ -131,10 +131,7 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if args.report_only:
-        raw = json.loads((args.out / "mmoe_synthetic.json").read_text())
-        report = write_report(raw["runs"], raw["meta"])
-        (args.out / "mmoe_synthetic.md").write_text(report)
-        print(report)
+        print(rewrite(args.out, "mmoe_synthetic", write_report))
         return 0
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
@@ -166,11 +163,7 @@ def main() -> int:
         runs.append(
             {"p": p, "arch": arch, "seed": seed, "epochs_run": len(result.history), "test": result.test.metrics}
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mmoe_synthetic.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    report = write_report(runs, meta)
-    (args.out / "mmoe_synthetic.md").write_text(report)
-    print(report)
+    print(save(args.out, "mmoe_synthetic", meta, runs, write_report))
     return 0
 
 

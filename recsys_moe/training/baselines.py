@@ -123,7 +123,8 @@ class LinearModel(nn.Module):
 
     def __init__(self, rows: Sequence[int], num_dense: int, prior: torch.Tensor, binary: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("starts", torch.tensor([0, *np.cumsum(rows)[:-1].tolist()], dtype=torch.int64))
+        starts = np.cumsum([0, *rows])[:-1]  # per key; empty for a dense-only spec
+        self.register_buffer("starts", torch.tensor(starts.tolist(), dtype=torch.int64))
         num_tasks = prior.numel()
         self.table = nn.EmbeddingBag(max(int(sum(rows)), 1), num_tasks, mode="sum", sparse=True)
         nn.init.zeros_(self.table.weight)
