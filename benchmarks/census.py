@@ -243,8 +243,8 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
         lines += ["", f"Dense learning-rate schedule of these runs: {'; '.join(sorted(schedules))}."]
         if not all(r.session in ("", meta.get("session", "")) for r in records if r.group == group):
             lines.append(
-                "These runs were measured in a later session than the plain-PyTorch reference, so their × ref "
-                "columns are left empty; their AUCs compare, their speeds only roughly."
+                "These runs were measured in a later session than the plain-PyTorch reference, and not alone on "
+                "the machine, so their × ref columns are left empty: their AUCs compare, their speeds do not."
             )
         lines.append("")
     # The GEMM bound is the d_in of the group the speed session measured.
