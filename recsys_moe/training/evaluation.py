@@ -101,8 +101,9 @@ def per_task_metrics(
 
 
 def evaluate(model: MultiTaskRanker, dataset: InMemoryDataset, batch_size: int, selection: str = "auc") -> Evaluation:
-    """Per-task metrics on a dataset; `selection` (auc or gauc) is what `Evaluation.score` averages. Restores the model's train/eval mode on the way out, so a
-    validation pass in the middle of training never leaves dropout switched off."""
+    """Per-task metrics on a dataset; `selection` (auc or gauc) is what `Evaluation.score`
+    averages. Restores the model's train/eval mode on the way out, so a validation pass in the
+    middle of training never leaves dropout switched off."""
     was_training = model.training
     model.eval()
     gates = GateSums()

@@ -74,9 +74,6 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((pred.double() - target.double()).square().mean())
 
 
-SELECTION_METRICS = ("auc", "gauc")
-
-
 def task_metrics(
     task_type: str,
     scores: torch.Tensor,
