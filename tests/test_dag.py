@@ -219,6 +219,9 @@ def test_the_run_is_typed_and_travels_as_an_xcom_dict() -> None:
     params = airflow_params()
     assert params["arch"]["enum"] == list(ARCHITECTURES) and params["window_days"]["minimum"] == 3
     assert params["synthetic"]["default"]["impressions_per_day"] == 30_000
+    # The gate's baseline requirement (the registry gate's, tests/test_registry.py) is a param too.
+    assert params["beat_baselines_by"]["type"] == ["number", "null"] and params["beat_baselines_by"]["default"] is None
+    assert resolve_run({"beat_baselines_by": 0.01}, DAG_ID, day).params.beat_baselines_by == 0.01
 
 
 def test_synthetic_days_are_deterministic_and_distinct(tmp_path: Path) -> None:

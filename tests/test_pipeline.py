@@ -29,7 +29,7 @@ SPEC = parse_spec(
                 "kind": "dense",
                 "transform": "bucketize",
                 "num_buckets": 4,
-                "embedding_dim": 2,
+                "embedding_dim": 4,
             },
         ],
         "tasks": [

@@ -205,6 +205,19 @@ def baseline_shortfall(run_metrics: dict[str, float], metrics: list[str], margin
     return None
 
 
+def require_baselines(
+    decision: Decision, run_metrics: dict[str, float], metrics: list[str], config: PromotionConfig
+) -> Decision:
+    """`decision`, turned into a refusal when `config.beat_baselines_by` is set and the candidate's
+    run (its logged `run_metrics`) does not beat its own baselines by it. The registry gate and
+    the retraining DAG's gate both end with this."""
+    if decision.promote and config.beat_baselines_by is not None:
+        short = baseline_shortfall(run_metrics, metrics, config.beat_baselines_by)
+        if short is not None:
+            decision.promote, decision.reason = False, short
+    return decision
+
+
 def evaluate_candidate(
     candidate: Scorer,
     champion: Scorer | None,

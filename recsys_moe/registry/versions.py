@@ -22,9 +22,9 @@ from recsys_moe.registry.promotion import (
     PREVIOUS,
     Decision,
     PromotionConfig,
-    baseline_shortfall,
     default_metrics,
     evaluate_candidate,
+    require_baselines,
 )
 from recsys_moe.scoring import Scorer
 from recsys_moe.tracking.store import tracking_uri as default_tracking_uri
@@ -142,10 +142,7 @@ class Registry:
             found = self.client.get_model_version(name, version)
             run_id = found.run_id or found.tags.get("run_id")
             run_metrics = self.client.get_run(run_id).data.metrics if run_id else {}
-            metrics = config.metrics or default_metrics(candidate)
-            short = baseline_shortfall(run_metrics, metrics, config.beat_baselines_by)
-            if short is not None:
-                decision.promote, decision.reason = False, short
+            require_baselines(decision, run_metrics, config.metrics or default_metrics(candidate), config)
         if force and not decision.promote:
             decision.promote, decision.forced = True, True
             decision.reason = f"forced (the gate said: {decision.reason})"

@@ -77,6 +77,11 @@ class RetrainParams(Record):
     arch: ArchName = Field("mmoe", description="model architecture (model.arch)")
     margin: float = Field(0.0, ge=0, description="mean holdout improvement over the champion needed to promote")
     tolerance: float = Field(0.002, ge=0, description="largest regression allowed on any metric")
+    beat_baselines_by: float | None = Field(
+        None,
+        description="also require the day's training run to beat the baselines fitted in it by this much "
+        "on every gated metric (its test split); null: not required",
+    )
     model_name: str = Field("recsys-ranker", description="registered model name")
     experiment: str = Field("recsys-moe/retrain", description="MLflow experiment of the training runs")
     run_config: str | None = Field(None, description="run config YAML (e.g. configs/mmoe.yaml)")

@@ -365,7 +365,14 @@ def evaluate(run: RetrainRun, trained: Trained) -> GateResult:
     something else.
     """
     from recsys_moe.pipelines.manifest import Manifest
-    from recsys_moe.registry.promotion import CHAMPION, PromotionConfig, evaluate_candidate, read_holdout
+    from recsys_moe.registry.promotion import (
+        CHAMPION,
+        PromotionConfig,
+        default_metrics,
+        evaluate_candidate,
+        read_holdout,
+        require_baselines,
+    )
     from recsys_moe.registry.versions import Registry
     from recsys_moe.scoring import Scorer
 
@@ -387,10 +394,16 @@ def evaluate(run: RetrainRun, trained: Trained) -> GateResult:
 
     holdout = read_holdout(Manifest.load(run.features_dir).raw_path("test"))
     champion = registry.alias_version(name, CHAMPION)
-    config = PromotionConfig(margin=run.params.margin, tolerance=run.params.tolerance)
-    gated = evaluate_candidate(
-        Scorer(trained.bundle_dir), registry.scorer(name, champion) if champion else None, holdout, config, champion
+    config = PromotionConfig(
+        margin=run.params.margin, tolerance=run.params.tolerance, beat_baselines_by=run.params.beat_baselines_by
     )
+    candidate = Scorer(trained.bundle_dir)
+    gated = evaluate_candidate(
+        candidate, registry.scorer(name, champion) if champion else None, holdout, config, champion
+    )
+    if config.beat_baselines_by is not None:
+        run_metrics = registry.client.get_run(trained.run_id).data.metrics
+        require_baselines(gated, run_metrics, default_metrics(candidate), config)
     log.info(
         "candidate for %s vs champion %s on %d holdout rows: %s — %s",
         run.day,
@@ -569,7 +582,17 @@ def summarize(
         "window": [d.isoformat() for d in run.window],
         "params": {
             **run.params.model_dump(
-                mode="json", include={"spec", "window_days", "arch", "margin", "tolerance", "overrides", "model_name"}
+                mode="json",
+                include={
+                    "spec",
+                    "window_days",
+                    "arch",
+                    "margin",
+                    "tolerance",
+                    "beat_baselines_by",
+                    "overrides",
+                    "model_name",
+                },
             ),
             "source_dir": str(run.source_dir),
         },
