@@ -64,6 +64,11 @@ class ModelConfig(_Strict):
     tower_hidden: list[int] = Field(default_factory=lambda: [16])
     bottom_hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    input_norm: Literal["none", "layer"] = Field(
+        "none",
+        description="layer: a LayerNorm over each row of the model's input (embeddings + dense features) "
+        "before the architecture; per row, so no score ever depends on the rest of the batch",
+    )
     pack_tables_below: int = Field(
         100_000, ge=0, description="tables with fewer rows and equal dims share one TBE table"
     )

@@ -139,3 +139,37 @@ def test_fused_training_weights_load_into_a_plain_ebc(synthetic_manifest: Manife
     plain.load_state_dict(fused.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fused(batch.dense, batch.sparse).logits, plain(batch.dense, batch.sparse).logits)
+
+
+def test_layer_input_norm_is_per_row_trains_and_reloads(synthetic_manifest: Manifest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """model.input_norm=layer: each row is normalised on its own (a row scores the same alone as in
+    a batch, in training mode too), the norm's weights train, and the saved bundle scores as the
+    trainer did."""
+    from recsys_moe.config import load_config
+    from recsys_moe.registry.promotion import read_holdout
+    from recsys_moe.scoring import Scorer
+    from recsys_moe.training.trainer import train
+
+    model = MultiTaskRanker(synthetic_manifest, ModelConfig(input_norm="layer"))
+    assert isinstance(model.input_norm, nn.LayerNorm)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    batch = _data(synthetic_manifest, model).batch(torch.arange(64))
+    model.train()
+    together = model(batch.dense, batch.sparse).logits
+    alone = _data(synthetic_manifest, model).batch(torch.arange(1))
+    torch.testing.assert_close(model(alone.dense, alone.sparse).logits, together[:1])
+    default = MultiTaskRanker(synthetic_manifest, ModelConfig())
+    assert not any(k.startswith("input_norm") for k in default.state_dict())  # old bundles still load
+
+    config = load_config(
+        None, ["model.input_norm=layer", "train.epochs=2", "train.baselines=false", f"train.checkpoint_dir={tmp_path}"]
+    )
+    result = train(synthetic_manifest, config, progress=False)
+    assert result.test.metrics["click"]["auc"] > 0.6
+    scorer = Scorer(result.model_dir)
+    assert not torch.equal(scorer.model.input_norm.weight, torch.ones_like(scorer.model.input_norm.weight))
+    rows = read_holdout(synthetic_manifest.raw_path("test")).head(40)
+    scored = scorer.score(rows)
+    torch.testing.assert_close(
+        torch.from_numpy(scored.scores).float(), result.test.scores[:40].float(), rtol=0, atol=1e-5
+    )

@@ -99,6 +99,9 @@ class MultiTaskRanker(nn.Module):
         self.sparse = SparseArch(manifest.sparse_features, config.pack_tables_below, fused_optimizer, sparse_device)
         self.num_dense = len(manifest.dense_features)
         d_in = self.sparse.output_dim + self.num_dense
+        # Per row, never over the batch: a BatchNorm here would make every gate's routing, and so
+        # every score, depend on the rows scored with it (and break a batch of one).
+        self.input_norm = nn.LayerNorm(d_in) if config.input_norm == "layer" else nn.Identity()
         self.arch = build_arch(config, d_in, len(self.task_names))
         self._init_output_bias(manifest)
 
@@ -119,13 +122,13 @@ class MultiTaskRanker(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> ArchOutput:
         if not self.sparse.keys:  # a dense-only spec: no tables to look up
-            return self.arch(dense)
+            return self.arch(self.input_norm(dense))
         return self.from_pooled(self.sparse.lookup(sparse), dense)
 
     def from_pooled(self, pooled: KeyedTensor, dense: torch.Tensor) -> ArchOutput:
         """The model after the embedding lookup (sharded training calls the lookup itself)."""
         x = self.sparse.concat(pooled)
-        return self.arch(torch.cat([x, dense], dim=1) if self.num_dense else x)
+        return self.arch(self.input_norm(torch.cat([x, dense], dim=1) if self.num_dense else x))
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits [B, T] → per-task scores: probabilities for binary tasks, values for regression."""
