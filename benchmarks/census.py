@@ -172,6 +172,11 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def _same_session(rows: list[RunRecord], meta: dict) -> bool:
+    """Whether `rows` were measured with meta's reference ("": runs from before sessions were recorded)."""
+    return all(r.session in ("", meta.get("session", "")) for r in rows)
+
+
 def _times(rate: float, ref: dict[str, float] | None, kind: str, same_session: bool = True) -> str:
     return f"{rate / ref[f'{kind}_samples_per_s']:.2f}" if ref and same_session else "–"
 
@@ -228,7 +233,7 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
                 cells += [_mean_std(aucs), f"{max(aucs):.4f}"] if aucs else ["–", "–"]
             paper = PAPER.get(group, {}).get(arch)
             paper_cell = " / ".join(f"{paper[t]:.4f}" for t in tasks) if paper else "–"
-            same = all(r.session in ("", meta.get("session", "")) for r in rows)  # "": before sessions were recorded
+            same = _same_session(rows, meta)
             train_rate = statistics.median(r.train_samples_per_s for r in rows)
             infer_rate = statistics.median(r.infer_samples_per_s for r in rows)
             seeds = len({r.seed for r in rows})
@@ -241,7 +246,7 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
                 f"| {infer_rate:,.0f} | {_times(infer_rate, ref, 'infer', same)} |"
             )
         lines += ["", f"Dense learning-rate schedule of these runs: {'; '.join(sorted(schedules))}."]
-        if not all(r.session in ("", meta.get("session", "")) for r in records if r.group == group):
+        if not _same_session([r for r in records if r.group == group], meta):
             lines.append(
                 "These runs were measured in a later session than the plain-PyTorch reference, and not alone on "
                 "the machine, so their × ref columns are left empty: their AUCs compare, their speeds do not."

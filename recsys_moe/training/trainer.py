@@ -66,16 +66,12 @@ class LocalEngine:
         self.steps = self.data["train"].num_batches(tc.batch_size)
         if tc.max_steps_per_epoch:
             self.steps = min(self.steps, tc.max_steps_per_epoch)
-        self.control = StepControl(
-            self.optimizer, LrSchedule.from_config(tc, self.steps), tc.grad_clip_norm, self.optimizer_params()
-        )
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.control = StepControl(self.optimizer, LrSchedule.from_config(tc, self.steps), tc.grad_clip_norm, params)
         self.extra_params: dict[str, Any] = {"parameters": sum(p.numel() for p in self.ranker.parameters())}
         self.extra_tags: dict[str, str] = {}
         self.extra_files: list[tuple[Path, str]] = []
         self.ranker.train()
-
-    def optimizer_params(self) -> list[torch.Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def restore(self, found: Path) -> Progress:
         weights, state, progress = checkpoint.load_train_state(found)
