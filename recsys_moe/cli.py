@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from recsys_moe.config import ARCHITECTURES
 
@@ -140,6 +140,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             how = "single-process training; resume it without --nproc"
         print(f"error: {found} was written by {how}", file=sys.stderr)
         return 2
+    if args.nnodes > 1 and (args.nproc is None or args.rdzv_endpoint is None):
+        print("error: --nnodes needs --nproc (ranks per node) and --rdzv-endpoint HOST:PORT", file=sys.stderr)
+        return 2
     if args.nproc is not None and not manifest.sparse_features:
         print(
             f"error: {args.data} has no sparse features, so no tables to shard: train it without --nproc",
@@ -150,6 +153,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = _train_distributed(args, config, run_dir)
         if result is None:
             return 1
+        if result == "elsewhere":
+            return 0
     else:
         run_id = checkpoint.resume_run_id(run_dir) if args.resume else None
         with open_tracker(config.tracking, manifest.spec.name, config.model.arch, run_id) as tracker:
@@ -169,12 +174,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_distributed(args: argparse.Namespace, config: RunConfig, run_dir: Path) -> TrainResult | None:
-    """torchrun with --nproc ranks; rank 0's result, or None if a rank failed."""
-    from recsys_moe.distributed.launch import launch
-    from recsys_moe.distributed.train import PLAN_FILE
+def _train_distributed(
+    args: argparse.Namespace, config: RunConfig, run_dir: Path
+) -> TrainResult | Literal["elsewhere"] | None:
+    """torchrun with --nproc ranks (on each of --nnodes nodes); rank 0's result, "elsewhere" when
+    this node's ranks finished and rank 0 ran on another node, or None if a rank failed."""
+    from recsys_moe.distributed.launch import Nodes, launch
+    from recsys_moe.distributed.train import PLAN_FILE, RESULT_FILE
 
-    proc, result = launch(args.data, config, args.nproc, run_dir, resume=args.resume)
+    try:
+        nodes = Nodes(args.nnodes, args.rdzv_endpoint, args.rdzv_id) if args.nnodes > 1 else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    proc, result = launch(args.data, config, args.nproc, run_dir, resume=args.resume, nodes=nodes)
+    if proc.returncode == 0 and result is None and nodes is not None:
+        print(f"this node's ranks finished; rank 0 ran on another node and wrote {run_dir / RESULT_FILE}")
+        return "elsewhere"
     if result is None or result.sharding is None:
         print(
             f"error: distributed training failed (torchrun exit {proc.returncode}); each rank's traceback is above",
@@ -449,6 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
         "ranks under torchrun: gloo on the CPU, NCCL on CUDA; 1 is allowed, e.g. to resume a "
         "sharded checkpoint on one process. Default: single-process training",
     )
+    p.add_argument(
+        "--nnodes",
+        type=int,
+        default=1,
+        help="nodes in a multi-node run: run this same command on each, with --nproc ranks per node, the "
+        "dataset and --checkpoint-dir on storage every node sees, and one --rdzv-endpoint",
+    )
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="where the nodes meet (a free port on one of them)")
+    p.add_argument("--rdzv-id", default="recsys-moe", help="rendezvous id, the same on every node of one run")
     _gate_args(p)
     p.set_defaults(func=_cmd_train)
 

@@ -91,6 +91,13 @@ class TrainConfig(_Strict):
         "adagrad", description="fused into FBGEMM's backward (its CPU kernels have no Adam)"
     )
     embedding_lr: float = Field(0.05, gt=0)
+    embedding_l2: float = Field(
+        0.0,
+        ge=0,
+        description="L2 penalty on the embeddings a batch looks up: this x the mean over rows of their squared "
+        "norm, added to the loss (it reaches the tables through the fused optimizer, so every table and "
+        "sharding gets it)",
+    )
     patience: int = Field(2, ge=1, description="epochs without improvement before stopping")
     min_epochs: int | None = Field(
         None,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -166,10 +168,8 @@ def test_cli_trains_sharded_registers_it_and_points_a_single_process_resume_to_n
 KILL_OVERRIDES = ["train.batch_size=128", "train.checkpoint_every=10"]
 
 
-def _kill_when_mid_epoch(proc: subprocess.Popen, run_dir: Path, epoch: int, timeout: float = 600):
-    """SIGKILL torchrun and every rank as soon as last/ holds a checkpoint from inside `epoch`."""
-    import psutil
-
+def _wait_mid_epoch(proc: subprocess.Popen, run_dir: Path, epoch: int, timeout: float = 600):
+    """The progress of the first checkpoint in last/ from inside `epoch` (0-based)."""
     from recsys_moe.training import checkpoint
 
     deadline = time.monotonic() + timeout
@@ -180,12 +180,20 @@ def _kill_when_mid_epoch(proc: subprocess.Popen, run_dir: Path, epoch: int, time
         except (OSError, json.JSONDecodeError):  # renamed away while we read it
             progress = None
         if progress is not None and progress.epoch == epoch and progress.step > 0:
-            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-                p.kill()
-            proc.wait()
             return progress
         time.sleep(0.01)
     raise AssertionError(f"no mid-epoch checkpoint in epoch {epoch + 1} before the run ended (rc {proc.poll()})")
+
+
+def _kill_when_mid_epoch(proc: subprocess.Popen, run_dir: Path, epoch: int, timeout: float = 600):
+    """SIGKILL torchrun and every rank as soon as last/ holds a checkpoint from inside `epoch`."""
+    import psutil
+
+    progress = _wait_mid_epoch(proc, run_dir, epoch, timeout)
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        p.kill()
+    proc.wait()
+    return progress
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +245,97 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(killed) -> None:
     for task, tol in TOLERANCE.items():
         a, b = on_one.history[1][f"val_{task}_auc"], reference.history[1][f"val_{task}_auc"]
         assert abs(a - b) <= tol, f"{task}: resumed on 1 rank {a:.4f} vs 2 ranks {b:.4f}"
+
+
+# --- two nodes on one host, by the README's own commands --------------------------------------
+
+
+def _readme_node_commands() -> tuple[list[str], list[str]]:
+    """The two `recsys-moe train` lines of the README's "Several nodes" section: start, resume."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Several nodes", 1)[1].split("\n## ", 1)[0]
+    lines = [line.strip() for line in section.splitlines() if line.strip().startswith("recsys-moe train")]
+    assert len(lines) == 2 and lines[1] == lines[0] + " --resume", lines
+    return shlex.split(lines[0])[1:], shlex.split(lines[1])[1:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_nodes(args: list[str], data: Path, run_dir: Path, logs: Path, tag: str) -> list[subprocess.Popen]:
+    """Both nodes' launchers, on this host: the README's line with its placeholders filled in and
+    the small model's settings (those of `killed`'s reference run) added."""
+    port = _free_port()
+    fill = {"/shared/data/synthetic": str(data), "/shared/runs/mmoe": str(run_dir), "HOST:29400": f"127.0.0.1:{port}"}
+    line = [fill.get(a, a) for a in args]
+    assert set(fill.values()) <= set(line), line
+    settings = [o for o in _overrides(run_dir) + KILL_OVERRIDES if not o.startswith("train.checkpoint_dir")]
+    command = [sys.executable, "-m", "recsys_moe.cli", *line, *(x for o in settings for x in ("--set", o))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = []
+    for i in range(2):
+        out = (logs / f"{tag}-node{i}.log").open("w")
+        nodes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=logs))
+    return nodes
+
+
+def _processes_of(run_dir: Path) -> list[str]:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if str(run_dir) in cmdline and p.pid != os.getpid():
+            found.append(cmdline[:200])
+    return found
+
+
+@pytest.mark.slow
+def test_two_nodes_train_as_one_node_and_resume_after_a_killed_launcher(
+    killed, synthetic_manifest: Manifest, tmp_path: Path
+) -> None:
+    """Two launchers (`--nnodes 2`, one rank each, c10d rendezvous on 127.0.0.1) run the README's
+    command. One launcher is SIGKILLed mid-epoch 2: its node's agent and rank stop with it, the other
+    node fails. The README's resume line on both nodes then ends exactly where one node with two
+    ranks ends uninterrupted (`killed`'s reference): same plan, same checkpoints, same result."""
+    from recsys_moe.training.loop import TrainResult
+
+    reference, *_, work = killed
+    start, resume = _readme_node_commands()
+    run_dir = tmp_path / "run"
+    nodes = _start_nodes(start, synthetic_manifest.root, run_dir, tmp_path, "start")
+    at_kill = _wait_mid_epoch(nodes[1], run_dir, epoch=1)
+    nodes[1].kill()  # SIGKILL node 2's launcher, and only it
+    assert nodes[1].wait(timeout=60) == -9
+    assert nodes[0].wait(timeout=300) != 0, "node 1 trained on without node 2"
+    deadline = time.monotonic() + 60
+    while _processes_of(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_of(run_dir), f"processes outlived their launcher: {_processes_of(run_dir)}"
+
+    nodes = _start_nodes(resume, synthetic_manifest.root, run_dir, tmp_path, "resume")
+    assert [n.wait(timeout=600) for n in nodes] == [0, 0], [
+        (tmp_path / f"resume-node{i}.log").read_text()[-4000:] for i in range(2)
+    ]
+    logs = [(tmp_path / f"resume-node{i}.log").read_text() for i in range(2)]
+    assert sum("test metrics" in log for log in logs) == 1  # the node that ran rank 0 reports
+    assert sum("rank 0 ran on another node" in log for log in logs) == 1
+    assert any(f"at epoch 2, step {at_kill.step}" in log for log in logs)
+    raw = json.loads((run_dir / "distributed_result.json").read_text())
+    raw.pop("launch_token")
+    resumed = TrainResult.from_json(raw)
+    assert json.loads((run_dir / "sharding_plan.json").read_text()) == json.loads(
+        (work / "ref" / "sharding_plan.json").read_text()
+    )
+    assert resumed.best_epoch == reference.best_epoch and len(resumed.history) == len(reference.history)
+    for ours, theirs in zip(resumed.history, reference.history):
+        for key in ("val_click_auc", "val_conversion_auc", "val_click_logloss", "train_click_loss"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+    for task in TOLERANCE:
+        assert resumed.test.metrics[task]["auc"] == pytest.approx(reference.test.metrics[task]["auc"], abs=1e-5)
 
 
 def test_checkpoints_reshard_between_world_sizes_without_loss(killed, synthetic_manifest: Manifest) -> None:

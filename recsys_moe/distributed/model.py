@@ -53,7 +53,9 @@ _register_outputs()
 def _step_loss(step: TrainStep, pooled: KeyedTensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     out = step.ranker.from_pooled(pooled, batch.dense)
     per_task = per_task_losses(out.logits, batch.labels, step.is_binary)
-    loss = training_loss(per_task, step.loss_weights, step.weighting, out.gates, step.balance_weight)
+    loss = training_loss(
+        per_task, step.loss_weights, step.weighting, out.gates, step.balance_weight, pooled.values(), step.embedding_l2
+    )
     return loss, per_task.detach() * batch.labels.shape[0]
 
 
@@ -73,11 +75,12 @@ class TrainStep(nn.Module):
         loss_weights: torch.Tensor,
         weighting: UncertaintyWeighting | None,
         balance_weight: float,
+        embedding_l2: float = 0.0,
     ) -> None:
         super().__init__()
         self.ranker = ranker
         self.weighting = weighting
-        self.balance_weight = balance_weight
+        self.balance_weight, self.embedding_l2 = balance_weight, embedding_l2
         self.register_buffer("is_binary", torch.tensor([t == "binary" for t in ranker.task_types]), persistent=False)
         self.register_buffer("loss_weights", loss_weights.float(), persistent=False)
 
@@ -99,7 +102,7 @@ def build_sharded(manifest: Manifest, config: RunConfig, device: torch.device, w
     model = MultiTaskRanker(manifest, config.model, tc.tasks, sparse_device=torch.device("meta"))
     weights = task_weights(manifest, model.task_names)
     weighting = UncertaintyWeighting(len(model.task_names)) if tc.task_weighting == "uncertainty" else None
-    step = TrainStep(model, weights, weighting, tc.balance_loss_weight)
+    step = TrainStep(model, weights, weighting, tc.balance_loss_weight, tc.embedding_l2)
     tables = plan_tables(manifest.sparse_features, config.model.pack_tables_below).tables
     apply_optimizer_in_backward(
         FUSED_OPTIMIZERS[tc.embedding_optimizer], model.sparse.ebc.parameters(), {"lr": tc.embedding_lr}

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import resource
@@ -47,7 +49,7 @@ from recsys_moe.distributed.plan import plan_rows, plan_summary, weight_bytes_pe
 from recsys_moe.model.embeddings import plan_tables
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.pipelines.manifest import Manifest
-from recsys_moe.signals import terminate_as_interrupt
+from recsys_moe.signals import die_with_parent, terminate_as_interrupt
 from recsys_moe.tracking.tracker import NullTracker, Tracker, open_tracker
 from recsys_moe.training import checkpoint
 from recsys_moe.training.checkpoint import Progress
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 
 PLAN_FILE = "sharding_plan.json"
 RESULT_FILE = "distributed_result.json"
+TOKEN_ENV = "RECSYS_MOE_LAUNCH_TOKEN"  # set by a launcher for its ranks; rank 0 writes it into the result
 
 
 def read_share(
@@ -312,6 +315,23 @@ def train_distributed(
     return fit(engine, manifest, config, tracker or NullTracker(), resume=resume, progress_bar=False)
 
 
+def check_ranks_agree(config: RunConfig, manifest: Manifest) -> None:
+    """Every rank, on every node, trains one config on one dataset: nodes launched with different
+    settings, or reading different copies of the data, fail here rather than train a mixture."""
+    fields = config.model_dump(mode="json", exclude={"train": {"checkpoint_dir"}})
+    mine = hashlib.sha256(json.dumps([fields, manifest.digest], sort_keys=True).encode()).hexdigest()
+    seen: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    if len(set(seen)) > 1:
+        groups: dict[str | None, list[int]] = {}
+        for rank, digest in enumerate(seen):
+            groups.setdefault(digest, []).append(rank)
+        raise RuntimeError(
+            "the ranks were started with different run configs or datasets (ranks grouped by what they saw: "
+            f"{sorted(groups.values())}); start every node with the same command, data and checkpoint directory"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys_moe.distributed.train")
     parser.add_argument("--data", required=True, help="dataset directory (or its manifest.json)")
@@ -319,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint dir's last/")
     args = parser.parse_args(argv)
+    die_with_parent()  # a rank whose torchrun agent was killed stops too (see signals.die_with_parent)
     config = load_config(args.config, args.set)
     _, backend = device_and_backend()
     dist.init_process_group(backend)
@@ -328,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         logging.basicConfig(level=logging.WARNING)
     manifest = Manifest.load(args.data)
+    check_ranks_agree(config, manifest)
     run_dir = config.run_dir(manifest.spec.name)
     run_id = checkpoint.resume_run_id(run_dir) if args.resume else None
     tracker = (
@@ -340,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if result is not None:
-        atomic.write_json(run_dir / RESULT_FILE, result.to_json())
+        atomic.write_json(run_dir / RESULT_FILE, {**result.to_json(), "launch_token": os.environ.get(TOKEN_ENV)})
         summary = "  ".join(
             f"{t} auc {m['auc']:.4f}" if "auc" in m else f"{t} r2 {m['r2']:.4f}"
             for t, m in result.valid.metrics.items()

@@ -121,12 +121,13 @@ class MultiTaskRanker(nn.Module):
                     bias[i].fill_(task.train_mean)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> ArchOutput:
-        if not self.sparse.keys:  # a dense-only spec: no tables to look up
-            return self.arch(self.input_norm(dense))
-        return self.from_pooled(self.sparse.lookup(sparse), dense)
+        return self.from_pooled(self.sparse.lookup(sparse) if self.sparse.keys else None, dense)
 
-    def from_pooled(self, pooled: KeyedTensor, dense: torch.Tensor) -> ArchOutput:
-        """The model after the embedding lookup (sharded training calls the lookup itself)."""
+    def from_pooled(self, pooled: KeyedTensor | None, dense: torch.Tensor) -> ArchOutput:
+        """The model after the embedding lookup (training calls the lookup itself, for the
+        embedding penalty; sharded training for the pipelined all-to-all). None: a dense-only spec."""
+        if pooled is None:
+            return self.arch(self.input_norm(dense))
         x = self.sparse.concat(pooled)
         return self.arch(self.input_norm(torch.cat([x, dense], dim=1) if self.num_dense else x))
 

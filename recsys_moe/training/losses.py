@@ -29,13 +29,27 @@ def training_loss(
     weighting: UncertaintyWeighting | None,
     gates: list[GateOutput] | None,
     balance_weight: float,
+    embeddings: torch.Tensor | None = None,
+    embedding_l2: float = 0.0,
 ) -> torch.Tensor:
     """The one number training minimises: per-task losses weighted (fixed or learned), plus the
-    gates' load-balancing loss when it is switched on. Single-process and sharded training share it."""
+    gates' load-balancing loss and the embedding penalty when they are switched on. Single-process
+    and sharded training share it."""
     loss = weighting(per_task) if weighting is not None else (per_task * weights).sum()
     if balance_weight > 0 and gates:
         loss = loss + balance_weight * sum(balance_loss(g) for g in gates)
+    if embedding_l2 > 0 and embeddings is not None and embeddings.numel():
+        loss = loss + embedding_l2 * embedding_penalty(embeddings)
     return loss
+
+
+def embedding_penalty(pooled: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch's rows of the squared norm of their pooled embeddings [B, D].
+
+    On the looked-up rows, not the whole tables: a sparse optimizer only touches the rows a batch
+    uses, and a penalty on every row would update (and shrink) all of them every step. An id is
+    pulled toward zero each time it is seen, in step with the evidence that moves it away."""
+    return pooled.square().sum(dim=1).mean()
 
 
 class UncertaintyWeighting(nn.Module):

@@ -105,9 +105,19 @@ class LocalEngine:
                 self.threads.tick()
                 if self.oov_rates is not None:
                     batch = drop_to_oov(batch, self.oov_rates, step_generator(tc.seed, epoch, step))
-                out = self.ranker(batch.dense, batch.sparse)
+                pooled = self.ranker.sparse.lookup(batch.sparse) if self.ranker.sparse.keys else None
+                out = self.ranker.from_pooled(pooled, batch.dense)
                 per_task = per_task_losses(out.logits, batch.labels, self.is_binary)
-                loss = training_loss(per_task, self.loss_weights, self.weighting, out.gates, tc.balance_loss_weight)
+                embeddings = pooled.values() if pooled is not None else None
+                loss = training_loss(
+                    per_task,
+                    self.loss_weights,
+                    self.weighting,
+                    out.gates,
+                    tc.balance_loss_weight,
+                    embeddings,
+                    tc.embedding_l2,
+                )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # embedding rows are updated inside this call (fused optimizer)
                 self.optimizer.step()
