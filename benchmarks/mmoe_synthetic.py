@@ -39,8 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache" / "mmoe_synthetic"
 ARCHS = {"shared_bottom": "Shared-Bottom", "omoe": "OMoE", "mmoe": "MMoE"}
-DIM, SINES, ROWS = 100, 10, {"train": 20_000, "valid": 5_000, "test": 5_000}
+DIM, SINES, ROWS = 100, 10, {"train": 100_000, "valid": 25_000, "test": 25_000}
 STUCK = 1.10  # a task's MSE above this multiple of the best seed's is stuck
+# The platform's defaults but for these, chosen on this data (see the report): 20,000 training rows
+# left every model far from the noise floor (MSE 0.06 against 0.01) with seeds 1.1-1.9x apart; at
+# 100,000 rows MMoE and OMoE still overfit (their best epoch's MSE 0.015, seeds up to 1.2x apart)
+# until Adam's weight decay; early stopping on a noisy validation MSE ended runs mid-schedule.
+SETTINGS = ["train.batch_size=512", "train.weight_decay=0.0001", "train.patience=40"]
 
 
 def generate(p: float, rows: int, seed: int, data_seed: int = 0) -> pl.DataFrame:
@@ -84,10 +89,12 @@ def write_report(runs: list[dict], meta: dict) -> str:
         "# The MMoE paper's synthetic regression: no stuck seeds",
         "",
         f"Measured {meta['date']} on {meta['machine']} by `benchmarks/mmoe_synthetic.py`: {meta['seeds']} seeds per "
-        f"architecture and correlation, up to {meta['epochs']} epochs with the platform's default training "
-        f"settings; {ROWS['train']:,} / {ROWS['valid']:,} / {ROWS['test']:,} rows, 100 dense inputs, two "
-        "regression tasks (see the module docstring for the generator). A task is **stuck** when its test MSE "
-        f"is more than {STUCK - 1:.0%} above the best seed's (same architecture and correlation).",
+        f"architecture and correlation, {meta['epochs']} epochs (the best validation epoch kept) with the "
+        f"platform's default training settings except `{' '.join(meta.get('settings', []))}`; "
+        f"{meta.get('rows', ROWS)['train']:,} / {meta.get('rows', ROWS)['valid']:,} / {meta.get('rows', ROWS)['test']:,} "
+        "rows, 100 dense inputs, two regression tasks, noise variance 0.01 (see the module docstring for the "
+        "generator). A task is **stuck** when its test MSE is more than "
+        f"{STUCK - 1:.0%} above the best seed's (same architecture and correlation).",
         "",
         "| correlation | model | y1 test MSE mean ± sd | y2 test MSE mean ± sd | worst / best seed MSE (y1, y2) "
         "| test R² range (y1; y2) | stuck runs |",
@@ -141,6 +148,8 @@ def main() -> int:
         "seeds": args.seeds,
         "epochs": args.epochs,
         "correlations": args.correlations,
+        "settings": SETTINGS,
+        "rows": ROWS,
     }
     manifests = {}
     for p in args.correlations:
@@ -158,6 +167,7 @@ def main() -> int:
             f"train.checkpoint_dir={CACHE / 'runs' / f'{arch}-{p}-{seed}'}",
             "tracking.enabled=false",
             "train.baselines=false",
+            *SETTINGS,
         ]
         result = train(manifests[p], load_config(None, overrides), progress=False)
         runs.append(

@@ -82,9 +82,10 @@ def start(
     capture: bool = False,
     resume: bool = False,
     nodes: Nodes | None = None,
+    token: str | None = None,
 ) -> subprocess.Popen:
     """Start torchrun with N ranks in a new process group (so it can be stopped as one) and return.
-    `proc.token` (an attribute set here) is what rank 0 writes into the result if it runs under it."""
+    `token`: what rank 0 writes into the result if it runs under this launch."""
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
     config = config.model_copy(deep=True)
@@ -95,15 +96,14 @@ def start(
     atomic.write_text(config_path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     if nodes is None:  # on several nodes the others' ranks may already be running: leave it to rank 0
         (run_dir / RESULT_FILE).unlink(missing_ok=True)
-    token = uuid.uuid4().hex
     child_env = {
         **os.environ,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         **(env or {}),
-        TOKEN_ENV: token,
+        **({TOKEN_ENV: token} if token else {}),
     }
     pipe = subprocess.PIPE if capture else None
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         torchrun_command(data, config_path, nproc, resume, nodes),
         env=child_env,
         stdout=pipe,
@@ -111,8 +111,6 @@ def start(
         text=True,
         start_new_session=True,
     )
-    proc.token = token  # type: ignore[attr-defined]
-    return proc
 
 
 def read_result(run_dir: Path, token: str) -> TrainResult | None:
@@ -138,7 +136,8 @@ def launch(
 ) -> tuple[subprocess.CompletedProcess, TrainResult | None]:
     """Run N ranks to completion; returns the process and rank 0's result (None if it failed, or
     if rank 0 ran on another node)."""
-    proc = start(data, config, nproc, run_dir, env, capture, resume, nodes)
+    token = uuid.uuid4().hex
+    proc = start(data, config, nproc, run_dir, env, capture, resume, nodes, token)
     try:
         out, err = proc.communicate()
     except BaseException:  # Ctrl-C: stop every rank, not just torchrun
@@ -148,4 +147,4 @@ def launch(
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     # Rank 0's result, as the TrainResult single-process training returns: registering a sharded
     # run needs no special case.
-    return done, read_result(run_dir, proc.token) if proc.returncode == 0 else None
+    return done, read_result(run_dir, token) if proc.returncode == 0 else None
