@@ -140,9 +140,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
             how = "single-process training; resume it without --nproc"
         print(f"error: {found} was written by {how}", file=sys.stderr)
         return 2
-    if args.nnodes > 1 and (args.nproc is None or args.rdzv_endpoint is None):
-        print("error: --nnodes needs --nproc (ranks per node) and --rdzv-endpoint HOST:PORT", file=sys.stderr)
-        return 2
+    if args.nnodes > 1:
+        from recsys_moe.distributed.launch import Nodes
+
+        if args.nproc is None or args.rdzv_endpoint is None:
+            print("error: --nnodes needs --nproc (ranks per node) and --rdzv-endpoint HOST:PORT", file=sys.stderr)
+            return 2
+        try:
+            Nodes(args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.nproc is not None and not manifest.sparse_features:
         print(
             f"error: {args.data} has no sparse features, so no tables to shard: train it without --nproc",
@@ -182,11 +190,7 @@ def _train_distributed(
     from recsys_moe.distributed.launch import Nodes, launch
     from recsys_moe.distributed.train import PLAN_FILE, RESULT_FILE
 
-    try:
-        nodes = Nodes(args.nnodes, args.rdzv_endpoint, args.rdzv_id) if args.nnodes > 1 else None
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return None
+    nodes = Nodes(args.nnodes, args.rdzv_endpoint, args.rdzv_id) if args.nnodes > 1 else None  # checked above
     proc, result = launch(args.data, config, args.nproc, run_dir, resume=args.resume, nodes=nodes)
     if proc.returncode == 0 and result is None and nodes is not None:
         print(f"this node's ranks finished; rank 0 ran on another node and wrote {run_dir / RESULT_FILE}")

@@ -248,7 +248,8 @@ def validated(model: type[M], raw: dict[str, Any], origin: str, what: str) -> M:
         raise ConfigError(f"{origin}: invalid {what}\n{details}") from None
 
 
-def _set(raw: dict[str, Any], assignment: str) -> None:
+def set_field(raw: dict[str, Any], assignment: str) -> None:
+    """One `--set section.field=value` (the value read as YAML) into a raw config mapping."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected section.field=value, e.g. train.epochs=3")
     key, value = assignment.split("=", 1)
@@ -262,5 +263,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """The run config: the file's sections (or every default), then each `section.field=value`."""
     raw = read_yaml(path) if path is not None else {}
     for assignment in overrides or []:
-        _set(raw, assignment)
+        set_field(raw, assignment)
     return validated(RunConfig, raw, str(path) if path is not None else "<defaults>", "run config")

@@ -265,7 +265,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_nodes(args: list[str], data: Path, run_dir: Path, logs: Path, tag: str) -> list[subprocess.Popen]:
+def _start_nodes(
+    args: list[str], data: Path, run_dir: Path, logs: Path, tag: str, second_node_extra: tuple[str, ...] = ()
+) -> list[subprocess.Popen]:
     """Both nodes' launchers, on this host: the README's line with its placeholders filled in and
     the small model's settings (those of `killed`'s reference run) added."""
     port = _free_port()
@@ -276,9 +278,11 @@ def _start_nodes(args: list[str], data: Path, run_dir: Path, logs: Path, tag: st
     command = [sys.executable, "-m", "recsys_moe.cli", *line, *(x for o in settings for x in ("--set", o))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = []
-    for i in range(2):
+    for i, extra in enumerate(((), second_node_extra)):
         out = (logs / f"{tag}-node{i}.log").open("w")
-        nodes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=logs))
+        nodes.append(
+            subprocess.Popen([*command, *extra], stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=logs)
+        )
     return nodes
 
 
@@ -336,6 +340,20 @@ def test_two_nodes_train_as_one_node_and_resume_after_a_killed_launcher(
             assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
     for task in TOLERANCE:
         assert resumed.test.metrics[task]["auc"] == pytest.approx(reference.test.metrics[task]["auc"], abs=1e-5)
+
+
+def test_nodes_started_with_different_settings_stop_before_training(
+    synthetic_manifest: Manifest, tmp_path: Path
+) -> None:
+    """Both launchers write the run's config file; each hands its own ranks its own config, so a
+    node started with other settings is caught by the ranks, not trained with the other's file."""
+    start, _ = _readme_node_commands()
+    run_dir = tmp_path / "run"
+    nodes = _start_nodes(start, synthetic_manifest.root, run_dir, tmp_path, "mixed", ("--set", "train.epochs=3"))
+    assert [n.wait(timeout=300) for n in nodes] != [0, 0]
+    logs = "".join((tmp_path / f"mixed-node{i}.log").read_text() for i in range(2))
+    assert "started with different run configs or datasets" in logs
+    assert not (run_dir / "last").exists()
 
 
 def test_checkpoints_reshard_between_world_sizes_without_loss(killed, synthetic_manifest: Manifest) -> None:

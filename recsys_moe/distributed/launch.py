@@ -24,7 +24,7 @@ import yaml
 
 from recsys_moe import atomic
 from recsys_moe.config import RunConfig
-from recsys_moe.distributed.train import RESULT_FILE, TOKEN_ENV
+from recsys_moe.distributed.train import CONFIG_ENV, RESULT_FILE, TOKEN_ENV
 from recsys_moe.training.loop import TrainResult
 
 CONFIG_FILE = "distributed_config.yaml"
@@ -92,7 +92,9 @@ def start(
     config.train.checkpoint_dir = run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / CONFIG_FILE
-    # On several nodes each writes the same file: an atomic replace, and the ranks check that they agree.
+    # The run's record. On several nodes every launcher writes it (an atomic replace), so each hands
+    # its own ranks its own config in the environment too: a node started with other settings is
+    # then caught by the ranks' agreement check instead of silently taking the last node's file.
     atomic.write_text(config_path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     if nodes is None:  # on several nodes the others' ranks may already be running: leave it to rank 0
         (run_dir / RESULT_FILE).unlink(missing_ok=True)
@@ -101,6 +103,7 @@ def start(
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         **(env or {}),
         **({TOKEN_ENV: token} if token else {}),
+        CONFIG_ENV: config.model_dump_json(),
     }
     pipe = subprocess.PIPE if capture else None
     return subprocess.Popen(

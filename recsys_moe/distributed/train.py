@@ -40,7 +40,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys_moe import atomic, logs
-from recsys_moe.config import RunConfig, load_config
+from recsys_moe.config import RunConfig, load_config, set_field, validated
 from recsys_moe.data.id_dropout import drop_to_oov, oov_rates, step_generator
 from recsys_moe.data.loader import Batch, InMemoryDataset
 from recsys_moe.distributed import checkpoint as dcheckpoint
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 PLAN_FILE = "sharding_plan.json"
 RESULT_FILE = "distributed_result.json"
 TOKEN_ENV = "RECSYS_MOE_LAUNCH_TOKEN"  # set by a launcher for its ranks; rank 0 writes it into the result
+CONFIG_ENV = "RECSYS_MOE_RUN_CONFIG"  # the launcher's run config (JSON), preferred to --config's file
 
 
 def read_share(
@@ -315,6 +316,17 @@ def train_distributed(
     return fit(engine, manifest, config, tracker or NullTracker(), resume=resume, progress_bar=False)
 
 
+def run_config(path: str | None, overrides: list[str]) -> RunConfig:
+    """The config this rank's launcher resolved (`CONFIG_ENV`), else the `--config` file; then `--set`."""
+    given = os.environ.get(CONFIG_ENV)
+    if not given:
+        return load_config(path, overrides)
+    raw = json.loads(given)
+    for assignment in overrides:
+        set_field(raw, assignment)
+    return validated(RunConfig, raw, f"${CONFIG_ENV}", "run config")
+
+
 def check_ranks_agree(config: RunConfig, manifest: Manifest) -> None:
     """Every rank, on every node, trains one config on one dataset: nodes launched with different
     settings, or reading different copies of the data, fail here rather than train a mixture."""
@@ -340,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint dir's last/")
     args = parser.parse_args(argv)
     die_with_parent()  # a rank whose torchrun agent was killed stops too (see signals.die_with_parent)
-    config = load_config(args.config, args.set)
+    config = run_config(args.config, args.set)
     _, backend = device_and_backend()
     dist.init_process_group(backend)
     rank = dist.get_rank()
