@@ -48,7 +48,8 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
     alone: nothing supervises it any more, and on a multi-node run its peers train on beside a
     node whose launcher already reported a failure. With this the whole node's share of the run
     stops (as `Terminated`, so it unwinds), the other nodes' ranks fail on their next collective,
-    and `--resume` continues from the last checkpoint. Elsewhere a no-op."""
+    and `--resume` continues from the last checkpoint. Elsewhere a no-op. The kernel watches the
+    *thread* that started this process, so start it from one that outlives it (a main thread)."""
     if sys.platform != "linux":
         return
     parent = os.getppid()
