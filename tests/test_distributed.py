@@ -279,10 +279,10 @@ def _start_nodes(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = []
     for i, extra in enumerate(((), second_node_extra)):
-        out = (logs / f"{tag}-node{i}.log").open("w")
-        nodes.append(
-            subprocess.Popen([*command, *extra], stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=logs)
-        )
+        with (logs / f"{tag}-node{i}.log").open("w") as out:  # the child keeps its own descriptor
+            nodes.append(
+                subprocess.Popen([*command, *extra], stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=logs)
+            )
     return nodes
 
 
