@@ -356,6 +356,18 @@ def test_nodes_started_with_different_settings_stop_before_training(
     assert not (run_dir / "last").exists()
 
 
+def test_multi_node_usage_errors_are_one_line(synthetic_manifest: Manifest, tmp_path: Path) -> None:
+    cli = [sys.executable, "-m", "recsys_moe.cli", "train", "--data", str(synthetic_manifest.root)]
+    cli += ["--checkpoint-dir", str(tmp_path / "run"), "--no-tracking"]
+    for extra, says in (
+        (["--nnodes", "2"], "--nnodes needs --nproc"),
+        (["--nnodes", "2", "--nproc", "1", "--rdzv-endpoint", "localhost"], "expected HOST:PORT"),
+    ):
+        done = subprocess.run([*cli, *extra], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
 def test_checkpoints_reshard_between_world_sizes_without_loss(killed, synthetic_manifest: Manifest) -> None:
     """2 ranks → 1 → 2: every table, both optimizers' states and the dense weights come back bit
     for bit (DCP reads each rank's pieces of the tables under the new plan)."""
