@@ -14,6 +14,7 @@ from recsys_moe.config import ARCHITECTURES
 
 if TYPE_CHECKING:
     from recsys_moe.config import RunConfig
+    from recsys_moe.distributed.launch import Nodes
     from recsys_moe.registry.promotion import Decision, PromotionConfig
     from recsys_moe.scoring import RankingConfig, Scorer
     from recsys_moe.serving.settings import ServingSettings
@@ -140,14 +141,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
             how = "single-process training; resume it without --nproc"
         print(f"error: {found} was written by {how}", file=sys.stderr)
         return 2
-    if args.nnodes > 1:
+    nodes = None
+    if args.nnodes != 1:
         from recsys_moe.distributed.launch import Nodes
 
+        if args.nnodes < 1:
+            print(f"error: --nnodes must be at least 1, got {args.nnodes}", file=sys.stderr)
+            return 2
         if args.nproc is None or args.rdzv_endpoint is None:
             print("error: --nnodes needs --nproc (ranks per node) and --rdzv-endpoint HOST:PORT", file=sys.stderr)
             return 2
         try:
-            Nodes(args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+            nodes = Nodes(args.nnodes, args.rdzv_endpoint, args.rdzv_id)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -158,7 +163,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         return 2
     if args.nproc is not None:
-        result = _train_distributed(args, config, run_dir)
+        result = _train_distributed(args, config, run_dir, nodes)
         if result is None:
             return 1
         if result == "elsewhere":
@@ -183,14 +188,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_distributed(
-    args: argparse.Namespace, config: RunConfig, run_dir: Path
+    args: argparse.Namespace, config: RunConfig, run_dir: Path, nodes: Nodes | None
 ) -> TrainResult | Literal["elsewhere"] | None:
     """torchrun with --nproc ranks (on each of --nnodes nodes); rank 0's result, "elsewhere" when
     this node's ranks finished and rank 0 ran on another node, or None if a rank failed."""
-    from recsys_moe.distributed.launch import Nodes, launch
+    from recsys_moe.distributed.launch import launch
     from recsys_moe.distributed.train import PLAN_FILE, RESULT_FILE
 
-    nodes = Nodes(args.nnodes, args.rdzv_endpoint, args.rdzv_id) if args.nnodes > 1 else None  # checked above
     proc, result = launch(args.data, config, args.nproc, run_dir, resume=args.resume, nodes=nodes)
     if proc.returncode == 0 and result is None and nodes is not None:
         print(f"this node's ranks finished; rank 0 ran on another node and wrote {run_dir / RESULT_FILE}")

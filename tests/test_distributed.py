@@ -362,6 +362,7 @@ def test_multi_node_usage_errors_are_one_line(synthetic_manifest: Manifest, tmp_
     for extra, says in (
         (["--nnodes", "2"], "--nnodes needs --nproc"),
         (["--nnodes", "2", "--nproc", "1", "--rdzv-endpoint", "localhost"], "expected HOST:PORT"),
+        (["--nnodes", "0", "--nproc", "1", "--rdzv-endpoint", "127.0.0.1:29400"], "--nnodes must be at least 1"),
     ):
         done = subprocess.run([*cli, *extra], capture_output=True, text=True, timeout=300)
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr

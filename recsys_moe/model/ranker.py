@@ -121,11 +121,16 @@ class MultiTaskRanker(nn.Module):
                     bias[i].fill_(task.train_mean)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> ArchOutput:
-        return self.from_pooled(self.sparse.lookup(sparse) if self.sparse.keys else None, dense)
+        return self.from_pooled(self.lookup(sparse), dense)
+
+    def lookup(self, sparse: KeyedJaggedTensor) -> KeyedTensor | None:
+        """The pooled embeddings (None for a dense-only spec: no tables). Training calls this and
+        `from_pooled` apart, to see the embeddings its penalty acts on."""
+        return self.sparse.lookup(sparse) if self.sparse.keys else None
 
     def from_pooled(self, pooled: KeyedTensor | None, dense: torch.Tensor) -> ArchOutput:
-        """The model after the embedding lookup (training calls the lookup itself, for the
-        embedding penalty; sharded training for the pipelined all-to-all). None: a dense-only spec."""
+        """The model after the embedding lookup (`lookup`; sharded training runs the sharded one
+        itself, for the pipelined all-to-all). None: a dense-only spec."""
         if pooled is None:
             return self.arch(self.input_norm(dense))
         x = self.sparse.concat(pooled)

@@ -105,7 +105,7 @@ class LocalEngine:
                 self.threads.tick()
                 if self.oov_rates is not None:
                     batch = drop_to_oov(batch, self.oov_rates, step_generator(tc.seed, epoch, step))
-                pooled = self.ranker.sparse.lookup(batch.sparse) if self.ranker.sparse.keys else None
+                pooled = self.ranker.lookup(batch.sparse)
                 out = self.ranker.from_pooled(pooled, batch.dense)
                 per_task = per_task_losses(out.logits, batch.labels, self.is_binary)
                 embeddings = pooled.values() if pooled is not None else None
