@@ -2,6 +2,7 @@
 
     python benchmarks/history_features.py            # 10M events; ~15 min on 2 cores
     python benchmarks/history_features.py --quick    # 300k events; prints, writes nothing
+    python benchmarks/history_features.py --partitioned   # 100M events in units of work; ~20 min
 
 1. A synthetic event log: 10M impressions, 1M users, 200k items, 30 days, clicks and conversions
    (each conversion at its own time, within a 7-day attribution window), user and item tables.
@@ -17,6 +18,12 @@
 4. Whether the features help: MMoE trained on a smaller log (600k impressions) with the
    `synthetic` spec and with `synthetic_history` (the same features plus history), validation
    and test AUC per task.
+
+5. `--partitioned`: 100M events (the generator's `generate_day`, one day at a time, so the log is
+   never whole in memory) built by `pipelines/history_units.py` in units of work, against the
+   in-memory build of the same log's first days (10M events) in the same run. Every unit's peak
+   RSS is measured in the worker process that ran it; the first days' partitions of both builds
+   must be byte-identical (they have no earlier days to look back at).
 
 Writes benchmarks/results/pipelines.md and pipelines.json.
 """
@@ -53,6 +60,27 @@ valid, rejected, computed = history_step(spec, frame, out, rebuild=True, progres
 print(json.dumps({"seconds": time.perf_counter() - start, "events": valid.height + rejected.height,
                   "rejected": rejected.height, "days": len(computed),
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+PARTITIONED_RUN = """
+import json, resource, sys, time
+from collections import defaultdict
+from pathlib import Path
+from recsys_moe.features import load_spec
+from recsys_moe.pipelines.history_units import Plan, build_local
+raw_dir, out, buckets, workers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+stages, last = defaultdict(float), [time.perf_counter()]
+def on_unit(name):
+    now = time.perf_counter()
+    stages[name.split()[0]] += now - last[0]  # a stage's wall time: units finish stage by stage
+    last[0] = now
+start = time.perf_counter()
+plan = Plan(load_spec("synthetic_history"), out / "_units", out, buckets=buckets)
+built = build_local(plan, raw_dir, progress=False, workers=workers, on_unit=on_unit, rebuild=True)
+print(json.dumps({"seconds": time.perf_counter() - start, "events": built.rows_checked, "rows_out": built.rows_out,
+                  "rejected": built.rejected + built.duplicates, "units": built.units, "buckets": buckets,
+                  "workers": workers, "unit_peak_rss_mib": built.peak_rss_mib, "stages": stages,
+                  "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 PANDAS_RUN = """
@@ -107,6 +135,42 @@ def event_log(users: int, items: int, impressions: int, days: int) -> Path:
         synthetic.write(synthetic.generate(config), raw)
         print(f"  {time.perf_counter() - start:.0f} s", flush=True)
     return raw
+
+
+def daily_log(users: int, items: int, impressions: int, days: int) -> Path:
+    """A log written one day at a time (`generate_day`): memory holds one day, whatever the size."""
+    from recsys_moe.pipelines.sources import synthetic
+
+    raw = CACHE / f"daily_{impressions}"
+    config = synthetic.SyntheticConfig(n_users=users, n_items=items, n_impressions=impressions // days, seed=0)
+    start = time.perf_counter()
+    for i in range(days):
+        day = config.start_date + datetime.timedelta(days=i)
+        if not (raw / "impressions" / f"day={day.isoformat()}").is_dir():
+            synthetic.write_partitions(synthetic.generate_day(config, day), raw)
+            print(f"  generated {day} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return raw
+
+
+def partitioned(args: argparse.Namespace) -> dict[str, Any]:
+    """The 100M-event build in units of work, and the in-memory build of its first days."""
+    raw = daily_log(args.users, args.items, args.partitioned_impressions, args.days)
+    sample = first_days(raw, args.sample_days)
+    out = CACHE / "history_bench"
+    res: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "in_memory": _run(POLARS_RUN, str(sample), str(out / "daily_sample")),
+    }
+    print(f"in memory, first {args.sample_days} days: {res['in_memory']}", flush=True)
+    res["units"] = _run(PARTITIONED_RUN, str(raw), str(out / "partitioned"), str(args.buckets), str(args.workers))
+    print(f"in units: {res['units']}", flush=True)
+    same = [
+        (out / "daily_sample" / p.relative_to(out / "partitioned")).read_bytes() == p.read_bytes()
+        for p in sorted((out / "partitioned").glob("day=*/part-0.parquet"))[: args.sample_days]
+    ]
+    res["first_days_identical"] = len(same) == args.sample_days and all(same)
+    res["sample_days"] = args.sample_days
+    return res
 
 
 def first_days(raw: Path, days: int) -> Path:
@@ -200,6 +264,40 @@ def report(res: dict[str, Any]) -> str:
             f"{dense['pandas_seconds']:.1f} s, **{d_ratio:.1f}x**.",
             "",
         ]
+    part = res.get("partitioned")
+    if part:
+        mem, units = part["in_memory"], part["units"]
+        recorded = full["events"] / full["seconds"]
+        target = 1.3 * units["events"] / recorded
+        same_run = mem["events"] / mem["seconds"]
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in units["stages"].items())
+        lines += [
+            f"## {units['events'] / 1e6:,.0f}M events in units of work",
+            "",
+            f"Measured {part['date']} by `benchmarks/history_features.py --partitioned`: a log of "
+            f"{units['events']:,} impressions over {res['days']} days ({res['users']:,} users, {res['items']:,} items), "
+            "written one day at a time by the generator's `generate_day`, built by `pipelines/history_units.py` "
+            f"(`recsys-moe history`): {units['buckets']} buckets per key column, {units['workers']} worker processes "
+            "on the 2 cores. Beside it, in the same run, the in-memory build (the table above's pipeline) of the same "
+            f"log's first {part['sample_days']} days.",
+            "",
+            "| build | events | seconds | events/s | peak RSS (MiB) | units |",
+            "|---|---|---|---|---|---|",
+            f"| in memory, first {part['sample_days']} days | {mem['events']:,} | {mem['seconds']:.1f} | "
+            f"{same_run:,.0f} | {mem['peak_rss_mib']:,.0f} | 1 |",
+            f"| in units of work | {units['events']:,} | {units['seconds']:.1f} | "
+            f"{units['events'] / units['seconds']:,.0f} | {units['unit_peak_rss_mib']:,.0f} per unit, at most | "
+            f"{units['units']} |",
+            "",
+            f"**Wall time {units['seconds']:.0f} s against the target {target:.0f} s** (1.3 x the events at the "
+            f"10M run's {recorded:,.0f} events/s above); **{units['seconds'] / (units['events'] / same_run):.2f} x** "
+            f"the in-memory build's time per event measured in this run. **Peak RSS per unit "
+            f"{units['unit_peak_rss_mib'] / 1024:.2f} GiB** (target: at most 4 GiB; the peak of each worker process over "
+            f"the units it ran). Stages: {stages}. The first {part['sample_days']} days' partitions of the two builds are "
+            f"{'byte-identical' if part['first_days_identical'] else 'NOT identical'} (they have no earlier days to "
+            "look back at); `tests/test_history_units.py` checks every day of smaller logs the same way.",
+            "",
+        ]
     lines += [
         "## Do the history features help?",
         "",
@@ -229,6 +327,14 @@ def main() -> int:
     parser.add_argument("--train-impressions", type=int, default=600_000)
     parser.add_argument("--train-epochs", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--partitioned",
+        action="store_true",
+        help="run only the build in units of work and merge it into pipelines.json",
+    )
+    parser.add_argument("--partitioned-impressions", type=int, default=100_000_000)
+    parser.add_argument("--buckets", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="rewrite pipelines.md from pipelines.json")
     parser.add_argument(
         "--dense-only",
@@ -238,6 +344,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.report_only:
         (RESULTS / "pipelines.md").write_text(report(json.loads((RESULTS / "pipelines.json").read_text())))
+        return 0
+    if args.partitioned:
+        res = json.loads((RESULTS / "pipelines.json").read_text())
+        res["partitioned"] = partitioned(args)
+        (RESULTS / "pipelines.json").write_text(json.dumps(res, indent=1))
+        (RESULTS / "pipelines.md").write_text(report(res))
+        print(report(res))
         return 0
     if args.dense_only:
         res = json.loads((RESULTS / "pipelines.json").read_text())

@@ -67,6 +67,55 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_days(text: str) -> list:
+    """`2026-01-05`, `2026-01-05,2026-01-07` or `2026-01-05..2026-01-09` → dates."""
+    import datetime
+
+    days: list[datetime.date] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("..")
+        try:
+            a = datetime.date.fromisoformat(first)
+            b = datetime.date.fromisoformat(last) if last else a
+        except ValueError:
+            raise ValueError(f"--days: {part.strip()!r} is not YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD") from None
+        if b < a:
+            raise ValueError(f"--days: {part.strip()!r} ends before it starts")
+        days += [a + datetime.timedelta(days=i) for i in range((b - a).days + 1)]
+    return sorted(set(days))
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from recsys_moe.features import load_spec
+    from recsys_moe.pipelines import history_units as units
+
+    spec = load_spec(args.spec)
+    if spec.history is None:
+        raise ValueError(f"spec {spec.name!r} has no history section: nothing to compute")
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out / "_units"
+    plan = units.Plan(spec, work, out, buckets=args.buckets, id_buckets=args.id_buckets)
+    data = Path(args.data)
+    if args.days:
+        days = _parse_days(args.days)
+    else:
+        days = units.raw_days(data) if args.rebuild else units.missing_days(plan, data)
+    if not days:
+        print(f"{out} is up to date with {data}: nothing to compute")
+        return 0
+    built = units.build_local(plan, data, days, workers=args.workers, rebuild=args.rebuild)
+    print(
+        f"history features of {len(built.days)} day(s) ({built.days[0]}..{built.days[-1]}) → {out}: "
+        f"{built.rows_out:,} rows; {built.units} units"
+    )
+    print(
+        f"checked {built.rows_checked:,} raw rows: {built.rejected:,} rejected by the event contract, "
+        f"{built.duplicates:,} duplicates in the whole log (rows with reasons: {work / 'rejects'}, "
+        f"{work / 'duplicates'})"
+    )
+    return 0
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from recsys_moe.features import load_spec
     from recsys_moe.pipelines.build import build
@@ -446,6 +495,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--rebuild-history", action="store_true", default=None, help="recompute every day's history features"
     )
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser(
+        "history",
+        help="history features of a day-partitioned event log, in units of work (those the Airflow DAG maps)",
+        description="Compute the point-in-time history features of an event log in units that each hold one "
+        "day or one bucket of it (pipelines/history_units.py), so memory stays bounded however long the "
+        "log. Writes the same day partitions as `pipeline --history-dir`, which then reuses them.",
+    )
+    p.add_argument(
+        "--data", required=True, help="the raw log: impressions/day=YYYY-MM-DD/, users.parquet, items.parquet"
+    )
+    p.add_argument("--out", required=True, help="the history folder (day=YYYY-MM-DD/part-0.parquet)")
+    p.add_argument("--spec", default="synthetic_history", help="a spec with a history section (default %(default)s)")
+    p.add_argument("--work", help="the units' intermediate files (default <out>/_units)")
+    p.add_argument(
+        "--days", help="days to compute: 2026-01-05, a list (a,b) or a range (a..b); default the days --out lacks"
+    )
+    p.add_argument("--buckets", type=int, default=16, help="buckets per key column: more, smaller units (default 16)")
+    p.add_argument("--id-buckets", type=int, default=4, help="units that find duplicates across days (default 4)")
+    p.add_argument("--workers", type=int, default=1, help="processes that run units side by side (default 1)")
+    p.add_argument("--rebuild", action="store_true", help="recompute every day")
+    p.set_defaults(func=_cmd_history)
 
     p = sub.add_parser("train", help="train a multi-task model on a built dataset, tracked in MLflow")
     p.add_argument("--data", required=True, help="dataset directory (or its manifest.json)")

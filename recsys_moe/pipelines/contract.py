@@ -267,12 +267,16 @@ def _fresh(schema: pl.Schema, base: str) -> str:
     return name
 
 
-def check_events(frame: pl.LazyFrame, contract: EventContract) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+def check_events(
+    frame: pl.LazyFrame, contract: EventContract, duplicates: bool = True
+) -> tuple[pl.LazyFrame, pl.LazyFrame]:
     """(valid rows, rejected rows with an added `reject_reason` string column).
 
     Every input row lands in exactly one of the two, in input order. Raises
     :class:`ContractError` when the frame lacks a column the contract names or a column's
     dtype cannot hold its type. Collect both with ``pl.collect_all`` to run the checks once.
+    `duplicates=False` leaves rule 7 to the caller: a partitioned build sees one day at a time
+    and finds duplicates across days in a unit of its own (`pipelines/history_units.py`).
     """
     frame = frame.lazy()
     schema = frame.collect_schema()
@@ -295,7 +299,8 @@ def check_events(frame: pl.LazyFrame, contract: EventContract) -> tuple[pl.LazyF
         first.cast(pl.Utf8),
         ")",
     )
-    checked = checked.with_columns(pl.coalesce(pl.col(reason), duplicate).alias(reason))
+    if duplicates:
+        checked = checked.with_columns(pl.coalesce(pl.col(reason), duplicate).alias(reason))
 
     outputs = {c: _output(c, schema[c], k) for c, k in contract.kinds().items()}
     outputs |= {f: _output(f, schema[f], "int").cast(pl.Int8) for f in contract.flags if not schema[f].is_integer()}

@@ -636,7 +636,7 @@ def read(raw_dir: Path, with_day: bool = False) -> tuple[pl.LazyFrame, pl.LazyFr
             hive_schema={"day": pl.Date},
         )
         .select(*IMPRESSIONS_SCHEMA.names(), *(["day"] if with_day else []))
-        .sort("ts", "impression_id")
+        .sort("ts", "impression_id", maintain_order=True)  # exact duplicates keep the files' order
     )
     return users, items, impressions
 
