@@ -295,7 +295,10 @@ def report(res: dict[str, Any]) -> str:
             f"{units['unit_peak_rss_mib'] / 1024:.2f} GiB** (target: at most 4 GiB; the peak of each worker process over "
             f"the units it ran). Stages: {stages}. The first {part['sample_days']} days' partitions of the two builds are "
             f"{'byte-identical' if part['first_days_identical'] else 'NOT identical'} (they have no earlier days to "
-            "look back at); `tests/test_history_units.py` checks every day of smaller logs the same way.",
+            "look back at); `tests/test_history_units.py` checks every day of smaller logs the same way. The "
+            f"in-memory build's peak grows with the log ({mem['peak_rss_mib'] / 1024:.1f} GiB for these "
+            f"{mem['events'] / 1e6:.0f}M events): linearly extrapolated, the whole log in one process would need about "
+            f"{mem['peak_rss_mib'] * units['events'] / mem['events'] / 1024:.0f} GiB, more than this machine's 24 GiB.",
             "",
         ]
     lines += [

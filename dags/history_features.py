@@ -106,11 +106,16 @@ def history_features() -> None:
     @task
     def features(unit: list) -> int:
         from datetime import date
+        from pathlib import Path
 
         from recsys_moe.pipelines.history_units import bucket_features
 
+        params = _params()
         column, bucket, days = unit
-        return bucket_features(_plan_and_day(_params())[0], column, int(bucket), [date.fromisoformat(d) for d in days])
+        source = Path(params["source_dir"]).expanduser()
+        return bucket_features(
+            _plan_and_day(params)[0], source, column, int(bucket), [date.fromisoformat(d) for d in days]
+        )
 
     @task
     def assemble() -> dict:
@@ -140,5 +145,6 @@ def history_features() -> None:
     found = duplicates.expand(bucket=id_buckets(units))
     computed = features.expand(unit=bucket_units(units))
     checked >> found >> computed >> assemble()
+
 
 history_features()

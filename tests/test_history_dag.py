@@ -33,6 +33,30 @@ def _task_instances(db: Path, run_day: str) -> dict[str, list[tuple[int, str]]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+PARSE = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+dag = bag.dags["history_features"]
+print("RESULT " + json.dumps({
+    "errors": {k: str(v) for k, v in bag.import_errors.items()},
+    "heavy": [m for m in ("torch", "polars", "mlflow", "recsys_moe") if m in sys.modules],
+    "mapped": sorted(t.task_id for t in dag.tasks if type(t).__name__ == "MappedOperator"),
+    "tasks": sorted(t.task_id for t in dag.tasks),
+}))
+"""
+
+
+def test_the_dag_parses_light_with_three_mapped_tasks(tmp_path: Path) -> None:
+    out = _run(
+        [sys.executable, "-c", PARSE, str(ROOT / "dags" / "history_features.py")], _airflow_env(tmp_path), tmp_path
+    )
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["errors"] == {} and result["heavy"] == []  # nothing but Airflow at parse time
+    assert result["mapped"] == ["check", "duplicates", "features"]
+    assert {"plan", "assemble"} <= set(result["tasks"])
+
+
 def test_mapped_units_of_a_day_under_airflow_dags_test_equal_the_cli(tmp_path: Path) -> None:
     config = synthetic.SyntheticConfig(n_users=500, n_items=200, n_impressions=24_000, n_days=12, seed=2)
     raw = tmp_path / "raw"

@@ -214,3 +214,7 @@ def test_cli_builds_what_the_log_lacks_and_says_what_it_rejected(tmp_path: Path)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --days: '2026-01-03..2026-01-01' ends before it starts"
     absent = subprocess.run([*args, "--days", "2025-12-01"], capture_output=True, text=True, check=False)
     assert absent.returncode == 2 and "days not in the raw log" in absent.stderr
+    not_a_log = [*CLI, "history", "--data", str(tmp_path), "--out", str(tmp_path / "out2")]
+    wrong = subprocess.run(not_a_log, capture_output=True, text=True, check=False)
+    assert wrong.returncode == 2 and "no day=YYYY-MM-DD partitions" in wrong.stderr
+    assert not (tmp_path / "out2").exists()

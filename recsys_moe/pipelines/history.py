@@ -124,17 +124,23 @@ def _index(events: pl.DataFrame, spec: HistorySpec) -> _Index:
     return index
 
 
-def _entity_columns(index: _Index, entity: str, lo: int, hi: int) -> dict[str, np.ndarray | pl.Series]:
+def _window_starts(index: _Index, lo: int, hi: int) -> dict[int, np.ndarray]:
+    """Per window w (and 0), the time rank of t - w for rows lo..hi: shared by every entity."""
+    t_rows = index.events.get_column(index.spec.time).slice(lo, hi - lo)
+    days = [0, *index.spec.windows_days]
+    return {d: _positions(index.times, t_rows - datetime.timedelta(days=d)).to_numpy() for d in days}
+
+
+def _entity_columns(
+    index: _Index, entity: str, lo: int, hi: int, positions: dict[int, np.ndarray]
+) -> dict[str, np.ndarray | pl.Series]:
     """Counts and sequences of one entity for rows lo..hi (a thread: numpy and Polars release the GIL)."""
     spec = index.spec
     columns: dict[str, np.ndarray | pl.Series] = {}
-    t_rows = index.events.get_column(spec.time).slice(lo, hi - lo)
     row_code = index.codes[entity][lo:hi]
-    positions = {
-        d: _positions(index.times, t_rows - datetime.timedelta(days=d)).to_numpy() for d in [0, *spec.windows_days]
-    }
-    # Queries in (entity, time) order: binary searches over sorted needles stay in cache.
-    perm = np.argsort(row_code + positions[0], kind="stable")
+    # Queries in (entity, time) order: binary searches over sorted needles stay in cache (equal
+    # needles find equal answers, so their order among themselves does not matter).
+    perm = np.argsort(row_code + positions[0])
     bound = {d: (row_code + pos)[perm] for d, pos in positions.items()}
     for name in spec.streams:
         before = {d: np.searchsorted(index.sorted_keys[(entity, name)], q, side="left") for d, q in bound.items()}
@@ -151,7 +157,8 @@ def _history_columns(index: _Index, lo: int, hi: int) -> dict[str, np.ndarray | 
     """Every entity column (counts, rates, sequences) of rows lo..hi; no time features."""
     spec = index.spec
     with ThreadPoolExecutor(max_workers=min(len(spec.entities), os.cpu_count() or 1)) as pool:
-        parts = list(pool.map(lambda e: _entity_columns(index, e, lo, hi), spec.entities))
+        starts = _window_starts(index, lo, hi)
+        parts = list(pool.map(lambda e: _entity_columns(index, e, lo, hi, starts), spec.entities))
     columns: dict[str, np.ndarray | pl.Series] = {k: v for part in parts for k, v in part.items()}
     for entity in spec.entities:
         for name, rate in spec.rates.items():
@@ -195,13 +202,14 @@ def add_history(
 
 
 def entity_features(
-    events: pl.LazyFrame | pl.DataFrame, spec: HistorySpec, days: list[datetime.date]
+    events: pl.LazyFrame | pl.DataFrame, spec: HistorySpec, days: list[datetime.date], carry: tuple[str, ...] = ()
 ) -> dict[datetime.date, pl.DataFrame]:
-    """Per day of `days`: the event id and every entity column (counts, rates, sequences; not the
-    time features) of that day's rows of `events`, sorted by (time, event id). One index serves
-    every day, so `events` must hold `spec.lookback_days` before the first of them. The kernel of
-    a partitioned build (`pipelines/history_units.py`): `events` may be any set of entity keys'
-    complete streams, and each key's rows come out as from the whole log."""
+    """Per day of `days`: the event id, the `carry` columns of `events` and every entity column
+    (counts, rates, sequences; not the time features) of that day's rows of `events`, sorted by
+    (time, event id). One index serves every day, so `events` must hold `spec.lookback_days`
+    before the first of them. The kernel of a partitioned build (`pipelines/history_units.py`):
+    `events` may be any set of entity keys' complete streams, and each key's rows come out as
+    from the whole log."""
     frame = _sorted_events(events, spec)
     index = _index(frame, spec)
     out: dict[datetime.date, pl.DataFrame] = {}
@@ -209,9 +217,9 @@ def entity_features(
         at = datetime.datetime.combine(day, datetime.time())
         lo, hi = _first_at(frame, spec, at), _first_at(frame, spec, at + datetime.timedelta(days=1))
         columns = _history_columns(index, lo, hi)
-        ids = frame.get_column(spec.event_id).slice(lo, hi - lo)
+        kept = frame.select(spec.event_id, *carry).slice(lo, hi - lo)
         names = [c for c in spec.columns() if c in columns]
-        out[day] = pl.DataFrame([ids, *(pl.Series(c, columns[c]) for c in names)])
+        out[day] = kept.hstack([pl.Series(c, columns[c]) for c in names])
     return out
 
 

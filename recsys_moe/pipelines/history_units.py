@@ -1,6 +1,6 @@
 """The history pipeline cut into units of work, each holding one bucket of the log or one day of
 it, so that a log larger than one machine runs on many workers (the Airflow DAG
-`dags/history_features.py` maps them) and, unit after unit, in one process (the CLI, the demo).
+`dags/history_features.py` maps them) and, unit after unit, in one process (`recsys-moe history`).
 
 Why it is exact: an entity's features of an event depend only on the stream events that share
 the entity's key. Entities are grouped by their first key column (`user` and `user x category`
@@ -21,13 +21,14 @@ writes the same rows, so Airflow may retry any of them:
 3. `bucket_features(column, bucket, days)`: one bucket's events of [first day - look-back, last
    day] through the same index and search as `history.add_history`; per day, that bucket's rows
    with the group's columns: `features/by=<column>/day=D/bucket=<b>.parquet`.
-4. `assemble_day(day)`: the day's valid events, every group's columns joined on the event id,
-   in `write_days`' row and column order: `<out>/day=D/part-0.parquet`.
+4. `assemble_day(day)`: the day's valid events with every group's columns, placed by each row's
+   position in its day (numbered by `check_day`, carried through the features units) rather
+   than joined on the event id, in `write_days`' row and column order: `<out>/day=D/part-0.parquet`.
 
 Memory: a features unit holds 1/buckets of the look-back window's events; a check or assemble
 unit one day. Rows are numbered as the in-memory contract numbers them (day partitions in
 order, each sorted by time and event id), so reject reasons name the same rows when every event
-time is valid.
+time is set and on its partition's day.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import polars as pl
 
 from recsys_moe import atomic
@@ -53,6 +55,7 @@ from recsys_moe.pipelines.history import HISTORY_MARKER, day_path, entity_featur
 log = logging.getLogger(__name__)
 
 ROW = "__raw_row"  # a row's number in the whole log's input order, kept through every unit
+POS = "__day_pos"  # a valid row's number within its day (the day's output order, before duplicates)
 WORK_MARKER = "history_units.json"  # in a work folder: the spec and bucket counts it was filed with
 
 
@@ -152,14 +155,16 @@ def check_day(plan: Plan, raw: pl.LazyFrame, day: datetime.date, first_row: int)
     frame = raw.select(checked).sort(h.time, h.event_id, maintain_order=True).with_row_index(ROW, offset=first_row)
     valid_lazy, rejected_lazy = check_events(frame, contract, duplicates=False)
     valid, rejected = pl.collect_all([valid_lazy, rejected_lazy])
-    valid = valid.select(ROW, *h.raw_columns())
+    # POS: a valid row's place in its day's output order, carried through the features units so
+    # that assembling a day places their columns by index instead of joining on the event id.
+    valid = valid.select(ROW, *h.raw_columns()).with_row_index(POS)
     _fast(valid, plan.valid_path(day))
     atomic.write_parquet(rejected, plan.rejects_path(day))
     ids = valid.select(ROW, h.event_id).with_columns(_bucket(valid, h.event_id, plan.id_buckets).alias("__b"))
     for b, part_ in _split(ids, "__b", plan.id_buckets):
         _fast(part_, plan.ids_path(b, day))
     for column, group in plan.groups().items():
-        keep = [ROW, *group.raw_columns()]
+        keep = [ROW, POS, *group.raw_columns()]
         filed = valid.select(keep).with_columns(_bucket(valid, column, plan.buckets).alias("__b"))
         for b, part_ in _split(filed, "__b", plan.buckets):
             _fast(part_, plan.events_path(column, b, day))
@@ -210,20 +215,22 @@ def _duplicate_rows(plan: Plan) -> pl.DataFrame:
 
 
 # -- 3. features ----------------------------------------------------------------------------
-def bucket_features(plan: Plan, column: str, bucket: int, days: list[datetime.date]) -> int:
+def bucket_features(plan: Plan, raw_dir: Path, column: str, bucket: int, days: list[datetime.date]) -> int:
     """The group of `column`'s columns for bucket `bucket`'s rows of each of `days` (from the
-    bucket's events of the look-back window); returns the rows written."""
+    bucket's events of the look-back window); returns the rows written. Every day of the raw log
+    in the window must have been checked: a missing one would silently drop its events."""
     group = plan.groups()[column]
     lookback = datetime.timedelta(days=group.lookback_days)
     first, last = min(days), max(days)
-    window = [first - lookback + datetime.timedelta(days=i) for i in range((last - first + lookback).days + 1)]
-    paths = [p for d in window if (p := plan.events_path(column, bucket, d)).is_file()]
-    for d in days:
-        if not plan.events_path(column, bucket, d).is_file():
-            raise FileNotFoundError(f"day {d} is not checked yet: {plan.events_path(column, bucket, d)} is missing")
+    window = [d for d in raw_days(raw_dir) if first - lookback <= d <= last]
+    unchecked = [d for d in window if not plan.events_path(column, bucket, d).is_file()]
+    if unchecked or not set(days) <= set(window):
+        missing = unchecked or sorted(set(days) - set(window))
+        raise FileNotFoundError(f"day {missing[0]} of {raw_dir} is not checked yet (run its check unit first)")
+    paths = [plan.events_path(column, bucket, d) for d in window]
     events = pl.concat([pl.read_parquet(p) for p in paths]).join(_duplicate_rows(plan), on=ROW, how="anti")
     rows = 0
-    for day, frame in entity_features(events.drop(ROW), group, sorted(days)).items():
+    for day, frame in entity_features(events.drop(ROW), group, sorted(days), carry=(POS,)).items():
         _fast(frame, plan.features_path(column, day, bucket))
         rows += frame.height
     return rows
@@ -234,23 +241,28 @@ def assemble_day(plan: Plan, day: datetime.date) -> int:
     """The day's output partition → its rows; a day without valid events writes nothing, as
     `write_days` writes nothing for it."""
     h = plan.history
-    frame = (
-        pl.read_parquet(plan.valid_path(day))
-        .join(_duplicate_rows(plan), on=ROW, how="anti", maintain_order="left")
-        .drop(ROW)
-        .sort(h.time, h.event_id)
-    )
+    valid = pl.read_parquet(plan.valid_path(day))
+    keep = ~valid.get_column(ROW).is_in(_duplicate_rows(plan).get_column(ROW).implode())
+    frame = valid.filter(keep).drop(ROW, POS)
     if frame.height == 0:
         return 0
+    kept_pos = np.flatnonzero(keep.to_numpy())
     for column in plan.groups():
         paths = [plan.features_path(column, day, b) for b in range(plan.buckets)]
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"the features units of {day} have not all run: {missing[0]} is missing")
         part = pl.concat([pl.read_parquet(p) for p in paths])
-        if part.height != frame.height:
+        # Place each bucket's rows at their position in the day: an index, not a join.
+        where = np.full(valid.height, -1, dtype=np.int64)
+        where[part.get_column(POS).to_numpy()] = np.arange(part.height)
+        order = where[kept_pos]
+        if part.height != frame.height or (order < 0).any():
             raise RuntimeError(f"{day}: {part.height} rows of {column} features for {frame.height} events")
-        frame = frame.join(part, on=h.event_id, how="left", maintain_order="left")
+        part = part[order]
+        if not part.get_column(h.event_id).equals(frame.get_column(h.event_id)):
+            raise RuntimeError(f"{day}: the {column} features are not those of the day's events")
+        frame = frame.hstack(part.drop(h.event_id, POS))
     if h.time_features:
         t = frame.get_column(h.time)
         frame = frame.with_columns(
@@ -267,7 +279,7 @@ def rejects(plan: Plan) -> pl.DataFrame:
     dup = pl.concat([pl.read_parquet(plan.duplicates_path(b)) for b in range(plan.id_buckets)])
     valid = sorted((plan.work_dir / "valid").glob("day=*.parquet"))
     if dup.height and valid:
-        rows = pl.scan_parquet(valid).join(dup.lazy().drop(plan.history.event_id), on=ROW).collect()
+        rows = pl.scan_parquet(valid).drop(POS).join(dup.lazy().drop(plan.history.event_id), on=ROW).collect()
     else:
         rows = dup.clear()
     return pl.concat([*days, rows], how="diagonal_relaxed").sort(ROW)
@@ -275,13 +287,16 @@ def rejects(plan: Plan) -> pl.DataFrame:
 
 # -- the whole build in one process ------------------------------------------------------------
 def raw_days(raw_dir: Path) -> list[datetime.date]:
-    """The day partitions of a raw event log, in order."""
+    """The day partitions of a raw event log, in order; an error when it has none."""
+    where = Path(raw_dir) / "impressions"
     days = []
-    for part in sorted((Path(raw_dir) / "impressions").glob("day=*")):
+    for part in sorted(where.glob("day=*")):
         try:
             days.append(datetime.date.fromisoformat(part.name.removeprefix("day=")))
         except ValueError:
             raise ValueError(f"{part}: a partition name must be day=YYYY-MM-DD") from None
+    if not days:
+        raise ValueError(f"{where}: no day=YYYY-MM-DD partitions (is {raw_dir} an event log?)")
     return days
 
 
@@ -388,7 +403,7 @@ def _unit(kind: str, plan: Plan, raw_dir: Path, arg: object, first_row: int) -> 
         out = find_duplicates(plan, cast(int, arg))
     elif kind == "features":
         column, bucket, days = cast(tuple[str, int, list[datetime.date]], arg)
-        out = bucket_features(plan, column, bucket, days)
+        out = bucket_features(plan, raw_dir, column, bucket, days)
     else:
         out = assemble_day(plan, cast(datetime.date, arg))
     return out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -414,8 +429,6 @@ def build_local(
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     own(plan, rebuild)
     all_days = raw_days(raw_dir)
-    if not all_days:
-        raise ValueError(f"{raw_dir}: no day=YYYY-MM-DD partitions under impressions/")
     units = units_for(plan, raw_dir, all_days if days is None else days, chunk_days)
     offsets = row_offsets(raw_dir, all_days)
     built = Built(days=units.days, rows_checked=0, rejected=0, duplicates=0, rows_out=0, units=units.count())
@@ -454,6 +467,9 @@ def build_local(
             pool.shutdown(cancel_futures=True)
         bar.close()
     finish(plan)
+    log.info(
+        "history units: %d run, %d day(s) → %s, %d rows", built.units, len(built.days), plan.out_dir, built.rows_out
+    )
     return built
 
 
