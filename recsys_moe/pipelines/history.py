@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,15 +161,25 @@ def _history_columns(index: _Index, lo: int, hi: int) -> dict[str, np.ndarray | 
         starts = _window_starts(index, lo, hi)
         parts = list(pool.map(lambda e: _entity_columns(index, e, lo, hi, starts), spec.entities))
     columns: dict[str, np.ndarray | pl.Series] = {k: v for part in parts for k, v in part.items()}
+    columns.update(rate_columns(spec, lambda c: cast(np.ndarray, columns[c])))  # counts: arrays
+    return columns
+
+
+def rate_columns(spec: HistorySpec, count: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+    """Every smoothed rate from its counts (`count(name)` → the count column as int32): one
+    formula wherever rates are computed, so they agree to the bit."""
+    out = {}
     for entity in spec.entities:
         for name, rate in spec.rates.items():
             for w in spec.windows_days:
-                num = cast(np.ndarray, columns[spec.column(entity, rate.numerator, w)])  # counts: arrays
-                den = cast(np.ndarray, columns[spec.column(entity, rate.denominator, w)])
-                columns[spec.column(entity, name, w)] = (
-                    (num + rate.strength * rate.prior) / (den + rate.strength)
-                ).astype(np.float32)
-    return columns
+                num, den = (
+                    count(spec.column(entity, rate.numerator, w)),
+                    count(spec.column(entity, rate.denominator, w)),
+                )
+                out[spec.column(entity, name, w)] = ((num + rate.strength * rate.prior) / (den + rate.strength)).astype(
+                    np.float32
+                )
+    return out
 
 
 def _features(index: _Index, lo: int, hi: int) -> pl.DataFrame:
@@ -202,12 +213,17 @@ def add_history(
 
 
 def entity_features(
-    events: pl.LazyFrame | pl.DataFrame, spec: HistorySpec, days: list[datetime.date], carry: tuple[str, ...] = ()
+    events: pl.LazyFrame | pl.DataFrame,
+    spec: HistorySpec,
+    days: list[datetime.date],
+    carry: tuple[str, ...] = (),
+    rates: bool = True,
 ) -> dict[datetime.date, pl.DataFrame]:
     """Per day of `days`: the event id, the `carry` columns of `events` and every entity column
     (counts, rates, sequences; not the time features) of that day's rows of `events`, sorted by
-    (time, event id). One index serves every day, so `events` must hold `spec.lookback_days`
-    before the first of them. The kernel of a partitioned build (`pipelines/history_units.py`):
+    (time, event id); without the rates when `rates` is false (`rate_columns` makes them from the
+    counts). One index serves every day, so `events` must hold `spec.lookback_days` before the
+    first of them. The kernel of a partitioned build (`pipelines/history_units.py`):
     `events` may be any set of entity keys' complete streams, and each key's rows come out as
     from the whole log."""
     frame = _sorted_events(events, spec)
@@ -218,7 +234,8 @@ def entity_features(
         lo, hi = _first_at(frame, spec, at), _first_at(frame, spec, at + datetime.timedelta(days=1))
         columns = _history_columns(index, lo, hi)
         kept = frame.select(spec.event_id, *carry).slice(lo, hi - lo)
-        names = [c for c in spec.columns() if c in columns]
+        skip = set() if rates else set(spec.rate_columns())
+        names = [c for c in spec.columns() if c in columns and c not in skip]
         out[day] = kept.hstack([pl.Series(c, columns[c]) for c in names])
     return out
 

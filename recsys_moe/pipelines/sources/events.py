@@ -6,7 +6,7 @@ on the past and judged on the future.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -14,8 +14,9 @@ import polars as pl
 from recsys_moe.pipelines.sources import synthetic
 
 
-def joined(raw_dir: Path, with_day: bool = False) -> pl.LazyFrame:
-    users, items, impressions = synthetic.read(raw_dir, with_day)
+def joined(raw_dir: Path, with_day: bool = False, day: date | None = None) -> pl.LazyFrame:
+    """Impressions with their user and item columns (`day`: one day partition only)."""
+    users, items, impressions = synthetic.read(raw_dir, with_day, day)
     # Keep the log's order: an unordered join would make every rebuild's shards differ.
     return impressions.join(users, on="user_id", how="left", maintain_order="left").join(
         items, on="item_id", how="left", maintain_order="left"

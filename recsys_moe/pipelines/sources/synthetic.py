@@ -619,24 +619,25 @@ def write_partitions(tables: SyntheticTables, out_dir: Path) -> list[Path]:
     return [out_dir / "impressions" / part for part in sorted(_write_tables(tables, out_dir))]
 
 
-def read(raw_dir: Path, with_day: bool = False) -> tuple[pl.LazyFrame, pl.LazyFrame, pl.LazyFrame]:
+def read(
+    raw_dir: Path, with_day: bool = False, day: datetime.date | None = None
+) -> tuple[pl.LazyFrame, pl.LazyFrame, pl.LazyFrame]:
     """Lazily scan a directory produced by :func:`write`: (users, items, impressions).
 
     Impressions come back in the generated schema and sorted by ``ts`` (ties by
     ``impression_id``); the hive ``day`` key is dropped unless `with_day` (the event contract
-    checks that each event lies on its partition's day).
+    checks that each event lies on its partition's day). `day`: only that day's partition.
     """
     raw_dir = Path(raw_dir)
     users = pl.scan_parquet(raw_dir / "users.parquet")
     items = pl.scan_parquet(raw_dir / "items.parquet")
+    scan = pl.scan_parquet(raw_dir / "impressions", hive_partitioning=True, hive_schema={"day": pl.Date})
+    if day is not None:
+        scan = scan.filter(pl.col("day") == day)  # the other partitions are never opened
     impressions = (
-        pl.scan_parquet(
-            raw_dir / "impressions",
-            hive_partitioning=True,
-            hive_schema={"day": pl.Date},
-        )
-        .select(*IMPRESSIONS_SCHEMA.names(), *(["day"] if with_day else []))
-        .sort("ts", "impression_id", maintain_order=True)  # exact duplicates keep the files' order
+        scan.select(*IMPRESSIONS_SCHEMA.names(), *(["day"] if with_day else [])).sort(
+            "ts", "impression_id", maintain_order=True
+        )  # exact duplicates keep the files' order
     )
     return users, items, impressions
 
