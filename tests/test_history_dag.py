@@ -41,7 +41,7 @@ dag = bag.dags["history_features"]
 print("RESULT " + json.dumps({
     "errors": {k: str(v) for k, v in bag.import_errors.items()},
     "heavy": [m for m in ("torch", "polars", "mlflow", "recsys_moe") if m in sys.modules],
-    "mapped": sorted(t.task_id for t in dag.tasks if type(t).__name__ == "MappedOperator"),
+    "mapped": sorted(t.task_id for t in dag.tasks if t.is_mapped),
     "tasks": sorted(t.task_id for t in dag.tasks),
 }))
 """
