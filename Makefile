@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(PINS) | sha256sum | cut -c1-16)
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TEST_ARGS ?=
 
-.PHONY: install demo test lint typecheck format bench bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads bench-reference bench-cold-start bench-synthetic lock clean help
+.PHONY: install demo test lint typecheck format bench bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-history-units bench-threads bench-reference bench-cold-start bench-synthetic lock clean help
 
 help:
 	@echo "make demo          synthetic data -> pipeline -> MMoE -> MLflow, end to end"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench-census  the MMoE paper's census-income comparison"
 	@echo "make bench-distributed  sharded training on 1 vs 2 ranks, memory per rank, TBE vs nn.EmbeddingBag"
 	@echo "make bench-pipelines    history features on 10M events: Polars vs pandas; AUC with and without"
+	@echo "make bench-history-units  history features of 100M events in units of work (~20 min with generation)"
 	@echo "make bench-threads      training beside a busy process: the thread governor vs fixed counts"
 	@echo "make bench-reference    the project's MMoE vs a plain-PyTorch MMoE on census (train, infer, neighbour)"
 	@echo "make bench-cold-start   a time-split ratings log with mostly new test users: models vs baselines, AUC and GAUC"
@@ -56,7 +57,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-threads bench-reference bench-cold-start bench-synthetic
+bench: bench-experts bench-serving bench-census bench-distributed bench-pipelines bench-history-units bench-threads bench-reference bench-cold-start bench-synthetic
 
 bench-experts: $(STAMP)
 	$(BIN)/python benchmarks/experts.py
@@ -72,6 +73,9 @@ bench-distributed: $(STAMP)
 
 bench-pipelines: $(STAMP)
 	$(BIN)/python benchmarks/history_features.py
+
+bench-history-units: $(STAMP)
+	$(BIN)/python benchmarks/history_features.py --partitioned
 
 bench-threads: $(STAMP)
 	$(BIN)/python benchmarks/threads.py
