@@ -218,3 +218,10 @@ def test_cli_builds_what_the_log_lacks_and_says_what_it_rejected(tmp_path: Path)
     wrong = subprocess.run(not_a_log, capture_output=True, text=True, check=False)
     assert wrong.returncode == 2 and "no day=YYYY-MM-DD partitions" in wrong.stderr
     assert not (tmp_path / "out2").exists()
+    (raw / "impressions" / "day=2026-01-03" / "part-0.parquet").write_text("not parquet")  # a torn upload
+    torn = subprocess.run([*args, "--rebuild"], capture_output=True, text=True, check=False)
+    assert torn.returncode == 2 and torn.stderr.startswith(
+        f"error: {raw / 'impressions' / 'day=2026-01-03'}: cannot read"
+    )
+    assert len(torn.stderr.strip().splitlines()) == 1
+    assert_same_days(written, tmp_path / "memory", tmp_path / "out")  # nothing was dropped first

@@ -312,16 +312,16 @@ def raw_day(raw_dir: Path, day: datetime.date) -> pl.LazyFrame:
 
 def row_offsets(raw_dir: Path, days: list[datetime.date]) -> dict[datetime.date, int]:
     """The number of the first row of each day in the whole log's input order (from the parquet
-    footers: nothing is read)."""
+    footers: nothing is read). A day whose files cannot be read is an error naming it."""
     offsets, total = {}, 0
     for day in days:
         offsets[day] = total
-        total += (
-            pl.scan_parquet(Path(raw_dir) / "impressions" / f"day={day.isoformat()}" / "*.parquet")
-            .select(pl.len())
-            .collect()
-            .item()
-        )
+        where = Path(raw_dir) / "impressions" / f"day={day.isoformat()}"
+        try:
+            total += pl.scan_parquet(where / "*.parquet").select(pl.len()).collect().item()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{where}: cannot read its parquet files ({first})") from exc
     return offsets
 
 
@@ -425,10 +425,10 @@ def build_local(
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-    own(plan, rebuild)
     all_days = raw_days(raw_dir)
+    offsets = row_offsets(raw_dir, all_days)  # an unreadable day fails here, before anything is dropped
+    own(plan, rebuild)
     units = units_for(plan, raw_dir, all_days if days is None else days, chunk_days)
-    offsets = row_offsets(raw_dir, all_days)
     built = Built(days=units.days, rows_checked=0, rejected=0, duplicates=0, rows_out=0, units=units.count())
     stages: list[tuple[str, list]] = [
         ("check", units.check_days),
