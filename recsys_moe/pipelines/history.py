@@ -329,17 +329,33 @@ def update_days(
     between leaves a folder the next run rebuilds rather than trusts.
     """
     out_dir = Path(out_dir)
-    atomic.check_owned(out_dir, HISTORY_MARKER)
-    marker = out_dir / HISTORY_MARKER
-    spec_json = spec.model_dump_json()
-    if rebuild or not marker.is_file() or marker.read_text() != spec_json:
-        atomic.write_text(marker, "")  # ours from now on, and stale until the end
-        for stale in out_dir.glob("day=*"):
-            shutil.rmtree(stale)
+    claim_history_dir(out_dir, spec, rebuild)
     in_log = _days(events, spec)
     for stale in set(out_dir.glob("day=*")) - {day_path(out_dir, d).parent for d in in_log}:
         shutil.rmtree(stale)  # a day no longer in the log
     days = [d for d in in_log if not day_path(out_dir, d).exists()]
     write_days(events, spec, out_dir, days, chunk_days, progress)
-    atomic.write_text(marker, spec_json)
+    mark_history_dir(out_dir, spec)
     return days
+
+
+def claim_history_dir(out_dir: Path, spec: HistorySpec, rebuild: bool = False) -> None:
+    """Take a history folder (new, empty or ours, else `OwnershipError`). Day partitions of
+    another spec, or all of them with `rebuild`, are removed; the marker is blanked first, so a
+    kill in between leaves a folder the next build rebuilds rather than trusts."""
+    atomic.check_owned(out_dir, HISTORY_MARKER)
+    marker = out_dir / HISTORY_MARKER
+    if rebuild or not marker.is_file() or marker.read_text() != spec.model_dump_json():
+        atomic.write_text(marker, "")  # ours from now on, and stale until marked
+        for stale in out_dir.glob("day=*"):
+            shutil.rmtree(stale)
+
+
+def mark_history_dir(out_dir: Path, spec: HistorySpec) -> None:
+    """Every day partition in `out_dir` is now of `spec`."""
+    atomic.write_text(out_dir / HISTORY_MARKER, spec.model_dump_json())
+
+
+def is_marked(out_dir: Path, spec: HistorySpec) -> bool:
+    marker = out_dir / HISTORY_MARKER
+    return marker.is_file() and marker.read_text() == spec.model_dump_json()

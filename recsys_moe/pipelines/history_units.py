@@ -50,7 +50,16 @@ from recsys_moe.features.history import HistorySpec
 from recsys_moe.features.spec import FeatureSpec
 from recsys_moe.pipelines.contract import REJECT_REASON, check_events
 from recsys_moe.pipelines.event_log import contract_for
-from recsys_moe.pipelines.history import HISTORY_MARKER, day_path, entity_features, rate_columns, write_day
+from recsys_moe.pipelines.history import (
+    HISTORY_MARKER,
+    claim_history_dir,
+    day_path,
+    entity_features,
+    is_marked,
+    mark_history_dir,
+    rate_columns,
+    write_day,
+)
 from recsys_moe.pipelines.sources import events
 
 log = logging.getLogger(__name__)
@@ -473,7 +482,7 @@ def build_local(
 
 def finish(plan: Plan) -> None:
     """Mark the output folder as holding this spec's day partitions (as `update_days` does)."""
-    atomic.write_text(plan.out_dir / HISTORY_MARKER, plan.history.model_dump_json())
+    mark_history_dir(plan.out_dir, plan.history)
 
 
 def own(plan: Plan, rebuild: bool = False) -> None:
@@ -482,7 +491,9 @@ def own(plan: Plan, rebuild: bool = False) -> None:
     `history.update_days` drops them (the marker is blanked first, so a kill in between leaves a
     folder the next build rebuilds rather than trusts). `rebuild` drops both whatever they hold."""
     atomic.check_owned(plan.work_dir, WORK_MARKER)
-    atomic.check_owned(plan.out_dir, HISTORY_MARKER)
+    atomic.check_owned(plan.out_dir, HISTORY_MARKER)  # both refused before either is touched
+    # The output folder's marker first: the default work folder lies inside it.
+    claim_history_dir(plan.out_dir, plan.history, rebuild)
     marker = plan.work_dir / WORK_MARKER
     if rebuild or not marker.is_file() or marker.read_text() != plan.marker():
         atomic.write_text(marker, "")
@@ -490,15 +501,9 @@ def own(plan: Plan, rebuild: bool = False) -> None:
             if (plan.work_dir / sub).is_dir():
                 shutil.rmtree(plan.work_dir / sub)
         atomic.write_text(marker, plan.marker())
-    out_marker = plan.out_dir / HISTORY_MARKER
-    if rebuild or not out_marker.is_file() or out_marker.read_text() != plan.history.model_dump_json():
-        atomic.write_text(out_marker, "")
-        for stale in plan.out_dir.glob("day=*"):
-            shutil.rmtree(stale)
 
 
 def missing_days(plan: Plan, raw_dir: Path) -> list[datetime.date]:
     """The raw log's days that the output folder lacks (every day when it holds another spec's)."""
-    marker = plan.out_dir / HISTORY_MARKER
-    current = marker.is_file() and marker.read_text() == plan.history.model_dump_json()
+    current = is_marked(plan.out_dir, plan.history)
     return [d for d in raw_days(raw_dir) if not (current and day_path(plan.out_dir, d).is_file())]
