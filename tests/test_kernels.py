@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from recsys_moe.kernels import grouped
-from recsys_moe.kernels.dense import combine, dense_experts_combine
+from recsys_moe.kernels import gemm, grouped
+from recsys_moe.kernels.dense import combine, dense_experts_combine, experts_combine
 from recsys_moe.kernels.grouped import route, topk_experts_combine
 from recsys_moe.model.stacked import StackedMLP
 
@@ -109,7 +109,7 @@ def run_with_grads(fn, x, weights, biases, gate_weights, grad_out):
 
 
 @pytest.mark.parametrize(("batch", "d_in", "hidden", "num_experts", "num_gates", "k"), SHAPES)
-@pytest.mark.parametrize("path", ["topk-padded", "topk-loop", "dense"])
+@pytest.mark.parametrize("path", ["topk-padded", "topk-loop", "dense", "dense-manual-backward"])
 def test_matches_linear_loop(batch, d_in, hidden, num_experts, num_gates, k, path: str, monkeypatch) -> None:
     monkeypatch.setattr(grouped, "_pads", lambda routing: path == "topk-padded")  # both strategies, every shape
     dtype = torch.float64
@@ -123,13 +123,14 @@ def test_matches_linear_loop(batch, d_in, hidden, num_experts, num_gates, k, pat
     (ref * grad_out).sum().backward()
     ref_grad_w, ref_grad_b = stacked_grads(experts)
 
-    fn = dense_experts_combine if path == "dense" else topk_experts_combine
+    fns = {"dense": dense_experts_combine, "dense-manual-backward": experts_combine}
+    fn = fns.get(path, topk_experts_combine)
     out, (grad_x, grad_gw, *grad_params) = run_with_grads(fn, x, weights, biases, gate_weights, grad_out)
     torch.testing.assert_close(out, ref.detach())
     torch.testing.assert_close(grad_x, x_ref.grad)
     for got, want in zip(grad_params, ref_grad_w + ref_grad_b):
         torch.testing.assert_close(got, want)
-    if path == "dense":
+    if path.startswith("dense"):
         torch.testing.assert_close(grad_gw, gw_ref.grad)
     else:  # exact where some gate routed the (row, expert) pair; zero where no gate did (not computed)
         routed = (gate_weights != 0).any(dim=1, keepdim=True).expand_as(gate_weights)
@@ -198,6 +199,66 @@ def test_dense_path_is_stacked_mlp_plus_combine() -> None:
     torch.testing.assert_close(
         dense_experts_combine(x, list(mlp.weights), list(mlp.biases), gate_weights), combine(mlp(x), gate_weights)
     )
+
+
+@pytest.mark.parametrize("hidden", [[5], [6, 4], [7, 5, 3]])
+def test_manual_backward_passes_gradcheck(hidden: list[int]) -> None:
+    """The hand-written backward against finite differences, every input at once (float64)."""
+    weights, biases = make_experts(4, hidden, 3, torch.float64, seed=len(hidden))
+    gate_weights = torch.softmax(torch.randn(6, 2, 3, dtype=torch.float64), dim=-1)
+    leaves = [t.clone().requires_grad_() for t in (torch.randn(6, 4, dtype=torch.float64), gate_weights)]
+    params = [t.clone().requires_grad_() for t in (*weights, *biases)]
+    n = len(weights)
+    assert torch.autograd.gradcheck(
+        lambda x, g, *p: experts_combine(x, list(p[:n]), list(p[n:]), g), (*leaves, *params)
+    )
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_manual_backward_matches_autograd_at_census_shapes(onednn: bool, monkeypatch) -> None:
+    """float32, MMoE's census shapes. With torch's GEMMs it is the autograd path bit for bit; with
+    oneDNN's (`kernels.gemm`, the default on x86 CPUs) equal up to float32 rounding."""
+    if onednn and not gemm.ONEDNN:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(gemm, "ONEDNN", onednn)
+    weights, biases = make_experts(263, [64, 32], 8, torch.float32, seed=3)
+    x = torch.randn(1024, 263)
+    gate_weights = torch.softmax(torch.randn(1024, 2, 8), dim=-1)
+    grad_out = torch.randn(2, 1024, 32)
+    ref, ref_grads = run_with_grads(dense_experts_combine, x, weights, biases, gate_weights, grad_out)
+    out, grads = run_with_grads(experts_combine, x, weights, biases, gate_weights, grad_out)
+    if onednn:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(out, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 5), (64, 263, 512), (300, 33, 17)])
+def test_onednn_matmul_is_torch_mm(shape: tuple[int, int, int]) -> None:
+    """`gemm.matmul` against `addmm`: plain and transposed operands, with and without bias and ReLU."""
+    m, k, n = shape
+    a, b, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n)
+    for left, right in [(a, b), (a.t().contiguous().t(), b.t().contiguous().t())]:
+        want = torch.addmm(bias, left, right).relu_()
+        torch.testing.assert_close(gemm.matmul(left, right, bias, relu=True), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(gemm.matmul(left, right), left @ right, rtol=1e-5, atol=1e-4)
+    double = a.double(), b.double()  # not oneDNN's: torch's, exactly
+    assert not gemm.uses_onednn(*double)
+    assert torch.equal(gemm.matmul(*double), double[0] @ double[1])
+    block = torch.randn(k, 2 * m)[:, :m].t()  # a gap between rows: torch's, exactly
+    assert not gemm.uses_onednn(block, b)
+    assert torch.equal(gemm.matmul(block, b), block @ b)
+    assert gemm.uses_onednn(a, b.t().contiguous().t()) == gemm.ONEDNN
+
+
+def test_manual_backward_skips_the_input_gradient_when_not_needed() -> None:
+    weights, biases = make_experts(5, [4, 3], 2, torch.float32, seed=4)
+    w = [t.clone().requires_grad_() for t in weights]
+    out = experts_combine(torch.randn(3, 5), w, biases, torch.full((3, 1, 2), 0.5))
+    out.sum().backward()
+    assert w[0].grad is not None and w[0].grad.abs().sum() > 0
 
 
 # ---- Triton -------------------------------------------------------------------------------------

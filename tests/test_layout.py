@@ -19,6 +19,7 @@ PACKAGE = ROOT / "recsys_moe"
 LAYERS: list[tuple[str, ...]] = [
     (
         "recsys_moe",
+        "recsys_moe.allocator",
         "recsys_moe.atomic",
         "recsys_moe.config",
         "recsys_moe.logs",

@@ -3,15 +3,16 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 
 from recsys_moe.config import ModelConfig
 from recsys_moe.data.loader import InMemoryDataset
-from recsys_moe.kernels.dense import combine
-from recsys_moe.model.embeddings import plan_tables
+from recsys_moe.kernels.dense import combine, dense_experts_combine
+from recsys_moe.model.embeddings import SparseArch, plan_tables
 from recsys_moe.model.gates import Gates
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.model.stacked import StackedMLP
-from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest, SparseFeatureInfo
 
 
 def _data(manifest: Manifest, model: MultiTaskRanker, split: str = "train") -> InMemoryDataset:
@@ -173,3 +174,82 @@ def test_layer_input_norm_is_per_row_trains_and_reloads(synthetic_manifest: Mani
     torch.testing.assert_close(
         torch.from_numpy(scored.scores).float(), result.test.scores[:40].float(), rtol=0, atol=1e-5
     )
+
+
+def _features(pooling: str = "sum") -> list[SparseFeatureInfo]:
+    return [
+        SparseFeatureInfo(name="a", kind="categorical", num_embeddings=7, embedding_dim=4),
+        SparseFeatureInfo(name="b", kind="multi_hot", num_embeddings=5, embedding_dim=4, max_length=3),
+        SparseFeatureInfo(name="big", kind="categorical", num_embeddings=50, embedding_dim=4, pooling=pooling),
+    ]
+
+
+def _fused_arch(pooling: str = "sum") -> SparseArch:
+    torch.manual_seed(0)
+    return SparseArch(_features(pooling), pack_below=20, fused_optimizer=("adagrad", {"lr": 0.5}))
+
+
+def _kjt(keys: list[str]) -> KeyedJaggedTensor:
+    rows = {"a": ([1, 6, 0], [1, 1, 1]), "b": ([4, 2, 1, 3], [2, 0, 2]), "big": ([49, 0, 17], [1, 1, 1])}
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.tensor([v for k in keys for v in rows[k][0]]),
+        lengths=torch.tensor([n for k in keys for n in rows[k][1]], dtype=torch.int32),
+    )
+
+
+def test_direct_kernel_lookup_is_the_ebc_forward_and_update() -> None:
+    """The lookup that skips the fused EBC's per-feature split gives its output, and its backward
+    the same fused update of every table row, bit for bit."""
+    fast, module = _fused_arch(), _fused_arch()  # the same seed: the same tables
+    assert fast._direct is not None  # one pooling: packed and unpacked tables share one kernel
+    module._direct = None
+    grad = torch.randn(3, 12)
+    before = [w.clone() for w in fast.ebc.state_dict().values()]
+    outs = []
+    for arch in (fast, module):
+        pooled = arch.lookup(_kjt(arch.keys))
+        assert pooled.keys() == arch.output_keys
+        (pooled.values() * grad).sum().backward()
+        outs.append((pooled.values().detach(), [w.detach().clone() for w in arch.ebc.state_dict().values()]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for got, want in zip(outs[0][1], outs[1][1]):
+        assert torch.equal(got, want)
+    assert any(not torch.equal(w, b) for w, b in zip(outs[0][1], before))  # the rows were updated
+
+
+def test_direct_kernel_falls_back_where_it_does_not_apply() -> None:
+    assert _fused_arch(pooling="mean")._direct is None  # two poolings: two kernels
+    arch = _fused_arch()
+    reordered = _kjt(list(reversed(arch.keys)))  # keys not in the kernel's order: the module's forward
+    ref = _fused_arch()
+    ref._direct = None
+    torch.testing.assert_close(arch.lookup(reordered).to_dict(), ref.lookup(reordered).to_dict())
+    arch.ebc = EmbeddingBagCollection(tables=plan_tables(_features(), 20).tables)  # replaced (as sharding does)
+    assert arch.lookup(_kjt(arch.keys)).values().shape == (3, 12)
+
+
+def test_scores_with_onednn_are_the_torch_scores(synthetic_manifest: Manifest, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The faster expert block (hand-written backward, oneDNN GEMMs) scores the rows as the autograd
+    block on torch's GEMMs does, within 1e-6; and one training step moves the weights alike."""
+    from recsys_moe.kernels import gemm
+    from recsys_moe.model import mmoe
+
+    torch.manual_seed(0)
+    model = MultiTaskRanker(synthetic_manifest, ModelConfig(arch="mmoe"))
+    batch = _data(synthetic_manifest, model).batch(torch.arange(300))
+    model.eval()
+    fast = model.predict(batch.dense, batch.sparse)
+    monkeypatch.setattr(gemm, "ONEDNN", False)
+    monkeypatch.setattr(mmoe, "experts_combine", dense_experts_combine)
+    plain = model.predict(batch.dense, batch.sparse)
+    assert (fast - plain).abs().max() <= 1e-6
+    model.train()
+    grads = []
+    for _ in range(2):
+        model.zero_grad()
+        model(batch.dense, batch.sparse).logits.sum().backward()
+        grads.append([p.grad.clone() for p in model.arch.parameters()])
+        monkeypatch.undo()
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

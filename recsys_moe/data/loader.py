@@ -100,16 +100,20 @@ class InMemoryDataset:
 
     def batch(self, idx: torch.Tensor | slice) -> Batch:
         """The rows `idx`: an index tensor (a shuffled batch) or a slice (in order: views, no gather)."""
-        dense = self.dense[idx]
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # index_select: 2-5x faster than t[idx] here
+            return t.index_select(0, idx) if isinstance(idx, torch.Tensor) else t[idx]
+
+        dense = rows(self.dense)
         n = dense.shape[0]
         if not self.multi_hot:  # fast path: one gather for all features
-            values = self.ids[idx].t().reshape(-1)
+            values = rows(self.ids).t().reshape(-1)
             lengths = self._ones.expand(-1, n).reshape(-1)
         else:
             vals, lens = [], []
             for k in self.sparse_keys:
                 if k in self.multi_hot:
-                    p = self.padded[k][idx]
+                    p = rows(self.padded[k])
                     mask = p >= 0
                     vals.append(p[mask])
                     lens.append(mask.sum(dim=1, dtype=torch.int32))
@@ -118,7 +122,7 @@ class InMemoryDataset:
                     lens.append(torch.ones(n, dtype=torch.int32))
             values, lengths = torch.cat(vals), torch.cat(lens)
         sparse = KeyedJaggedTensor(keys=self.sparse_keys, values=values, lengths=lengths)
-        return Batch(dense=dense, sparse=sparse, labels=self.labels[idx])
+        return Batch(dense=dense, sparse=sparse, labels=rows(self.labels))
 
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None

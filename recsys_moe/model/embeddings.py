@@ -96,6 +96,7 @@ class SparseArch(nn.Module):
             self.ebc = FusedEmbeddingBagCollection(
                 tables=plan.tables, optimizer_type=FUSED_OPTIMIZERS[name], optimizer_kwargs=kwargs, device=device
             )
+        self._direct = self._direct_kernel()
         for table in plan.tables:  # small init, like TorchRec's default for recsys tables
             weight = self.ebc.embedding_bags[table.name].weight
             with torch.no_grad():
@@ -116,9 +117,31 @@ class SparseArch(nn.Module):
         values = features.values() + torch.repeat_interleave(self.id_offsets, per_key)
         return KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths)
 
+    def _direct_kernel(self) -> tuple[nn.Module, nn.Module] | None:
+        """(ebc, its one FBGEMM kernel) when a batch can go straight to the kernel, else None.
+
+        A fused EBC's forward splits the batch into one JaggedTensor per feature and concatenates
+        them again for its single FBGEMM call: at census scale (32 features, batches of 1024)
+        that costs more than the lookup. When every table runs in one kernel (one pooling, one
+        dtype: packing makes this the common case) and the kernel's feature order is the keys',
+        the batch's values and offsets are already the kernel's input. A tuple, so the kernel is
+        not registered twice; `ebc` is kept to notice when sharding has replaced the module.
+        """
+        ebc = self.ebc
+        if not isinstance(ebc, FusedEmbeddingBagCollection) or ebc.is_weighted() or len(ebc._emb_modules) != 1:
+            return None
+        order = [f for tables in ebc._key_to_tables.values() for t in tables for f in t.feature_names]
+        return (ebc, ebc._emb_modules[0]) if order == self.keys == ebc._embedding_names else None
+
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings per feature (a sharded EBC may order the keys differently)."""
-        return self.ebc(self.table_ids(features))
+        features = self.table_ids(features)
+        direct = self._direct
+        if direct is None or direct[0] is not self.ebc or features.keys() != self.keys:
+            return self.ebc(features)
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(features.lengths())
+        pooled = direct[1](features.values().int(), offsets.int(), None)  # what the EBC's forward calls
+        return KeyedTensor(keys=self.keys, values=pooled, length_per_key=self.ebc._length_per_key)
 
     def concat(self, pooled: KeyedTensor) -> torch.Tensor:
         """Pooled embeddings → [B, output_dim] in the unsharded column order."""

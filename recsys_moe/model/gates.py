@@ -51,14 +51,19 @@ class Gates(nn.Module):
         if kind == "noisy_topk":
             self.noise_weight = nn.Parameter(torch.zeros(num_gates, d_in, num_experts))
 
-    def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        g, d, e = weight.shape
         if x.dim() == 2:  # shared input: all gates in one GEMM
-            g, d, e = weight.shape
-            return (x @ weight.permute(1, 0, 2).reshape(d, g * e)).view(x.shape[0], g, e)
-        return torch.bmm(x, weight).transpose(0, 1)  # [G, B, d] → [B, G, E]
+            w = weight.permute(1, 0, 2).reshape(d, g * e)
+            out = x @ w if bias is None else torch.addmm(bias.view(1, g * e), x, w)
+            return out.view(x.shape[0], g, e)
+        out = torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
+        return out.transpose(0, 1)  # [G, B, d] → [B, G, E]
 
     def forward(self, x: torch.Tensor) -> GateOutput:
-        logits = (self._project(x, self.weight) + self.bias.transpose(0, 1)) / self.temperature
+        logits = self._project(x, self.weight, self.bias)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         probs = torch.softmax(logits, dim=-1)
         if self.kind == "softmax":
             return GateOutput(weights=probs, probs=probs)

@@ -5,7 +5,8 @@
 
 With `num_gates=1` the one gate is shared by all tasks: that is OMoE (see omoe.py). How the
 experts run (`compute`, the config's `model.expert_compute`) changes the speed, not the result:
-`dense` runs every expert on every row; `routed` (top-k gates) runs each expert only on the rows
+`dense` runs every expert on every row (with a hand-written backward, `kernels.dense.experts_combine`,
+unless dropout is on); `routed` (top-k gates) runs each expert only on the rows
 routed to it (kernels/grouped.py), a fraction of the FLOPs when k is much smaller than E;
 `triton` runs the block in the Triton kernels (kernels/triton_experts.py) on CUDA tensors and
 falls back to the torch path elsewhere, so a model trained that way evaluates and serves on a CPU.
@@ -19,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from recsys_moe.kernels.dense import combine
+from recsys_moe.kernels.dense import combine, experts_combine
 from recsys_moe.kernels.grouped import topk_experts_combine
 from recsys_moe.model.gates import GateKind, Gates
 from recsys_moe.model.outputs import ArchOutput
@@ -77,7 +78,9 @@ class MMoE(nn.Module):
                 return kernel(x, w, b, gate_weights)
         if self.routed or (self.compute == "triton" and self.sparse_gate):
             return topk_experts_combine(x, w, b, gate_weights)
-        return combine(self.experts(x), gate_weights)
+        if self.training and self.experts.dropout > 0:
+            return combine(self.experts(x), gate_weights)
+        return experts_combine(x, w, b, gate_weights)
 
     def _triton_kernel(self, x: torch.Tensor) -> Kernel | None:
         """The Triton kernel for this gate, where Triton runs `x` (CUDA, or its interpreter)."""

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recsys_moe import atomic
+from recsys_moe.allocator import retain_freed_memory
 from recsys_moe.pipelines.validate import REASON, SchemaError
 from recsys_moe.scoring import RankingConfig, Scorer, ranking_score
 from recsys_moe.scoring.scorer import ROW
@@ -170,6 +171,7 @@ def score_parquet(
     (default: the scorer's bundle directory)."""
     ranking = ranking or RankingConfig()
     ranking.check_tasks(scorer.tasks)
+    retain_freed_memory()  # every chunk's tensors reuse the last chunk's pages (recsys_moe/allocator.py)
     files = input_files(Path(input_path))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ from recsys_moe.pipelines.manifest import Manifest
 def per_task_losses(logits: torch.Tensor, labels: torch.Tensor, is_binary: torch.Tensor) -> torch.Tensor:
     """logits, labels [B, T]; is_binary [T] → mean loss per task [T] (differentiable)."""
     bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=0)
+    if bool(is_binary.all()):  # the common case: no regression loss to compute and discard
+        return bce
     mse = (logits - labels).square().mean(dim=0)
     return torch.where(is_binary, bce, mse)
 

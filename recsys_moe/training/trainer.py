@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from recsys_moe.allocator import retain_freed_memory
 from recsys_moe.config import RunConfig
 from recsys_moe.data.id_dropout import drop_to_oov, oov_rates, step_generator
 from recsys_moe.data.loader import InMemoryDataset
@@ -45,6 +46,7 @@ class LocalEngine:
 
     def __init__(self, manifest: Manifest, config: RunConfig, progress_bar: bool = True) -> None:
         tc = config.train
+        retain_freed_memory()  # no page faults on every step's activations (recsys_moe/allocator.py)
         self.threads = ThreadGovernor(tc.threads)  # fixed, or what the host can give (re-checked while training)
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed)
