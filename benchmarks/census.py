@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from recsys_moe.allocator import retain_freed_memory
 from recsys_moe.config import RunConfig, load_config
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.features import load_spec
@@ -343,6 +344,7 @@ def main() -> int:
         print(f"census-income not found at {args.data} (see ../shared/data/census-income/SOURCE.md)", file=sys.stderr)
         return 2
 
+    retain_freed_memory()  # the trainer's process-wide malloc setting, for the reference runs too
     manifests = {}
     for group in args.groups:
         manifests[group] = build(load_spec(group), args.data, CACHE / group, progress=False)

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -403,3 +404,34 @@ def test_mmoe_runs_the_triton_kernels_on_gpu() -> None:
     errors = mmoe_triton_errors("cuda")
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-3, (worst, errors[worst])  # TF32 is allowed when torch allows it
+
+
+def test_onednn_keeps_torchs_thread_count_in_worker_threads() -> None:
+    """OpenMP's thread count is per OS thread: a server scoring in worker threads at 1 thread each
+    must not run oneDNN's GEMMs on every core (CPU time per wall second is the thread count)."""
+    if not gemm.ONEDNN:
+        pytest.skip("this torch has no oneDNN linear")
+    import resource
+    import threading
+
+    a, b = torch.randn(2048, 263), torch.randn(263, 512)
+    seen: list[float] = []
+
+    def work() -> None:
+        gemm.matmul(a, b)
+        start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        for _ in range(40):
+            gemm.matmul(a, b)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        used = after.ru_utime - cpu.ru_utime + after.ru_stime - cpu.ru_stime
+        seen.append(used / (time.perf_counter() - start))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen and seen[0] < 1.3
