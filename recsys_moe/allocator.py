@@ -11,7 +11,7 @@ average over five alternating pairs of runs (`benchmarks/results/reference.md` r
 `retain_freed_memory()` sets the mmap threshold to 64 MiB (smaller blocks come from the heap, and
 are reused once freed) and the trim threshold to 256 MiB (the heap keeps up to that much free
 memory). Process-wide and for the rest of the process: the trainer and batch scoring call it, as
-work that owns its process. RECSYS_MOE_MALLOC=default leaves glibc's settings alone.
+work that owns its process. RECSYS_MOE_MALLOC=default leaves glibc's settings alone (`retain`, the default, applies them).
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ def retain_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if os.environ.get(ENV, "").strip() == "default":
+    value = os.environ.get(ENV, "").strip()
+    if value == "default":
         return False
+    if value not in ("", "retain"):
+        log.warning("%s=%r: expected 'default' (glibc's own) or 'retain'; retaining freed memory", ENV, value)
     try:
         libc = ctypes.CDLL(None)  # the symbols this process already has, libc's among them
     except OSError:

@@ -52,3 +52,14 @@ def test_the_default_setting_leaves_glibc_alone() -> None:
     applied, per_step = _run({"RECSYS_MOE_MALLOC": "default"})
     assert not applied
     assert per_step > 5000  # glibc's own thresholds: the 40 MiB block is 10,240 fresh pages a step
+
+
+def test_a_misspelt_setting_is_named_in_a_warning() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "from recsys_moe.allocator import retain_freed_memory; retain_freed_memory()"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "RECSYS_MOE_MALLOC": "defualt"},
+    )
+    assert "RECSYS_MOE_MALLOC='defualt': expected 'default'" in out.stderr

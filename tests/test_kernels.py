@@ -435,3 +435,14 @@ def test_onednn_keeps_torchs_thread_count_in_worker_threads() -> None:
     finally:
         torch.set_num_threads(before)
     assert seen and seen[0] < 1.3
+
+
+def test_a_misspelt_onednn_setting_is_named_in_a_warning() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", "import recsys_moe.kernels.gemm"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "RECSYS_MOE_ONEDNN": "off"},
+    )
+    assert "RECSYS_MOE_ONEDNN='off': expected 0 (off) or 1 (on)" in out.stderr

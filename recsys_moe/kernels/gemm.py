@@ -13,15 +13,21 @@ RECSYS_MOE_ONEDNN=0) takes `addmm`, which gives the same values up to float roun
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
 import torch
 from torch import Tensor
 
+log = logging.getLogger(__name__)
+
 
 def _onednn_available() -> bool:
-    if os.environ.get("RECSYS_MOE_ONEDNN", "1").strip() == "0":
+    value = os.environ.get("RECSYS_MOE_ONEDNN", "").strip()
+    if value not in ("", "0", "1"):
+        log.warning("RECSYS_MOE_ONEDNN=%r: expected 0 (off) or 1 (on); using 1", value)
+    if value == "0":
         return False
     try:
         return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
