@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import polars as pl
 import pytest
 import torch
 from torch import nn
@@ -253,3 +254,20 @@ def test_scores_with_onednn_are_the_torch_scores(synthetic_manifest: Manifest, m
         monkeypatch.undo()
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("multi_hot", [True, False])
+def test_sequential_dataset_gives_the_same_batches(synthetic_manifest: Manifest, multi_hot: bool) -> None:
+    """Scoring keeps ids feature-major (`sequential=True`): the same dense rows, KJT values and
+    lengths as the row-major layout, for in-order slices and for gathers alike."""
+    keys = [f.name for f in synthetic_manifest.sparse_features if multi_hot or f.kind == "categorical"]
+    frame = pl.concat([pl.read_parquet(p) for p in synthetic_manifest.shard_paths("valid")])
+    rows = InMemoryDataset(frame, synthetic_manifest, keys, tasks=None)
+    features = InMemoryDataset(frame, synthetic_manifest, keys, tasks=None, sequential=True)
+    assert features.sequential and len(features) == len(rows)
+    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:300]
+    for a, b in [*zip(rows.batches(777), features.batches(777)), (rows.batch(pick), features.batch(pick))]:
+        assert torch.equal(a.dense, b.dense)
+        assert a.sparse.keys() == b.sparse.keys() == keys
+        assert torch.equal(a.sparse.values(), b.sparse.values())
+        assert torch.equal(a.sparse.lengths(), b.sparse.lengths())

@@ -63,3 +63,27 @@ def test_ranking_score_combines_tasks() -> None:
     np.testing.assert_allclose(ranking_score(s, ["a", "b"], RankingConfig(kind="weighted_product")), [0.05, 0.08])
     with pytest.raises(ValueError, match="unknown tasks"):
         ranking_score(s, ["a", "b"], RankingConfig(weights={"c": 1}))
+
+
+def test_a_large_frame_is_checked_and_scored_like_its_slices(synthetic_manifest: Manifest, logged_model) -> None:
+    """From LAZY_ROWS rows validation runs as one planned query (a batch chunk), below it eagerly
+    (a request): both give the same rejects, in the same words, and the same scores."""
+    from recsys_moe.scoring.scorer import LAZY_ROWS
+
+    result, _ = logged_model
+    holdout = read_holdout(synthetic_manifest.raw_path("test"))
+    rows = pl.concat([holdout] * -(-3 * LAZY_ROWS // holdout.height)).head(3 * LAZY_ROWS)
+    bad = {7: ("age", -5.0), 100: ("age", float("nan")), 2500: ("price", float("inf")), 4000: ("age", 200.0)}
+    rows = rows.with_columns(
+        pl.Series(c, [bad[i][1] if bad.get(i, ("",))[0] == c else v for i, v in enumerate(rows[c])], pl.Float64)
+        for c in ("age", "price")
+    )
+    scorer = Scorer(result.model_dir)
+    whole = scorer.score(rows)
+    step = LAZY_ROWS // 4
+    parts = [scorer.score(rows.slice(s, step)) for s in range(0, rows.height, step)]
+    assert sorted(whole.rejects["_row"].to_list()) == sorted(bad)
+    reasons = [r for p in parts for r in p.rejects["_reject_reason"].to_list()]
+    assert whole.rejects["_reject_reason"].to_list() == reasons
+    assert whole.rows.tolist() == [s + r for s, p in zip(range(0, rows.height, step), parts) for r in p.rows]
+    np.testing.assert_allclose(whole.scores, np.concatenate([p.scores for p in parts]), rtol=0, atol=1e-6)

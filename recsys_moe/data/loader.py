@@ -49,8 +49,16 @@ class Batch(Pipelineable):
 
 class InMemoryDataset:
     def __init__(
-        self, frame: pl.DataFrame, manifest: Manifest, sparse_keys: Sequence[str], tasks: Sequence[str] | None
+        self,
+        frame: pl.DataFrame,
+        manifest: Manifest,
+        sparse_keys: Sequence[str],
+        tasks: Sequence[str] | None,
+        sequential: bool = False,
     ) -> None:
+        """`sequential=True` for data read in order only (scoring): the ids stay feature-major as
+        polars hands them over, so no row-major copy is made and an in-order batch's KJT values
+        are one contiguous run per feature. Training keeps rows whole for its shuffled gathers."""
         self.sparse_keys = list(sparse_keys)
         self.tasks = list(tasks) if tasks is not None else []
         info = {f.name: f for f in manifest.sparse_features}
@@ -64,8 +72,13 @@ class InMemoryDataset:
         single = [k for k in self.sparse_keys if k not in self.multi_hot]
         self.single_rows = {k: i for i, k in enumerate(single)}
         # Row-major [N, F]: a batch gathers whole rows (one cache line each), not F strided reads.
+        # Sequential: feature-major [F, N] (what polars' to_numpy gives, transposed: no copy).
         ids = frame.select(single).to_numpy() if single else np.zeros((n, 0))
-        self.ids = torch.from_numpy(np.array(ids, dtype=np.int64, order="C"))
+        self.sequential = sequential
+        if sequential:
+            self.ids = torch.from_numpy(np.array(ids.T, dtype=np.int64, order="C", copy=None))
+        else:
+            self.ids = torch.from_numpy(np.array(ids, dtype=np.int64, order="C"))
         self.padded = {k: self._pad(frame[k], info[k].max_length) for k in self.multi_hot}
         labels = frame.select([label_column(t) for t in self.tasks]).to_numpy() if self.tasks else np.zeros((n, 0))
         self.labels = torch.from_numpy(np.array(labels, dtype=np.float32, order="C"))
@@ -106,7 +119,10 @@ class InMemoryDataset:
 
         dense = rows(self.dense)
         n = dense.shape[0]
-        if not self.multi_hot:  # fast path: one gather for all features
+        if not self.multi_hot and self.sequential:  # feature-major: a slice per feature
+            values = (self.ids.index_select(1, idx) if isinstance(idx, torch.Tensor) else self.ids[:, idx]).reshape(-1)
+            lengths = self._ones.expand(-1, n).reshape(-1)
+        elif not self.multi_hot:  # fast path: one gather for all features
             values = rows(self.ids).t().reshape(-1)
             lengths = self._ones.expand(-1, n).reshape(-1)
         else:
@@ -118,7 +134,8 @@ class InMemoryDataset:
                     vals.append(p[mask])
                     lens.append(mask.sum(dim=1, dtype=torch.int32))
                 else:
-                    vals.append(self.ids[idx, self.single_rows[k]])
+                    i = self.single_rows[k]
+                    vals.append(self.ids[i, idx] if self.sequential else self.ids[idx, i])
                     lens.append(torch.ones(n, dtype=torch.int32))
             values, lengths = torch.cat(vals), torch.cat(lens)
         sparse = KeyedJaggedTensor(keys=self.sparse_keys, values=values, lengths=lengths)

@@ -206,7 +206,11 @@ def score_parquet(
                         + [pl.Series(SCORE, ranking_score(scored.scores, scorer.tasks, ranking))]
                     )
                     table = out.to_arrow()
-                    writer = writer or pq.ParquetWriter(partial, table.schema.with_metadata(mark))
+                    # Dictionary pages only for the keys: scores are all distinct, and trying a
+                    # dictionary on them first costs more than the rest of the write.
+                    writer = writer or pq.ParquetWriter(
+                        partial, table.schema.with_metadata(mark), use_dictionary=[c for c in ids.columns if c != ROW]
+                    )
                     if written is not None:
                         written.result()  # raises what the previous write raised
                     written = background.submit(writer.write_table, table.cast(writer.schema))
