@@ -211,31 +211,43 @@ def test_every_scoring_path_applies_one_contract(
     assert decision.rows == holdout.height
 
 
-def test_ids_in_the_wrong_shape_are_rejects_not_tracebacks(logged_model, holdout: pl.DataFrame) -> None:
+def _sized(holdout: pl.DataFrame, size: str) -> pl.DataFrame:
+    """A request's few rows, or a batch chunk's many (validated as one planned query)."""
+    from recsys_moe.scoring.scorer import LAZY_ROWS
+
+    return holdout.head(3) if size == "request" else pl.concat([holdout] * -(-LAZY_ROWS // holdout.height))
+
+
+@pytest.mark.parametrize("size", ["request", "chunk"])
+def test_ids_in_the_wrong_shape_are_rejects_not_tracebacks(logged_model, holdout: pl.DataFrame, size: str) -> None:
     scorer = Scorer(logged_model[0].model_dir)
-    frame = holdout.head(3).with_columns(
+    rows = _sized(holdout, size)
+    frame = rows.with_columns(
         pl.col("category").map_elements(lambda v: [v], return_dtype=pl.List(pl.String)),  # one id expected
     )
     reasons = scorer.score(frame).rejects["_reject_reason"].to_list()
-    assert reasons == ["category: a list where one id is expected"] * 3
-    frame = holdout.head(2).with_columns(pl.col("interests").list.join(","))  # a list expected
+    assert reasons == ["category: a list where one id is expected"] * rows.height
+    frame = rows.with_columns(pl.col("interests").list.join(","))  # a list expected
     reasons = scorer.score(frame).rejects["_reject_reason"].to_list()
-    assert reasons == ["interests: a string where a list of ids is expected"] * 2
+    assert reasons == ["interests: a string where a list of ids is expected"] * rows.height
 
 
-def test_dense_values_of_any_column_type_are_rejects_not_tracebacks(logged_model, holdout: pl.DataFrame) -> None:
+@pytest.mark.parametrize("size", ["request", "chunk"])
+def test_dense_values_of_any_column_type_are_rejects_not_tracebacks(
+    logged_model, holdout: pl.DataFrame, size: str
+) -> None:
     """A struct, list or binary column where a number is expected failed the whole batch inside
     the contract's cast; a categorical of numbers failed too. Now: rejects naming the feature,
     and numbers held as categorical text score as the numbers they are."""
     scorer = Scorer(logged_model[0].model_dir)
-    rows = holdout.head(3)
+    rows = _sized(holdout, size)
     for bad, kind in [
         (pl.struct(pl.col("age"), pl.col("price")), "Struct"),
         (pl.concat_list(pl.col("age")), "List"),
         (pl.col("age").cast(pl.String).cast(pl.Binary), "Binary"),
     ]:
         scored = scorer.score(rows.with_columns(bad.alias("age")))
-        assert scored.rejects.height == 3, kind
+        assert scored.rejects.height == rows.height, kind
         assert all(
             r.startswith(f"age: {kind}") and r.endswith("values are not numbers")
             for r in scored.rejects["_reject_reason"]
