@@ -54,6 +54,35 @@ def test_ple_builds_the_configured_experts_in_every_layer() -> None:
     assert (out.gate_weights[:, 0, 2:4] == 0).all() and (out.gate_weights[:, 0, :2] > 0).all()
 
 
+@pytest.mark.parametrize("shared_gate", [False, True])  # CGC's one layer, PLE's first
+@pytest.mark.parametrize("gate", ["softmax", "topk"])
+def test_a_layer_on_one_input_runs_as_one_block_with_the_same_outputs_and_grads(shared_gate: bool, gate: str) -> None:
+    """Experts that all read the model input run as MMoE's block (`experts_combine`) with each
+    task's gate row zero outside its experts; a copy of the input as the shared input takes the
+    stacked-MLP path. Same outputs (1e-6) and the same gradients for the input and every weight."""
+    from recsys_moe.model.ple import ExtractionLayer
+
+    torch.manual_seed(0)
+    layer = ExtractionLayer(12, num_tasks=3, n_task=2, n_shared=3, hidden=[16, 8], shared_gate=shared_gate, gate=gate)
+    x = torch.randn(37, 12, requires_grad=True)
+    runs = []
+    for shared_in in (x, x.clone()):  # `x` itself: one block; a copy: the general path
+        layer.zero_grad()
+        x.grad = None
+        task_out, shared_out, gates = layer(x, shared_in)
+        outs = [task_out, *([shared_out] if shared_out is not None else []), *(g.weights for g in gates)]
+        assert task_out.shape == (3, 37, 8) and (shared_out is not None) == shared_gate
+        torch.manual_seed(1)
+        sum((o * torch.randn(o.shape)).sum() for o in outs).backward()  # not randn_like: strides differ
+        grads = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+        runs.append(([o.detach() for o in outs], grads))
+    (fast, fast_grads), (slow, slow_grads) = runs
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_cgc_is_one_extraction_layer(synthetic_manifest: Manifest) -> None:
     model = MultiTaskRanker(synthetic_manifest, ModelConfig(arch="cgc", num_shared_experts=3))
     assert len(model.arch.layers) == 1 and model.arch.layers[0].shared_experts.num == 3

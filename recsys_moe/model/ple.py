@@ -9,6 +9,12 @@ One extraction layer (CGC, "customized gate control"):
 PLE stacks `levels` extraction layers: each task's output feeds its experts in the next layer,
 the shared output feeds the next shared experts. CGC is PLE with one layer. Every layer has
 exactly `n_shared` shared experts.
+
+Where every expert reads the same input (CGC, and PLE's first layer) the layer is MMoE's block
+with gates that leave out other tasks' experts: it runs as one `experts_combine` (the hand-written
+backward, oneDNN GEMMs) over all experts, each gate's row zero outside its experts. The deeper
+PLE layers, whose task experts read their own task's input, and training with dropout run the
+experts as stacked MLPs and mix them with autograd.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from recsys_moe.kernels.dense import combine
+from recsys_moe.kernels.dense import combine, experts_combine
 from recsys_moe.model.gates import GateKind, GateOutput, Gates
 from recsys_moe.model.outputs import ArchOutput
 from recsys_moe.model.stacked import StackedMLP
@@ -26,6 +32,8 @@ from recsys_moe.model.towers import TaskTowers
 
 
 class ExtractionLayer(nn.Module):
+    gate_columns: torch.Tensor  # buffer: where task t's gate columns sit among all experts
+
     def __init__(
         self,
         d_in: int,
@@ -48,11 +56,14 @@ class ExtractionLayer(nn.Module):
         self.shared_gate = (
             Gates(d_in, num_tasks * n_task + n_shared, 1, gate, temperature, top_k) if shared_gate else None
         )
+        self.register_buffer("gate_columns", task_gate_columns(num_tasks, n_task, n_shared), persistent=False)
 
     def forward(
         self, task_in: torch.Tensor, shared_in: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[GateOutput]]:
         """task_in [B, d] (first layer: the model input) or [T, B, d]; shared_in [B, d]."""
+        if task_in is shared_in and not (self.training and self.task_experts.dropout > 0):
+            return self._one_input(task_in)
         t, n = self.num_tasks, self.n_task
         per_expert_in = task_in if task_in.dim() == 2 else task_in.repeat_interleave(n, dim=0)
         own = self.task_experts(per_expert_in)  # [T*n, B, H]
@@ -67,6 +78,33 @@ class ExtractionLayer(nn.Module):
         shared_gates = self.shared_gate(shared_in)  # over all experts
         shared_out = combine(torch.cat([own, shared]), shared_gates.weights)[0]
         return task_out, shared_out, [task_gates, shared_gates]
+
+    def _one_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[GateOutput]]:
+        """Every expert on `x`: all of them stacked (task experts first, as in the shared gate's
+        columns) and mixed by one gate row per task (zeros outside its own and the shared
+        experts), plus the shared gate's row."""
+        own, shared = self.task_experts, self.shared_experts
+        weights = [
+            torch.cat([a, b], dim=1 if i == 0 else 0) for i, (a, b) in enumerate(zip(own.weights, shared.weights))
+        ]
+        biases = [torch.cat([a, b]) for a, b in zip(own.biases, shared.biases)]
+        task_gates = self.task_gates(x)  # [B, T, n + n_shared]
+        index = self.gate_columns.unsqueeze(0).expand(x.shape[0], -1, -1)
+        rows = task_gates.weights.new_zeros(*task_gates.weights.shape[:2], own.num + shared.num)
+        rows = rows.scatter(-1, index, task_gates.weights)  # [B, T, all experts]
+        if self.shared_gate is None:
+            return experts_combine(x, weights, biases, rows), None, [task_gates]
+        shared_gates = self.shared_gate(x)
+        mixed = experts_combine(x, weights, biases, torch.cat([rows, shared_gates.weights], dim=1))
+        return mixed[: self.num_tasks], mixed[self.num_tasks], [task_gates, shared_gates]
+
+
+def task_gate_columns(num_tasks: int, n_task: int, n_shared: int) -> torch.Tensor:
+    """[T, n + n_shared]: where task t's gate columns sit among all experts [task 0's own, task
+    1's own, ..., shared]."""
+    own = torch.arange(num_tasks * n_task).view(num_tasks, n_task)
+    shared = torch.arange(num_tasks * n_task, num_tasks * n_task + n_shared).expand(num_tasks, -1)
+    return torch.cat([own, shared], dim=1)
 
 
 class PLE(nn.Module):
@@ -95,12 +133,7 @@ class PLE(nn.Module):
             for i, d in enumerate(dims)
         )
         self.towers = TaskTowers(num_tasks, expert_hidden[-1], tower_hidden, dropout=dropout)
-        # Where task t's gate columns sit among all experts [task 0's, task 1's, ..., shared].
-        columns = [
-            list(range(i * n_task, (i + 1) * n_task)) + list(range(num_tasks * n_task, num_tasks * n_task + n_shared))
-            for i in range(num_tasks)
-        ]
-        self.register_buffer("gate_columns", torch.tensor(columns), persistent=False)
+        self.register_buffer("gate_columns", task_gate_columns(num_tasks, n_task, n_shared), persistent=False)
         self.num_experts = num_tasks * n_task + n_shared
 
     def forward(self, x: torch.Tensor) -> ArchOutput:
