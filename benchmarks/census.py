@@ -256,10 +256,13 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
                 f"| {infer_rate:,.0f} | {_times(infer_rate, ref, 'infer', same)} |"
             )
         lines += ["", f"Dense learning-rate schedule of these runs: {'; '.join(sorted(schedules))}."]
-        if not _same_session([r for r in records if r.group == group], meta):
+        group_rows = [r for r in records if r.group == group]
+        if not _same_session(group_rows, meta):
+            sessions = ", ".join(sorted({r.session for r in group_rows if r.session != meta.get("session")}))
             lines.append(
-                "These runs were measured in a later session than the plain-PyTorch reference, and not alone on "
-                "the machine, so their × ref columns are left empty: their AUCs compare, their speeds do not."
+                f"These runs were measured in another session ({sessions}) than the plain-PyTorch reference "
+                f"({meta.get('session', 'unrecorded')}), so their × ref columns are left empty: their AUCs "
+                "compare, their speeds do not."
             )
         lines.append("")
     # The GEMM bound is the d_in of the group the speed session measured.
