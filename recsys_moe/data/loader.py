@@ -119,11 +119,12 @@ class InMemoryDataset:
 
         dense = rows(self.dense)
         n = dense.shape[0]
-        if not self.multi_hot and self.sequential:  # feature-major: a slice per feature
-            values = (self.ids.index_select(1, idx) if isinstance(idx, torch.Tensor) else self.ids[:, idx]).reshape(-1)
-            lengths = self._ones.expand(-1, n).reshape(-1)
-        elif not self.multi_hot:  # fast path: one gather for all features
-            values = rows(self.ids).t().reshape(-1)
+        if self.sequential:  # the single-id features' ids, [F, B]: a slice per feature
+            ids = self.ids.index_select(1, idx) if isinstance(idx, torch.Tensor) else self.ids[:, idx]
+        else:  # one gather of whole rows
+            ids = rows(self.ids).t()
+        if not self.multi_hot:  # fast path: the KJT's values are the ids, feature by feature
+            values = ids.reshape(-1)
             lengths = self._ones.expand(-1, n).reshape(-1)
         else:
             vals, lens = [], []
@@ -134,8 +135,7 @@ class InMemoryDataset:
                     vals.append(p[mask])
                     lens.append(mask.sum(dim=1, dtype=torch.int32))
                 else:
-                    i = self.single_rows[k]
-                    vals.append(self.ids[i, idx] if self.sequential else self.ids[idx, i])
+                    vals.append(ids[self.single_rows[k]])
                     lens.append(torch.ones(n, dtype=torch.int32))
             values, lengths = torch.cat(vals), torch.cat(lens)
         sparse = KeyedJaggedTensor(keys=self.sparse_keys, values=values, lengths=lengths)

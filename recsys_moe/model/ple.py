@@ -20,6 +20,7 @@ experts as stacked MLPs and mix them with autograd.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -56,7 +57,17 @@ class ExtractionLayer(nn.Module):
         self.shared_gate = (
             Gates(d_in, num_tasks * n_task + n_shared, 1, gate, temperature, top_k) if shared_gate else None
         )
-        self.register_buffer("gate_columns", task_gate_columns(num_tasks, n_task, n_shared), persistent=False)
+        # [T, n + n_shared]: where task t's gate columns sit among all experts [task 0's own, ..., shared].
+        own = torch.arange(num_tasks * n_task).view(num_tasks, n_task)
+        shared = torch.arange(num_tasks * n_task, num_tasks * n_task + n_shared).expand(num_tasks, -1)
+        self.register_buffer("gate_columns", torch.cat([own, shared], dim=1), persistent=False)
+
+    def over_all_experts(self, task_weights: torch.Tensor) -> torch.Tensor:
+        """Task gates' weights [B, T, n + n_shared] → [B, T, all experts], zero outside each
+        task's own and the shared experts."""
+        index = self.gate_columns.unsqueeze(0).expand(task_weights.shape[0], -1, -1)
+        zeros = task_weights.new_zeros(*task_weights.shape[:2], self.task_experts.num + self.shared_experts.num)
+        return zeros.scatter(-1, index, task_weights)
 
     def forward(
         self, task_in: torch.Tensor, shared_in: torch.Tensor
@@ -88,10 +99,8 @@ class ExtractionLayer(nn.Module):
             torch.cat([a, b], dim=1 if i == 0 else 0) for i, (a, b) in enumerate(zip(own.weights, shared.weights))
         ]
         biases = [torch.cat([a, b]) for a, b in zip(own.biases, shared.biases)]
-        task_gates = self.task_gates(x)  # [B, T, n + n_shared]
-        index = self.gate_columns.unsqueeze(0).expand(x.shape[0], -1, -1)
-        rows = task_gates.weights.new_zeros(*task_gates.weights.shape[:2], own.num + shared.num)
-        rows = rows.scatter(-1, index, task_gates.weights)  # [B, T, all experts]
+        task_gates = self.task_gates(x)
+        rows = self.over_all_experts(task_gates.weights)
         if self.shared_gate is None:
             return experts_combine(x, weights, biases, rows), None, [task_gates]
         shared_gates = self.shared_gate(x)
@@ -99,17 +108,7 @@ class ExtractionLayer(nn.Module):
         return mixed[: self.num_tasks], mixed[self.num_tasks], [task_gates, shared_gates]
 
 
-def task_gate_columns(num_tasks: int, n_task: int, n_shared: int) -> torch.Tensor:
-    """[T, n + n_shared]: where task t's gate columns sit among all experts [task 0's own, task
-    1's own, ..., shared]."""
-    own = torch.arange(num_tasks * n_task).view(num_tasks, n_task)
-    shared = torch.arange(num_tasks * n_task, num_tasks * n_task + n_shared).expand(num_tasks, -1)
-    return torch.cat([own, shared], dim=1)
-
-
 class PLE(nn.Module):
-    gate_columns: torch.Tensor  # buffer: where task t's gate columns sit among all experts
-
     def __init__(
         self,
         d_in: int,
@@ -133,15 +132,12 @@ class PLE(nn.Module):
             for i, d in enumerate(dims)
         )
         self.towers = TaskTowers(num_tasks, expert_hidden[-1], tower_hidden, dropout=dropout)
-        self.register_buffer("gate_columns", task_gate_columns(num_tasks, n_task, n_shared), persistent=False)
-        self.num_experts = num_tasks * n_task + n_shared
 
     def forward(self, x: torch.Tensor) -> ArchOutput:
         task_in, shared_in, gates = x, x, []
         for layer in self.layers:
             task_in, shared_in, layer_gates = layer(task_in, shared_in)
             gates += layer_gates
-        last = gates[-1].weights  # the last layer's task gates, [B, T, n + n_shared]
-        index = self.gate_columns.unsqueeze(0).expand(last.shape[0], -1, -1)
-        full = last.new_zeros(*last.shape[:2], self.num_experts).scatter(-1, index, last)
+        last = cast(ExtractionLayer, self.layers[-1])
+        full = last.over_all_experts(gates[-1].weights)  # the last layer's task gates
         return ArchOutput(logits=self.towers(task_in), gate_weights=full, gates=gates)
