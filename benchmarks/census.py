@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from recsys_moe.allocator import retain_freed_memory
 from recsys_moe.config import RunConfig, load_config
-from recsys_moe.data.loader import InMemoryDataset
+from recsys_moe.data.loader import Batch, InMemoryDataset
 from recsys_moe.features import load_spec
 from recsys_moe.kernels import gemm
 from recsys_moe.model.ranker import MultiTaskRanker
@@ -108,10 +108,35 @@ def gemm_rate(seconds: float = 2.0, onednn: bool = False) -> float:
     return 2 * 2048 * 1024 * 1024 * n / (time.perf_counter() - start) / 1e9
 
 
+def cpu_model() -> str:
+    """The CPU's vendor, family and model numbers (Linux), e.g. "AMD family 25 model 17".
+
+    The VMs this runs on all call themselves "AMD EPYC" but do not share one core. Zen 4 (family
+    25) runs a 512-bit FMA as two 256-bit halves, so oneDNN's AVX-512 GEMMs there go at about
+    MKL's AVX2 rate (measured on family 25 model 17: 200-210 against 155-190 GFLOP/s on 2 threads,
+    104 on one, its peak); another host ran them at 360-475 against MKL's 207. A share of the
+    `torch.mm` bound differs with that, so the results name the CPU.
+    """
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if key.strip() == "model name":
+                break
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    vendor = {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(
+        fields.get("vendor_id", ""), fields.get("vendor_id", "?")
+    )
+    return f"{vendor} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+
+
 def cpu_description() -> str:
-    """The vector ISA torch dispatches to, and which GEMM library the expert block uses."""
+    """The CPU, the vector ISA torch dispatches to, and which GEMM library the expert block uses."""
     isa = torch.backends.cpu.get_cpu_capability()
-    return f"torch's CPU capability {isa}; the expert block's GEMMs {'oneDNN' if gemm.ONEDNN else 'torch.mm'}"
+    library = "oneDNN" if gemm.ONEDNN else "torch.mm"
+    return f"{cpu_model()}; torch's CPU capability {isa}; the expert block's GEMMs {library}"
 
 
 def mmoe_flops_per_sample(d_in: int, experts: int, hidden: list[int], towers: list[int], tasks: int) -> float:
@@ -125,21 +150,35 @@ def mmoe_flops_per_sample(d_in: int, experts: int, hidden: list[int], towers: li
     return 3 * 2 * macs
 
 
-def inference_rate(manifest: Manifest, config: RunConfig, model_dir: Path, tasks: list[str]) -> float:
-    """Scoring speed of the trained model (plain EBC, eval mode, batches of 8192) on the test split."""
+def scoring_model(
+    manifest: Manifest, config: RunConfig, model_dir: Path, tasks: list[str]
+) -> tuple[MultiTaskRanker, list[Batch]]:
+    """The trained model as scoring loads it (plain EBC, eval mode) and the test split in batches
+    of 8192, warmed up by two of them."""
     model = MultiTaskRanker(manifest, config.model, tasks)
     weights, _ = checkpoint.load_weights(model_dir)
     model.load_state_dict(weights)
     model.eval()
-    data = InMemoryDataset.from_split(manifest, "test", model.sparse.keys, tasks)
-    batches = list(data.batches(8192))
+    batches = list(InMemoryDataset.from_split(manifest, "test", model.sparse.keys, tasks).batches(8192))
     with torch.no_grad():
         for b in batches[:2]:
             model.predict(b.dense, b.sparse)
+    return model, batches
+
+
+def scoring_pass(model: MultiTaskRanker, batches: list[Batch]) -> float:
+    """Seconds to score every batch once."""
+    with torch.no_grad():
         start = time.perf_counter()
         for b in batches:
             model.predict(b.dense, b.sparse)
-    return len(data) / (time.perf_counter() - start)
+    return time.perf_counter() - start
+
+
+def inference_rate(manifest: Manifest, config: RunConfig, model_dir: Path, tasks: list[str]) -> float:
+    """Scoring speed of the trained model (plain EBC, eval mode, batches of 8192) on the test split."""
+    model, batches = scoring_model(manifest, config, model_dir, tasks)
+    return sum(len(b) for b in batches) / scoring_pass(model, batches)
 
 
 def run_one(

@@ -14,10 +14,11 @@ embedding dim 8, softmax gates, batch 1024, Adam.
   fused Adagrad, the project's loader building KeyedJaggedTensors, its thread governor), and its
   inference path (`MultiTaskRanker.predict` on KJT batches of 8192).
 
-Both train the same number of epochs on the same rows, then score the test split; samples/s are
-each one's own epochs' mean (validation excluded). The ratio columns divide the project's figure
-by the reference's, measured in this run. The dense-GEMM bound is the MMoE's dense FLOPs per
-sample (forward + backward) at the fp32 `torch.mm` rate measured beside the runs. The last rows
+Both train the same number of epochs on the same rows, then score the test split in alternating
+passes; training samples/s are each one's own epochs' mean (validation excluded), scoring rows/s
+each one's median pass. The ratio columns divide the project's figure by the reference's,
+measured in the same round. The dense-GEMM bound is the MMoE's dense FLOPs per sample (forward +
+backward) at the fp32 `torch.mm` rate measured just before and after the round. The last rows
 repeat training beside a process spinning one core. Needs ../shared/data/census-income.
 Writes benchmarks/results/reference.md and reference.json.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -41,14 +43,16 @@ from census import (
     RESULTS,
     cpu_description,
     gemm_rate,
-    inference_rate,
     mmoe_flops_per_sample,
+    scoring_model,
+    scoring_pass,
 )
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from recsys_moe.allocator import retain_freed_memory
-from recsys_moe.config import load_config
+from recsys_moe.config import RunConfig, load_config
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.features import load_spec
 from recsys_moe.model.ranker import MultiTaskRanker
@@ -58,6 +62,7 @@ from recsys_moe.training.metrics import auc
 from recsys_moe.training.trainer import train
 
 BATCH, INFER_BATCH, EXPERTS, HIDDEN, TOWER, DIM = 1024, 8192, 8, (64, 32), 16, 8
+INFER_PASSES = 5  # alternating scoring passes per round
 
 
 class PlainMMoE(nn.Module):
@@ -93,9 +98,10 @@ def tensors(manifest: Manifest, split: str, tasks: list[str]) -> InMemoryDataset
     return InMemoryDataset.from_split(manifest, split, keys, tasks)
 
 
-def train_reference(manifest: Manifest, tasks: list[str], epochs: int, seed: int) -> dict[str, Any]:
+def fit_reference(manifest: Manifest, tasks: list[str], epochs: int, seed: int) -> tuple[PlainMMoE, list[float]]:
+    """The plain model trained for `epochs`, and each epoch's samples/s."""
     torch.manual_seed(seed)
-    data, test = tensors(manifest, "train", tasks), tensors(manifest, "test", tasks)
+    data = tensors(manifest, "train", tasks)
     model = PlainMMoE([f.num_embeddings for f in manifest.sparse_features], data.dense.shape[1], len(tasks))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.002)
     rates = []
@@ -112,7 +118,13 @@ def train_reference(manifest: Manifest, tasks: list[str], epochs: int, seed: int
     model.eval()
     with torch.no_grad():
         for i in range(0, 2 * INFER_BATCH, INFER_BATCH):  # warm up
-            model(test.ids[i : i + INFER_BATCH], test.dense[i : i + INFER_BATCH])
+            model(data.ids[i : i + INFER_BATCH], data.dense[i : i + INFER_BATCH])
+    return model, rates
+
+
+def reference_pass(model: PlainMMoE, test: InMemoryDataset) -> tuple[float, torch.Tensor]:
+    """Seconds to score the test split once in batches of 8192, and the scores [N, T]."""
+    with torch.no_grad():
         start = time.perf_counter()
         scores = torch.cat(
             [
@@ -120,32 +132,58 @@ def train_reference(manifest: Manifest, tasks: list[str], epochs: int, seed: int
                 for i in range(0, len(test), INFER_BATCH)
             ]
         )
-        infer = len(test) / (time.perf_counter() - start)
+    return time.perf_counter() - start, scores
+
+
+def train_reference(manifest: Manifest, tasks: list[str], epochs: int, seed: int) -> dict[str, Any]:
+    """The plain model's training and scoring speed (one pass) and its test AUCs."""
+    model, rates = fit_reference(manifest, tasks, epochs, seed)
+    test = tensors(manifest, "test", tasks)
+    seconds, scores = reference_pass(model, test)
     return {
         "train_samples_per_s": sum(rates) / len(rates),
-        "infer_samples_per_s": infer,
+        "infer_samples_per_s": len(test) / seconds,
         "test_auc": {t: auc(scores[:, j], test.labels[:, j]) for j, t in enumerate(tasks)},
     }
 
 
-def train_project(manifest: Manifest, tasks: list[str], epochs: int, seed: int, workdir: Path) -> dict[str, Any]:
+def train_project(
+    manifest: Manifest, tasks: list[str], epochs: int, seed: int, workdir: Path
+) -> tuple[dict[str, Any], RunConfig, Path]:
+    """The project's training speed and test AUCs; its config and best model for scoring."""
     overrides = [*MODEL, "model.arch=mmoe", f"train.seed={seed}", f"train.epochs={epochs}", "train.patience=99"]
     overrides += [f"train.checkpoint_dir={workdir}", "tracking.enabled=false", f"train.tasks=[{','.join(tasks)}]"]
     config = load_config(None, overrides)
     result = train(manifest, config, progress=False)
-    return {
+    summary = {
         "train_samples_per_s": result.train_samples_per_s,
-        "infer_samples_per_s": inference_rate(manifest, config, result.model_dir, tasks),
         "test_auc": {t: result.test.metrics[t]["auc"] for t in tasks},
     }
+    return summary, config, result.model_dir
 
 
-def both(manifest: Manifest, tasks: list[str], epochs: int, workdir: Path) -> dict[str, Any]:
+def both(manifest: Manifest, tasks: list[str], epochs: int, workdir: Path, infer_passes: int = 1) -> dict[str, Any]:
+    """The reference trains, then the project; then both score the test split in alternating
+    passes (the reference's, then the project's, `infer_passes` times) and each keeps its median
+    pass: the VM's speed drifts within a minute, and alternating lets the drift hit both alike."""
     threads = torch.get_num_threads()
-    reference = train_reference(manifest, tasks, epochs, seed=0)
+    ref_model, ref_rates = fit_reference(manifest, tasks, epochs, seed=0)
     torch.set_num_threads(threads)
-    project = train_project(manifest, tasks, epochs, 0, workdir)
+    project, config, model_dir = train_project(manifest, tasks, epochs, 0, workdir)
     torch.set_num_threads(threads)
+    test = tensors(manifest, "test", tasks)
+    model, batches = scoring_model(manifest, config, model_dir, tasks)
+    ref_seconds, proj_seconds = [], []
+    for _ in range(infer_passes):
+        seconds, scores = reference_pass(ref_model, test)
+        ref_seconds.append(seconds)
+        proj_seconds.append(scoring_pass(model, batches))
+    reference = {
+        "train_samples_per_s": sum(ref_rates) / len(ref_rates),
+        "infer_samples_per_s": len(test) / statistics.median(ref_seconds),
+        "test_auc": {t: auc(scores[:, j], test.labels[:, j]) for j, t in enumerate(tasks)},
+    }
+    project["infer_samples_per_s"] = len(test) / statistics.median(proj_seconds)
     return {"reference": reference, "project": project}
 
 
@@ -160,11 +198,23 @@ def beside_neighbour(manifest: Manifest, tasks: list[str], workdir: Path) -> dic
         neighbour.wait()
 
 
+def measured_round(manifest: Manifest, tasks: list[str], epochs: int, workdir: Path, flops: float) -> dict[str, Any]:
+    """`both`, with the GEMM rates measured just before and after it: the bound of this round."""
+    before = gemm_rate(1.0), gemm_rate(1.0, onednn=True)
+    result = both(manifest, tasks, epochs, workdir, infer_passes=INFER_PASSES)
+    after = gemm_rate(1.0), gemm_rate(1.0, onednn=True)
+    result["gemm_gflops"] = [before[0], after[0]]
+    result["onednn_gflops"] = [before[1], after[1]]
+    result["bound"] = statistics.mean(result["gemm_gflops"]) * 1e9 / flops  # samples/s
+    result["onednn_bound"] = statistics.mean(result["onednn_gflops"]) * 1e9 / flops
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="quiet rounds; the table shows the median one")
+    parser.add_argument("--rounds", type=int, default=5, help="quiet rounds; the table shows the median one")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not (args.data / "census-income.data.gz").exists():
@@ -181,57 +231,57 @@ def main() -> int:
     project_params = sum(
         p.numel() for p in MultiTaskRanker(manifest, load_config(None, MODEL).model, tasks).parameters()
     )
-    gflops_before, onednn_before = gemm_rate(2.0), gemm_rate(2.0, onednn=True)
     # This VM's speed drifts by tens of percent within minutes: several rounds, each the reference
-    # and then the project, and the table shows the round with the median training ratio.
-    rounds = [both(manifest, tasks, args.epochs, CACHE / "reference_runs") for _ in range(args.rounds)]
+    # and then the project between two GEMM-rate measurements, and the table shows the round with
+    # the median training ratio.
+    rounds = [
+        measured_round(manifest, tasks, args.epochs, CACHE / "reference_runs", flops)
+        for _ in tqdm(range(args.rounds), desc="rounds", unit="round")
+    ]
     ratio = lambda r: r["project"]["train_samples_per_s"] / r["reference"]["train_samples_per_s"]  # noqa: E731
+    share = lambda r, side="project": r[side]["train_samples_per_s"] / r["bound"]  # noqa: E731
     quiet = sorted(rounds, key=ratio)[len(rounds) // 2]
-    gflops_after, onednn_after = gemm_rate(2.0), gemm_rate(2.0, onednn=True)
     busy = beside_neighbour(manifest, tasks, CACHE / "reference_runs_busy")
-    gflops = (gflops_before + gflops_after) / 2
-    bound = gflops * 1e9 / flops
-    onednn_bound = (onednn_before + onednn_after) / 2 * 1e9 / flops
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "threads": torch.get_num_threads(),
         "epochs": args.epochs,
+        "rounds": args.rounds,
+        "infer_passes": INFER_PASSES,
         "d_in": d_in,
         "dense_flops_per_sample": flops,
-        "gemm_gflops": [gflops_before, gflops_after],
-        "onednn_gflops": [onednn_before, onednn_after],
         "cpu": cpu_description(),
         "project_parameters": project_params,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    meta["rounds"] = args.rounds
     (args.out / "reference.json").write_text(
         json.dumps({"meta": meta, "quiet": quiet, "rounds": rounds, "neighbour": busy}, indent=1)
     )
     q, b = quiet, busy
     fmt = lambda x: f"{x:,.0f}"  # noqa: E731
+    mm, dnn = q["gemm_gflops"], q["onednn_gflops"]
     lines = [
         "# The project's MMoE against a plain-PyTorch MMoE",
         "",
         f"Measured {meta['date']} by `benchmarks/reference.py`: census-income group 1, the same inputs and split "
         f"(d_in {d_in}), MMoE 8 experts [64, 32], towers [16], embedding dim 8, batch 1024, {args.epochs} epochs, "
-        f"{meta['threads']} threads. Every figure is from this one run; ratios are project / reference. The "
-        f"dense-GEMM bound is {flops / 1e3:,.1f} kFLOP per training sample at the `torch.mm` rate measured before "
-        f"and after ({gflops_before:,.0f} and {gflops_after:,.0f} GFLOP/s): {bound:,.0f} samples/s. The project's "
-        f"expert block runs its GEMMs in oneDNN ({meta['cpu']}), whose rate on the same matrices was "
-        f"{onednn_before:,.0f} and {onednn_after:,.0f} GFLOP/s: at that rate the bound is {onednn_bound:,.0f} "
-        "samples/s, the stricter ceiling.",
+        f"{meta['threads']} threads. Every figure is from this one run; ratios are project / reference.",
+        "",
+        f"The dense-GEMM bound is {flops / 1e3:,.1f} kFLOP per training sample (forward and backward) at the "
+        "`torch.mm` rate measured just before and just after the round, on a [2048, 1024] x [1024, 1024] "
+        f"product: in the round shown, {mm[0]:,.0f} and {mm[1]:,.0f} GFLOP/s, a bound of {q['bound']:,.0f} "
+        f"samples/s. The project's expert block runs its GEMMs in oneDNN ({meta['cpu']}), whose rate on the same "
+        f"matrices was {dnn[0]:,.0f} and {dnn[1]:,.0f} GFLOP/s: a bound of {q['onednn_bound']:,.0f} samples/s.",
         "",
         "| | reference | project | project / reference |",
         "|---|---:|---:|---:|",
         f"| training samples/s | {fmt(q['reference']['train_samples_per_s'])} | {fmt(q['project']['train_samples_per_s'])} "
-        f"| {q['project']['train_samples_per_s'] / q['reference']['train_samples_per_s']:.2f} |",
-        f"| training, share of the dense-GEMM bound | {q['reference']['train_samples_per_s'] / bound:.0%} "
-        f"| {q['project']['train_samples_per_s'] / bound:.0%} | |",
-        f"| training, share of the oneDNN-GEMM bound | {q['reference']['train_samples_per_s'] / onednn_bound:.0%} "
-        f"| {q['project']['train_samples_per_s'] / onednn_bound:.0%} | |",
-        f"| inference rows/s (test split, batches of 8192) | {fmt(q['reference']['infer_samples_per_s'])} "
-        f"| {fmt(q['project']['infer_samples_per_s'])} "
+        f"| {ratio(q):.2f} |",
+        f"| training, share of the dense-GEMM bound | {share(q, 'reference'):.0%} | {share(q):.0%} | |",
+        f"| training, share of the oneDNN-GEMM bound | {q['reference']['train_samples_per_s'] / q['onednn_bound']:.0%} "
+        f"| {q['project']['train_samples_per_s'] / q['onednn_bound']:.0%} | |",
+        f"| inference rows/s (test split, batches of 8192; median of {INFER_PASSES} alternating passes) "
+        f"| {fmt(q['reference']['infer_samples_per_s'])} | {fmt(q['project']['infer_samples_per_s'])} "
         f"| {q['project']['infer_samples_per_s'] / q['reference']['infer_samples_per_s']:.2f} |",
     ]
     lines += [
@@ -248,14 +298,20 @@ def main() -> int:
         "The reference trains its embeddings with Adam on dense gradients; the project with FBGEMM's fused "
         "Adagrad on the rows a batch touches, so the AUCs are of two honest setups, not one optimiser.",
         "",
-        f"The quiet rows are the median of {len(rounds)} rounds by training ratio (each round: the reference, "
-        "then the project). Every round, training samples/s reference → project (ratio; share of the "
-        "`torch.mm` bound):",
+        f"The quiet rows are the median of {len(rounds)} rounds by training ratio. Each round: the GEMM rates, "
+        "the reference's training, the project's, both scoring the test split in alternating passes, the GEMM "
+        "rates again. Every round:",
         "",
+        "| round | `torch.mm` GFLOP/s | oneDNN GFLOP/s | training samples/s, reference → project | ratio "
+        "| share of the `torch.mm` bound | inference ratio |",
+        "|---:|---:|---:|---|---:|---:|---:|",
         *(
-            f"- {fmt(r['reference']['train_samples_per_s'])} → {fmt(r['project']['train_samples_per_s'])} "
-            f"({ratio(r):.2f}; {r['project']['train_samples_per_s'] / bound:.0%})"
-            for r in rounds
+            f"| {i} | {r['gemm_gflops'][0]:,.0f}, {r['gemm_gflops'][1]:,.0f} "
+            f"| {r['onednn_gflops'][0]:,.0f}, {r['onednn_gflops'][1]:,.0f} "
+            f"| {fmt(r['reference']['train_samples_per_s'])} → {fmt(r['project']['train_samples_per_s'])} "
+            f"| {ratio(r):.2f} | {share(r):.0%} "
+            f"| {r['project']['infer_samples_per_s'] / r['reference']['infer_samples_per_s']:.2f} |"
+            for i, r in enumerate(rounds, 1)
         ),
     ]
     (args.out / "reference.md").write_text("\n".join(lines) + "\n")
