@@ -135,16 +135,23 @@ def reference_pass(model: PlainMMoE, test: InMemoryDataset) -> tuple[float, torc
     return time.perf_counter() - start, scores
 
 
+def reference_summary(
+    rates: list[float], seconds: list[float], scores: torch.Tensor, test: InMemoryDataset, tasks: list[str]
+) -> dict[str, Any]:
+    """Training samples/s (the epochs' mean), scoring rows/s (the median pass), test AUCs."""
+    return {
+        "train_samples_per_s": sum(rates) / len(rates),
+        "infer_samples_per_s": len(test) / statistics.median(seconds),
+        "test_auc": {t: auc(scores[:, j], test.labels[:, j]) for j, t in enumerate(tasks)},
+    }
+
+
 def train_reference(manifest: Manifest, tasks: list[str], epochs: int, seed: int) -> dict[str, Any]:
     """The plain model's training and scoring speed (one pass) and its test AUCs."""
     model, rates = fit_reference(manifest, tasks, epochs, seed)
     test = tensors(manifest, "test", tasks)
     seconds, scores = reference_pass(model, test)
-    return {
-        "train_samples_per_s": sum(rates) / len(rates),
-        "infer_samples_per_s": len(test) / seconds,
-        "test_auc": {t: auc(scores[:, j], test.labels[:, j]) for j, t in enumerate(tasks)},
-    }
+    return reference_summary(rates, [seconds], scores, test, tasks)
 
 
 def train_project(
@@ -178,13 +185,8 @@ def both(manifest: Manifest, tasks: list[str], epochs: int, workdir: Path, infer
         seconds, scores = reference_pass(ref_model, test)
         ref_seconds.append(seconds)
         proj_seconds.append(scoring_pass(model, batches))
-    reference = {
-        "train_samples_per_s": sum(ref_rates) / len(ref_rates),
-        "infer_samples_per_s": len(test) / statistics.median(ref_seconds),
-        "test_auc": {t: auc(scores[:, j], test.labels[:, j]) for j, t in enumerate(tasks)},
-    }
     project["infer_samples_per_s"] = len(test) / statistics.median(proj_seconds)
-    return {"reference": reference, "project": project}
+    return {"reference": reference_summary(ref_rates, ref_seconds, scores, test, tasks), "project": project}
 
 
 def beside_neighbour(manifest: Manifest, tasks: list[str], workdir: Path) -> dict[str, Any]:
