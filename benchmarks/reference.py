@@ -219,6 +219,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="quiet rounds; the table shows the median one")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.rounds < 1 or args.epochs < 1:
+        parser.error("--rounds and --epochs must be at least 1")
     if not (args.data / "census-income.data.gz").exists():
         print(f"census-income not found at {args.data} (see ../shared/data/census-income/SOURCE.md)", file=sys.stderr)
         return 2
