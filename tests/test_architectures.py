@@ -241,3 +241,29 @@ def test_routed_experts_match_dense_experts(synthetic_manifest: Manifest, arch: 
     out_d.square().sum().backward()
     for (name, p_r), (_, p_d) in zip(routed.arch.named_parameters(), dense.arch.named_parameters()):
         torch.testing.assert_close(p_r.grad, p_d.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "omoe"])
+def test_softmax_gates_in_the_block_are_the_gates_module(synthetic_manifest: Manifest, arch: str, monkeypatch) -> None:
+    """MMoE computes softmax gates inside the expert block's first GEMM; with a balance loss on
+    the gate probabilities and a temperature, the logits, gate weights and every gradient are
+    those of `Gates` followed by the block."""
+    torch.manual_seed(0)
+    model = MultiTaskRanker(synthetic_manifest, ModelConfig(arch=arch, gate_temperature=0.8))
+    data = InMemoryDataset.from_split(synthetic_manifest, "train", model.sparse.keys, model.task_names)
+    batch = data.batch(torch.arange(300))
+    runs = []
+    for in_block in (True, False):
+        monkeypatch.setattr(type(model.arch), "_gates_in_block", lambda self, x, on=in_block: on)
+        model.zero_grad()
+        out = model(batch.dense, batch.sparse)
+        assert out.gate_weights.shape == (300, 2, model.arch.gates.num_experts)
+        (out.logits.square().sum() + balance_loss(out.gates[0])).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((out.logits.detach(), out.gate_weights.detach(), grads))
+    (logits, weights, grads), (want_logits, want_weights, want_grads) = runs
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == want_grads.keys() and any(n.startswith("arch.gates.") for n in grads)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-6, msg=name)

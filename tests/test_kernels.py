@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from recsys_moe.kernels import gemm, grouped
-from recsys_moe.kernels.dense import combine, dense_experts_combine, experts_combine
+from recsys_moe.kernels.dense import combine, dense_experts_combine, experts_combine, gated_experts_combine
 from recsys_moe.kernels.grouped import route, topk_experts_combine
+from recsys_moe.model.gates import Gates
 from recsys_moe.model.stacked import StackedMLP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,6 +253,58 @@ def test_onednn_matmul_is_torch_mm(shape: tuple[int, int, int]) -> None:
     assert not gemm.uses_onednn(block, b)
     assert torch.equal(gemm.matmul(block, b), block @ b)
     assert gemm.uses_onednn(a, b.t().contiguous().t()) == gemm.ONEDNN
+
+
+def gated_leaves(batch: int, d_in: int, hidden: list[int], experts: int, gates: int, dtype: torch.dtype, seed: int):
+    """Leaves for the gated block: x, a Gates module's weight and bias, expert weights and biases."""
+    weights, biases = make_experts(d_in, hidden, experts, dtype, seed=seed)
+    gate = Gates(d_in, experts, gates).to(dtype)
+    with torch.no_grad():
+        gate.bias.normal_(0, 0.5)
+    x = torch.randn(batch, d_in, dtype=dtype)
+    return [t.detach().clone().requires_grad_() for t in (x, gate.weight, gate.bias, *weights, *biases)]
+
+
+def unfused_gated(x, gate_weight, gate_bias, temperature, weights, biases):
+    """What MMoE ran before the gates moved into the block: `Gates`, then `experts_combine`."""
+    gate = Gates(x.shape[1], gate_weight.shape[2], gate_weight.shape[0], temperature=temperature)
+    out = torch.func.functional_call(gate, {"weight": gate_weight, "bias": gate_bias}, (x,))
+    return experts_combine(x, weights, biases, out.weights), out.probs
+
+
+@pytest.mark.parametrize(("hidden", "gates", "temperature"), [([5], 2, 1.0), ([6, 4], 1, 0.5), ([7, 5, 3], 3, 2.0)])
+def test_gated_block_passes_gradcheck(hidden: list[int], gates: int, temperature: float) -> None:
+    """Both outputs (the mixture and the gate probabilities, which the balance loss reads) against
+    finite differences, every input at once (float64)."""
+    leaves = gated_leaves(6, 4, hidden, 3, gates, torch.float64, seed=len(hidden))
+    n = len(hidden)
+
+    def fn(x, gw, gb, *p):
+        return gated_experts_combine(x, list(p[:n]), list(p[n:]), gw, gb, temperature)
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves))
+
+
+@pytest.mark.parametrize("batch", [1, 1024])
+def test_gated_block_is_gates_then_block(batch: int) -> None:
+    """float32 at the census shapes (oneDNN where the CPU has it), and a batch of one: the same
+    mixture, probabilities and gradients as `Gates` followed by `experts_combine`, with a loss on
+    both outputs."""
+    leaves = gated_leaves(batch, 263, [64, 32], 8, 2, torch.float32, seed=batch)
+    grad_out, grad_probs = torch.randn(2, batch, 32), torch.randn(batch, 2, 8)
+    results = []
+    for fn in (unfused_gated, gated_experts_combine):
+        copies = [t.detach().clone().requires_grad_() for t in leaves]
+        x, gw, gb, *p = copies
+        mixed, probs = fn(x, gw, gb, 0.7, p[:2], p[2:]) if fn is unfused_gated else fn(x, p[:2], p[2:], gw, gb, 0.7)
+        assert mixed.shape == (2, batch, 32) and probs.shape == (batch, 2, 8)
+        ((mixed * grad_out).sum() + (probs * grad_probs).sum()).backward()
+        results.append((mixed.detach(), probs.detach(), [t.grad for t in copies]))
+    (want_mixed, want_probs, want_grads), (mixed, probs, grads) = results
+    torch.testing.assert_close(mixed, want_mixed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs, want_probs, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, want_grads):  # sums over 1024 rows, in other orders: float32 rounding
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))
 
 
 def test_manual_backward_skips_the_input_gradient_when_not_needed() -> None:

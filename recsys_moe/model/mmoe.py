@@ -6,7 +6,8 @@
 With `num_gates=1` the one gate is shared by all tasks: that is OMoE (see omoe.py). How the
 experts run (`compute`, the config's `model.expert_compute`) changes the speed, not the result:
 `dense` runs every expert on every row (with a hand-written backward, `kernels.dense.experts_combine`,
-unless dropout is on); `routed` (top-k gates) runs each expert only on the rows
+unless dropout is on; softmax gates are then computed in the block's first GEMM,
+`gated_experts_combine`); `routed` (top-k gates) runs each expert only on the rows
 routed to it (kernels/grouped.py), a fraction of the FLOPs when k is much smaller than E;
 `triton` runs the block in the Triton kernels (kernels/triton_experts.py) on CUDA tensors and
 falls back to the torch path elsewhere, so a model trained that way evaluates and serves on a CPU.
@@ -20,9 +21,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from recsys_moe.kernels.dense import combine, experts_combine
+from recsys_moe.kernels.dense import combine, experts_combine, gated_experts_combine
 from recsys_moe.kernels.grouped import topk_experts_combine
-from recsys_moe.model.gates import GateKind, Gates
+from recsys_moe.model.gates import GateKind, GateOutput, Gates
 from recsys_moe.model.outputs import ArchOutput
 from recsys_moe.model.stacked import StackedMLP
 from recsys_moe.model.towers import TaskTowers
@@ -62,13 +63,24 @@ class MMoE(nn.Module):
         return self.compute == "routed"
 
     def forward(self, x: torch.Tensor) -> ArchOutput:
-        gates = self.gates(x)  # weights [B, G, E]
-        mixed = self._mix(x, gates.weights)  # [G, B, H]
+        if self._gates_in_block(x):
+            g = self.gates
+            w, b = list(self.experts.weights), list(self.experts.biases)
+            mixed, probs = gated_experts_combine(x, w, b, g.weight, g.bias, g.temperature)
+            gates = GateOutput(weights=probs, probs=probs)
+        else:
+            gates = self.gates(x)  # weights [B, G, E]
+            mixed = self._mix(x, gates.weights)  # [G, B, H]
         weights = gates.weights
         if mixed.shape[0] != self.num_tasks:  # one shared gate: every tower reads the same mixture
             mixed = mixed.expand(self.num_tasks, -1, -1)
             weights = weights.expand(-1, self.num_tasks, -1)
         return ArchOutput(logits=self.towers(mixed), gate_weights=weights, gates=[gates])
+
+    def _gates_in_block(self, x: torch.Tensor) -> bool:
+        """Softmax gates on the experts' own input ride in the expert block's first GEMM."""
+        dropout = self.training and self.experts.dropout > 0
+        return self.compute == "dense" and self.gates.kind == "softmax" and x.dim() == 2 and not dropout
 
     def _mix(self, x: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
         w, b = list(self.experts.weights), list(self.experts.biases)
