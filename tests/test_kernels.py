@@ -272,11 +272,21 @@ def unfused_gated(x, gate_weight, gate_bias, temperature, weights, biases):
     return experts_combine(x, weights, biases, out.weights), out.probs
 
 
-@pytest.mark.parametrize(("hidden", "gates", "temperature"), [([5], 2, 1.0), ([6, 4], 1, 0.5), ([7, 5, 3], 3, 2.0)])
-def test_gated_block_passes_gradcheck(hidden: list[int], gates: int, temperature: float) -> None:
+@pytest.mark.parametrize(
+    ("batch", "hidden", "experts", "gates", "temperature"),
+    [
+        (6, [5], 3, 2, 1.0),
+        (6, [6, 4], 3, 1, 0.5),
+        (6, [7, 5, 3], 3, 3, 2.0),
+        (64, [3], 8, 2, 0.5),  # enough rows for the transposed softmax (kernels.dense._softmax_experts)
+    ],
+)
+def test_gated_block_passes_gradcheck(
+    batch: int, hidden: list[int], experts: int, gates: int, temperature: float
+) -> None:
     """Both outputs (the mixture and the gate probabilities, which the balance loss reads) against
     finite differences, every input at once (float64)."""
-    leaves = gated_leaves(6, 4, hidden, 3, gates, torch.float64, seed=len(hidden))
+    leaves = gated_leaves(batch, 4, hidden, experts, gates, torch.float64, seed=len(hidden))
     n = len(hidden)
 
     def fn(x, gw, gb, *p):

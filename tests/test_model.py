@@ -256,6 +256,34 @@ def test_scores_with_onednn_are_the_torch_scores(synthetic_manifest: Manifest, m
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_ids_outside_their_table_are_refused_at_load(synthetic_manifest: Manifest, sequential: bool) -> None:
+    """A shard written with another vocabulary: an error naming the feature as the split loads,
+    not FBGEMM's per-batch warning that then looks the id up as row 0."""
+    keys = [f.name for f in synthetic_manifest.sparse_features]
+    info = {f.name: f for f in synthetic_manifest.sparse_features}
+    frame = pl.concat([pl.read_parquet(p) for p in synthetic_manifest.shard_paths("valid")])
+    InMemoryDataset(frame, synthetic_manifest, keys, tasks=None, sequential=sequential)  # as written: loads
+    single = next(k for k in keys if info[k].kind == "categorical")
+    multi = next(k for k in keys if info[k].kind == "multi_hot")
+    for key, bad in [(single, info[single].num_embeddings), (single, -3), (multi, info[multi].num_embeddings)]:
+        values = frame[key].to_list()
+        values[7] = [1, bad] if key == multi else bad
+        broken = frame.with_columns(pl.Series(key, values, dtype=frame[key].dtype))
+        with pytest.raises(ValueError, match=rf"sparse feature '{key}': id {bad} is outside its table"):
+            InMemoryDataset(broken, synthetic_manifest, keys, tasks=None, sequential=sequential)
+
+
+def test_only_trusted_tables_skip_the_per_batch_id_check(synthetic_manifest: Manifest) -> None:
+    """`trust_ids` turns FBGEMM's per-batch check off for training's fused tables; a model built
+    any other way keeps it."""
+    fused = MultiTaskRanker(synthetic_manifest, ModelConfig(arch="mmoe"), fused_optimizer=("adagrad", {"lr": 0.1}))
+    modes = lambda m: {e._emb_module.bounds_check_mode_int for e in m.sparse.ebc._emb_modules}  # noqa: E731
+    assert modes(fused) != {3}
+    fused.sparse.trust_ids()
+    assert modes(fused) == {3}  # BoundsCheckMode.NONE
+
+
 @pytest.mark.parametrize("multi_hot", [True, False])
 def test_sequential_dataset_gives_the_same_batches(synthetic_manifest: Manifest, multi_hot: bool) -> None:
     """Scoring keeps ids feature-major (`sequential=True`): the same dense rows, KJT values and

@@ -15,7 +15,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.pipelines.manifest import Manifest, SparseFeatureInfo
 from recsys_moe.pipelines.transform import key_column, label_column
 
 
@@ -89,6 +89,32 @@ class InMemoryDataset:
         if column is not None and column in frame.columns:
             self.groups = torch.from_numpy(frame[column].hash(seed=0).reinterpret(signed=True).to_numpy().copy())
         self._ones = torch.ones(len(single), 1, dtype=torch.int32)
+        self._check_ids(info)
+
+    def _check_ids(self, info: dict[str, SparseFeatureInfo]) -> None:
+        """Every id inside its table, checked once here: a shard written with another manifest
+        gets an error naming the feature, not FBGEMM's per-batch warning that maps the id to row
+        0, and a model fed only from here can skip that per-batch check (`SparseArch.trust_ids`)."""
+        single = [k for k in self.sparse_keys if k not in self.multi_hot]
+        ranges: dict[str, tuple[int, int]] = {}
+        if single and self.num_rows:
+            dim = 1 if self.sequential else 0  # feature-major [F, N] or row-major [N, F]
+            lows, highs = self.ids.amin(dim=dim).tolist(), self.ids.amax(dim=dim).tolist()
+            ranges = {k: (lows[i], highs[i]) for i, k in enumerate(single)}
+        for k, padded in self.padded.items():
+            present = padded[padded >= 0]
+            if (padded < -1).any():
+                ranges[k] = (int(padded.min()), int(padded.max()))
+            elif present.numel():
+                ranges[k] = (int(present.min()), int(present.max()))
+        for k, (low, high) in ranges.items():
+            rows = info[k].num_embeddings
+            if low < 0 or high >= rows:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"sparse feature {k!r}: id {bad} is outside its table's rows [0, {rows}); "
+                    "was this split written with another manifest or vocabulary?"
+                )
 
     @staticmethod
     def _pad(column: pl.Series, max_length: int) -> torch.Tensor:

@@ -106,6 +106,30 @@ def gated_experts_combine(
     return _GatedExpertsCombine.apply(x, gate_weight, gate_bias, temperature, *weights, *biases)
 
 
+def _softmax_experts(logits: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Softmax over the experts of [B, G, E] logits → (probs [B, G, E], probs as [G, E, B] or None).
+
+    torch's CPU softmax over the last dim loops in scalars when that dim is shorter than a vector
+    register: 8 experts at B=1024 took 155 µs (Zen 4, AVX-512), 16 took 50. Over a middle dim,
+    with the batch innermost, it runs vectorised across rows: with both transposing copies, 46 µs.
+    The transposed probabilities are kept for the backward, which gains the same way. Measured in
+    alternating rounds: a census training step 1% faster, scoring in batches of 8192 rows 4.5%.
+    From 16 experts up torch's own is faster; under 64 rows the copies are not worth it.
+    """
+    if logits.shape[-1] >= 16 or logits.shape[0] < 64:
+        return torch.softmax(logits, dim=-1), None
+    probs_t = torch.softmax(logits.permute(1, 2, 0).contiguous(), dim=1)  # [G, E, B]
+    return probs_t.permute(2, 0, 1).contiguous(), probs_t
+
+
+def _softmax_experts_backward(grad: Tensor, probs: Tensor, probs_t: Tensor | None) -> Tensor:
+    """The gradient through `_softmax_experts` to the logits, [B, G, E] (may be a transposed view)."""
+    if probs_t is None:
+        return torch._softmax_backward_data(grad, probs, -1, probs.dtype)
+    grad_t = torch._softmax_backward_data(grad.permute(1, 2, 0).contiguous(), probs_t, 1, probs_t.dtype)
+    return grad_t.permute(2, 0, 1)
+
+
 def _upper_layers(first: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> list[Tensor]:
     """Layer 0's activations [B, E*h0] (may be columns of a wider buffer) → every layer's: layer
     0's as given, the deeper ones [E, B, h]."""
@@ -212,23 +236,23 @@ class _GatedExpertsCombine(torch.autograd.Function):
         y = matmul(x, wide, bias)
         first = y[:, : num * h0].relu_()
         logits = y[:, num * h0 :].view(-1, gates, experts)
-        probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+        probs, probs_t = _softmax_experts(logits / temperature if temperature != 1.0 else logits)
         acts = _upper_layers(first, weights, biases)
-        ctx.save_for_backward(x, probs, wide, *weights, *acts)
+        ctx.save_for_backward(x, probs, probs_t, wide, *weights, *acts)
         ctx.depth, ctx.temperature = depth, temperature
         return _mixture(acts, probs, num, h0), probs
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, grad_probs: Tensor) -> tuple[Tensor | None, ...]:
         depth = ctx.depth
-        x, probs, wide, *rest = ctx.saved_tensors
+        x, probs, probs_t, wide, *rest = ctx.saved_tensors
         weights, acts = rest[:depth], rest[depth:]
         d_in, num, h0 = weights[0].shape
         batch, gates, experts = probs.shape
         grad = x.new_empty(batch, num * h0 + gates * experts)  # [layer 0's output | gate logits]
         grad_gates, grad_w, grad_b = _upper_backward(grad_out, probs, weights, acts, grad[:, : num * h0])
         grad_gates += grad_probs  # the balance loss's, or zeros
-        grad_logits = torch._softmax_backward_data(grad_gates, probs, -1, probs.dtype)
+        grad_logits = _softmax_experts_backward(grad_gates, probs, probs_t)
         if ctx.temperature != 1.0:
             grad_logits = grad_logits / ctx.temperature
         grad[:, num * h0 :].view(batch, gates, experts).copy_(grad_logits)

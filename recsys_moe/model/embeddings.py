@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
@@ -107,6 +108,14 @@ class SparseArch(nn.Module):
         if not isinstance(self.ebc, FusedEmbeddingBagCollection):
             raise TypeError("this SparseArch was built without a fused optimizer")
         return self.ebc.fused_optimizer()
+
+    def trust_ids(self) -> None:
+        """Skip FBGEMM's per-batch id bounds check: for a caller that feeds only ids already
+        checked against their tables (`data.loader.InMemoryDataset` checks at load). The check
+        took about 1.5% of a census training step. Fused tables only (training's)."""
+        if isinstance(self.ebc, FusedEmbeddingBagCollection):
+            for lookups in self.ebc._emb_modules:
+                lookups._emb_module.bounds_check_mode_int = BoundsCheckMode.NONE.value
 
     def table_ids(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Feature ids → row ids in their (possibly packed) table: what the EBC takes."""

@@ -63,6 +63,7 @@ class LocalEngine:
         self.data: dict[str, InMemoryDataset] = {}
         for split in tqdm(("train", "valid", "test"), desc="load data", disable=not progress_bar, leave=False):
             self.data[split] = InMemoryDataset.from_split(manifest, split, self.ranker.sparse.keys, tasks)
+        self.ranker.sparse.trust_ids()  # every id was checked as the splits loaded
         self.generator = torch.Generator().manual_seed(tc.seed)
         self.oov_rates = oov_rates(manifest.spec, self.ranker.sparse.keys)
         self.steps = self.data["train"].num_batches(tc.batch_size)
