@@ -79,8 +79,7 @@ class MMoE(nn.Module):
 
     def _gates_in_block(self, x: torch.Tensor) -> bool:
         """Softmax gates on the experts' own input ride in the expert block's first GEMM."""
-        dropout = self.training and self.experts.dropout > 0
-        return self.compute == "dense" and self.gates.kind == "softmax" and x.dim() == 2 and not dropout
+        return self.compute == "dense" and self.gates.kind == "softmax" and x.dim() == 2 and not self.experts.drops
 
     def _mix(self, x: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
         w, b = list(self.experts.weights), list(self.experts.biases)
@@ -90,7 +89,7 @@ class MMoE(nn.Module):
                 return kernel(x, w, b, gate_weights)
         if self.routed or (self.compute == "triton" and self.sparse_gate):
             return topk_experts_combine(x, w, b, gate_weights)
-        if self.training and self.experts.dropout > 0:
+        if self.experts.drops:
             return combine(self.experts(x), gate_weights)
         return experts_combine(x, w, b, gate_weights)
 

@@ -73,7 +73,7 @@ class ExtractionLayer(nn.Module):
         self, task_in: torch.Tensor, shared_in: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[GateOutput]]:
         """task_in [B, d] (first layer: the model input) or [T, B, d]; shared_in [B, d]."""
-        if task_in is shared_in and not (self.training and self.task_experts.dropout > 0):
+        if task_in is shared_in and not self.task_experts.drops:
             return self._one_input(task_in)
         t, n = self.num_tasks, self.n_task
         per_expert_in = task_in if task_in.dim() == 2 else task_in.repeat_interleave(n, dim=0)

@@ -51,6 +51,12 @@ class StackedMLP(nn.Module):
             nn.init.uniform_(w, -math.sqrt(3.0) * bound, math.sqrt(3.0) * bound)  # kaiming_uniform(a=sqrt(5))
             nn.init.uniform_(b, -bound, bound)
 
+    @property
+    def drops(self) -> bool:
+        """Whether a forward now applies dropout. The fused expert blocks (`kernels.dense`) have
+        none, so MMoE, OMoE and PLE run this module's own forward while it is true."""
+        return self.training and self.dropout > 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return stacked_mlp(
             x, list(self.weights), list(self.biases), self.activate_last, self.dropout if self.training else 0.0
