@@ -3,6 +3,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torch import nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 
@@ -279,9 +280,9 @@ def test_only_trusted_tables_skip_the_per_batch_id_check(synthetic_manifest: Man
     any other way keeps it."""
     fused = MultiTaskRanker(synthetic_manifest, ModelConfig(arch="mmoe"), fused_optimizer=("adagrad", {"lr": 0.1}))
     modes = lambda m: {e._emb_module.bounds_check_mode_int for e in m.sparse.ebc._emb_modules}  # noqa: E731
-    assert modes(fused) != {3}
+    assert modes(fused) != {BoundsCheckMode.NONE.value} and fused.sparse.checks_ids
     fused.sparse.trust_ids()
-    assert modes(fused) == {3}  # BoundsCheckMode.NONE
+    assert modes(fused) == {BoundsCheckMode.NONE.value} and not fused.sparse.checks_ids
 
 
 @pytest.mark.parametrize("multi_hot", [True, False])

@@ -102,10 +102,8 @@ class InMemoryDataset:
             lows, highs = self.ids.amin(dim=dim).tolist(), self.ids.amax(dim=dim).tolist()
             ranges = {k: (lows[i], highs[i]) for i, k in enumerate(single)}
         for k, padded in self.padded.items():
-            present = padded[padded >= 0]
-            if (padded < -1).any():
-                ranges[k] = (int(padded.min()), int(padded.max()))
-            elif present.numel():
+            present = padded[padded != -1]  # -1 is the padding
+            if present.numel():
                 ranges[k] = (int(present.min()), int(present.max()))
         for k, (low, high) in ranges.items():
             rows = info[k].num_embeddings

@@ -109,13 +109,23 @@ class SparseArch(nn.Module):
             raise TypeError("this SparseArch was built without a fused optimizer")
         return self.ebc.fused_optimizer()
 
+    def _kernels(self) -> list[nn.Module]:
+        """The fused tables' FBGEMM modules (none for a plain EBC)."""
+        if not isinstance(self.ebc, FusedEmbeddingBagCollection):
+            return []
+        return [lookups._emb_module for lookups in self.ebc._emb_modules]
+
     def trust_ids(self) -> None:
         """Skip FBGEMM's per-batch id bounds check: for a caller that feeds only ids already
         checked against their tables (`data.loader.InMemoryDataset` checks at load). The check
-        took about 2% of a census training step (1.8%, median of alternating rounds). Fused tables only (training's)."""
-        if isinstance(self.ebc, FusedEmbeddingBagCollection):
-            for lookups in self.ebc._emb_modules:
-                lookups._emb_module.bounds_check_mode_int = BoundsCheckMode.NONE.value
+        took 1.8% of a census training step (median of alternating rounds). Fused tables only."""
+        for kernel in self._kernels():
+            kernel.bounds_check_mode_int = BoundsCheckMode.NONE.value
+
+    @property
+    def checks_ids(self) -> bool:
+        """Whether FBGEMM checks every batch's ids against the tables (off after `trust_ids`)."""
+        return any(k.bounds_check_mode_int != BoundsCheckMode.NONE.value for k in self._kernels())
 
     def table_ids(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Feature ids → row ids in their (possibly packed) table: what the EBC takes."""
