@@ -235,12 +235,13 @@ def test_two_days_and_a_rerun_under_the_scheduler_on_postgres(tmp_path: Path) ->
         deployment = Deployment(tmp_path, pg, pg.create_database("airflow"))
         try:
             deployment.airflow("db", "migrate", timeout=300)
+            # Serialize the DAG now rather than at the DAG processor's first pass, and before it
+            # starts: both insert the bundle's row into a fresh DB, and the loser of that race exits.
+            deployment.airflow("dags", "reserialize")
+            assert DAG_ID in deployment.airflow("dags", "list", "-o", "plain")
             deployment.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(deployment.api_port))
             deployment.start("scheduler", "scheduler")
             deployment.start("dag-processor", "dag-processor")
-            # Write the serialized DAG now rather than at the DAG processor's first pass.
-            deployment.airflow("dags", "reserialize")
-            assert DAG_ID in deployment.airflow("dags", "list", "-o", "plain")
             deployment.airflow("dags", "unpause", DAG_ID)
             deployment.wait_for_api()
 
