@@ -63,6 +63,8 @@ ARCH_NAMES = {
 # CGC/PLE keep 8 experts per layer too: 3 per task + 2 shared; PLE stacks 2 layers.
 # Section headings of groups that are a setting of another group rather than a task group of the paper.
 HEADINGS = {"census_group1_education": "census_group1, education as an input"}
+# Row-name suffixes of the dense products' precision (`train.precision`).
+PRECISIONS = {"fp32": "", "bf16": ", bf16 products"}
 
 MODEL = [
     "model.num_experts=8",
@@ -92,12 +94,14 @@ class RunRecord:
     lr_schedule: str = "constant"
     # The invocation that measured it; the × ref columns divide only by a reference of the same one.
     session: str = ""
+    precision: str = "fp32"  # train.precision; runs before it existed were fp32
 
 
-def gemm_rate(seconds: float = 2.0, onednn: bool = False) -> float:
-    """fp32 GFLOP/s of a large matrix product on this machine, now: torch.mm (MKL), or with
-    `onednn` the oneDNN product the project's expert block uses (`recsys_moe.kernels.gemm`)."""
-    a, b = torch.randn(2048, 1024), torch.randn(1024, 1024)
+def gemm_rate(seconds: float = 2.0, onednn: bool = False, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of a large matrix product on this machine, now: torch.mm (MKL), or with `onednn` the
+    oneDNN product the project's expert block uses (`recsys_moe.kernels.gemm`); fp32, or the bf16
+    product `train.precision=bf16` uses (torch.mm on bf16 tensors is oneDNN's too)."""
+    a, b = torch.randn(2048, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     product = (lambda: gemm.matmul(a, b)) if onednn else (lambda: a @ b)
     for _ in range(3):
         product()
@@ -182,11 +186,19 @@ def inference_rate(manifest: Manifest, config: RunConfig, model_dir: Path, tasks
 
 
 def run_one(
-    manifest: Manifest, group: str, arch: str, tasks: list[str], seed: int, epochs: int, workdir: Path
+    manifest: Manifest,
+    group: str,
+    arch: str,
+    tasks: list[str],
+    seed: int,
+    epochs: int,
+    workdir: Path,
+    precision: str = "fp32",
 ) -> RunRecord:
     overrides = [
         *MODEL,
         f"model.arch={arch}",
+        f"train.precision={precision}",
         f"train.seed={seed}",
         f"train.epochs={epochs}",
         "train.patience=3",
@@ -212,6 +224,7 @@ def run_one(
         seconds=seconds,
         gemm_gflops=gflops,
         lr_schedule=f"{config.train.lr_schedule}, warmup {config.train.warmup_fraction:.0%}",
+        precision=precision,
     )
 
 
@@ -254,6 +267,13 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
         "shared by both tasks. CGC: 3 experts per task + 2 shared, each [64, 32]; PLE: two such layers.",
         "",
     ]
+    if any(r.precision == "bf16" for r in records):
+        lines += [
+            'Rows marked "bf16 products" train with `train.precision=bf16`: the first expert layer\'s GEMMs (most '
+            "of the dense FLOPs) take bf16 operands, everything else stays fp32, and the saved weights and all "
+            "scoring are fp32. Their AUCs answer whether bf16 costs quality; same seeds as the fp32 rows.",
+            "",
+        ]
     if ref:
         lines += [
             "The × ref columns divide a row's speed by that of the plain-PyTorch MMoE of `benchmarks/reference.py` "
@@ -272,8 +292,8 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
             + " | paper (best) | train samples/s | train × ref | infer samples/s | infer × ref |"
         )
         lines += [header, "|" + "---|" * (6 + 2 * len(tasks) + 1)]
-        for arch in ARCH_NAMES:
-            rows = [r for r in records if r.group == group and r.arch == arch]
+        for arch, precision in itertools.product(ARCH_NAMES, PRECISIONS):
+            rows = [r for r in records if r.group == group and r.arch == arch and r.precision == precision]
             if not rows:
                 continue
             cells = []
@@ -288,7 +308,7 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
             seeds = len({r.seed for r in rows})
             schedules.update(r.lr_schedule for r in rows)
             lines.append(
-                f"| {ARCH_NAMES[arch]} | {len(rows) // max(len({tuple(r.tasks) for r in rows}), 1)} seeds"
+                f"| {ARCH_NAMES[arch]}{PRECISIONS[precision]} | {len(rows) // max(len({tuple(r.tasks) for r in rows}), 1)} seeds"
                 f"{'' if seeds >= meta['seeds'] else ' (incomplete)'} | "
                 + " | ".join(cells)
                 + f" | {paper_cell} | {train_rate:,.0f} | {_times(train_rate, ref, 'train', same)} "
@@ -305,7 +325,9 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
             )
         lines.append("")
     # The GEMM bound is the d_in of the group the speed session measured.
-    mmoe = [r for r in records if r.arch == "mmoe" and r.group == meta.get("speed_group", "census_group1")]
+    speed_group = meta.get("speed_group", "census_group1")
+    mmoe = [r for r in records if r.arch == "mmoe" and r.group == speed_group and r.precision == "fp32"]
+    mmoe_bf16 = [r for r in records if r.arch == "mmoe" and r.group == speed_group and r.precision == "bf16"]
     if mmoe:
         flops = meta["mmoe_flops_per_sample"]
         rate = statistics.median(r.train_samples_per_s for r in mmoe)
@@ -333,6 +355,22 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
                 f"at that rate the limit is {onednn * 1e9 / flops:,.0f} samples/s, and MMoE training reaches "
                 f"{rate / (onednn * 1e9 / flops):.0%} of it."
             )
+        if mmoe_bf16:
+            bf16_rate = statistics.median(r.train_samples_per_s for r in mmoe_bf16)
+            bf16_share = statistics.median(r.train_samples_per_s / (r.gemm_gflops * 1e9 / flops) for r in mmoe_bf16)
+            line = (
+                f"- MMoE training with `train.precision=bf16` (the first expert layer's GEMMs on bf16 operands): "
+                f"**{bf16_rate:,.0f} samples/s**, {bf16_rate / rate:.2f}x the fp32 runs; {bf16_share:.0%} of the fp32 "
+                "limit above, which bf16 products are not bound by, so that share is not a claim on it."
+            )
+            if "bf16_gflops" in meta:
+                bound = meta["bf16_gflops"] * 1e9 / flops
+                line += (
+                    f" bf16 `torch.mm` on the same matrices, measured at the start: {meta['bf16_gflops']:.0f} GFLOP/s; "
+                    f"were every dense FLOP a bf16 product, the limit would be {bound:,.0f} samples/s, "
+                    f"{bf16_rate / bound:.0%} of it reached."
+                )
+            lines.append(line)
         busy = meta.get("neighbour")
         if busy:
             q, b = busy["quiet"], busy["busy"]
@@ -368,6 +406,13 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--groups", nargs="+", default=["census_group1", "census_group2"])
     parser.add_argument("--archs", nargs="+", default=list(ARCH_NAMES), choices=list(ARCH_NAMES))
+    parser.add_argument(
+        "--bf16-archs",
+        nargs="*",
+        default=["mmoe"],
+        choices=list(ARCH_NAMES),
+        help="also train these with train.precision=bf16 (where the CPU has bf16 instructions)",
+    )
     parser.add_argument("--fresh", action="store_true", help="drop earlier runs in census.json instead of merging")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true", help="rewrite census.md from census.json")
@@ -403,6 +448,9 @@ def main() -> int:
         "cpu": cpu_description(),
         "onednn_gflops": gemm_rate(2.0, onednn=True),
     }
+    bf16_archs = [a for a in args.bf16_archs if a in args.archs] if gemm.bf16_native() else []
+    if bf16_archs:
+        meta["bf16_gflops"] = gemm_rate(2.0, dtype=torch.bfloat16)
 
     plan = []
     for group in args.groups:
@@ -410,7 +458,13 @@ def main() -> int:
             task_sets = (
                 [[t] for t in manifests[group].task_names] if arch == "single_task" else [manifests[group].task_names]
             )
-            plan += [(group, arch, tasks, seed) for tasks in task_sets for seed in range(args.seeds)]
+            precisions = ["fp32", "bf16"] if arch in bf16_archs else ["fp32"]
+            plan += [
+                (group, arch, tasks, seed, precision)
+                for precision in precisions
+                for tasks in task_sets
+                for seed in range(args.seeds)
+            ]
     args.out.mkdir(parents=True, exist_ok=True)
     # Runs of (group, arch) pairs not in this plan are kept from earlier invocations, so the
     # table can grow one architecture at a time.
@@ -425,14 +479,16 @@ def main() -> int:
     else:
         meta["session"], meta["speed_group"] = session, args.groups[0]
     if previous.exists() and not args.fresh:
-        planned = {(g, a) for g, a, _, _ in plan}
+        planned = {(g, a, p) for g, a, _, _, p in plan}
         records = [
-            RunRecord(**r) for r in json.loads(previous.read_text())["runs"] if (r["group"], r["arch"]) not in planned
+            RunRecord(**r)
+            for r in json.loads(previous.read_text())["runs"]
+            if (r["group"], r["arch"], r.get("precision", "fp32")) not in planned
         ]
     from reference import beside_neighbour, both, train_reference  # the plain-PyTorch MMoE (imports this module)
 
     reference_runs = [train_reference(m1, m1.task_names, epochs=1, seed=0)] if measures_speed else []
-    for group, arch, tasks, seed in tqdm(plan, desc="census runs", unit="run"):
+    for group, arch, tasks, seed, precision in tqdm(plan, desc="census runs", unit="run"):
         rec = run_one(
             manifests[group],
             group,
@@ -440,12 +496,13 @@ def main() -> int:
             tasks,
             seed,
             args.epochs,
-            CACHE / "runs" / f"{group}-{arch}-{'-'.join(tasks)}-{seed}",
+            CACHE / "runs" / f"{group}-{arch}-{'-'.join(tasks)}-{seed}-{precision}",
+            precision,
         )
         rec.session = session
         records.append(rec)
         tqdm.write(
-            f"{group} {arch:<13} seed {seed} {rec.test_auc} best epoch {rec.best_epoch} "
+            f"{group} {arch:<13} {precision} seed {seed} {rec.test_auc} best epoch {rec.best_epoch} "
             f"{rec.train_samples_per_s:,.0f} train / {rec.infer_samples_per_s:,.0f} infer samples/s"
         )
         (args.out / "census.json").write_text(

@@ -129,6 +129,13 @@ class TrainConfig(_Strict):
     collapse_threshold: float = Field(
         0.02, ge=0, lt=1, description="warn when an expert's mean gate weight (or routed share) falls below this"
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: while training, the expert block's first-layer GEMMs (most of its FLOPs) take bf16 "
+        "operands; weights, accumulation and every other op stay fp32, and so do validation and scoring. "
+        "Where the CPU multiplies bf16 in hardware (AVX512-BF16, AMX) steps run ~15% faster; elsewhere it "
+        "trains in fp32 with a warning",
+    )
     seed: int = 0
     threads: int | None = Field(
         None,

@@ -12,12 +12,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from recsys_moe.kernels import gemm, grouped
@@ -323,6 +324,97 @@ def test_manual_backward_skips_the_input_gradient_when_not_needed() -> None:
     out = experts_combine(torch.randn(3, 5), w, biases, torch.full((3, 1, 2), 0.5))
     out.sum().backward()
     assert w[0].grad is not None and w[0].grad.abs().sum() > 0
+
+
+# ---- bf16 products ----------------------------------------------------------------------------
+
+
+def _rel(got: Tensor, want: Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_bf16_matmul_rounds_the_operands_and_the_result(onednn: bool, monkeypatch) -> None:
+    """fp32 in and out; the value is the product of the bf16-rounded operands, rounded to bf16.
+    Transposed and gapped operands (oneDNN's and `addmm`'s paths) give the same."""
+    monkeypatch.setattr(gemm, "ONEDNN", onednn and gemm.ONEDNN)
+    m, k, n = 64, 263, 96
+    a, b, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n)
+    rounded = torch.addmm(bias.bfloat16().float(), a.bfloat16().float(), b.bfloat16().float()).relu_()
+    gapped = torch.randn(k, 2 * m)[:, :m].t()
+    for left, right in [(a, b), (a.t().contiguous().t(), b.t().contiguous().t()), (gapped, b)]:
+        want = (
+            rounded
+            if left is not gapped
+            else torch.addmm(bias.bfloat16().float(), gapped.bfloat16().float(), b.bfloat16().float()).relu_()
+        )
+        got = gemm.matmul(left, right, bias, relu=True, dtype=torch.bfloat16)
+        assert got.dtype == torch.float32 and got.shape == (m, n)
+        # One bf16 rounding of the result (8 bits): a relative error under 2^-8 per entry.
+        torch.testing.assert_close(got, want, rtol=2**-8, atol=1e-3)
+        assert torch.equal(got, got.bfloat16().float())  # its values are bf16 values
+    assert not torch.equal(gemm.matmul(a, b, dtype=torch.bfloat16), a @ b)
+
+
+def test_bf16_products_are_per_thread_and_nest() -> None:
+    seen = []
+    with gemm.bf16_products():
+        assert gemm.product_dtype() == torch.bfloat16
+        with gemm.bf16_products(False):
+            assert gemm.product_dtype() is None
+        assert gemm.product_dtype() == torch.bfloat16
+        worker = threading.Thread(target=lambda: seen.append(gemm.product_dtype()))
+        worker.start()
+        worker.join()
+    assert gemm.product_dtype() is None and seen == [None]
+
+
+@pytest.mark.parametrize("batch", [1, 1024])
+def test_the_gated_block_under_bf16_products_stays_close_to_fp32(batch: int) -> None:
+    """Census shapes and a batch of one: the mixture, the probabilities and every gradient near
+    fp32's (the relative error of each tensor), all fp32, and not fp32's exactly."""
+    leaves = gated_leaves(batch, 263, [64, 32], 8, 2, torch.float32, seed=7 + batch)
+    grad_out, grad_probs = torch.randn(2, batch, 32), torch.randn(batch, 2, 8)
+    results = []
+    for bf16 in (False, True):
+        copies = [t.detach().clone().requires_grad_() for t in leaves]
+        x, gw, gb, *p = copies
+        with gemm.bf16_products(bf16):
+            mixed, probs = gated_experts_combine(x, p[:2], p[2:], gw, gb, 0.7)
+        ((mixed * grad_out).sum() + (probs * grad_probs).sum()).backward()  # outside: the forward's choice holds
+        results.append((mixed.detach(), probs.detach(), [t.grad for t in copies]))
+    (want_mixed, want_probs, want_grads), (mixed, probs, grads) = results
+    assert mixed.dtype == probs.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert _rel(mixed, want_mixed) < 1e-2 and _rel(probs, want_probs) < 1e-2
+    # Per entry, one bf16 rounding (~2^-9): batch 1 shows that. Over 1024 rows the random upstream
+    # gradients cancel, and the sums' relative error grows with that (measured 4-5.5%).
+    limit = 1e-2 if batch == 1 else 0.1
+    for got, want in zip(grads, want_grads):
+        assert _rel(got, want) < limit, (got.shape, _rel(got, want))
+    assert not torch.equal(mixed, want_mixed)
+    assert not torch.equal(grads[3], want_grads[3])  # the first layer's weights: a bf16 product
+
+
+def test_the_backward_runs_in_the_precision_its_forward_ran() -> None:
+    """`experts_combine`'s backward follows its forward's setting, not the one around `backward()`."""
+    weights, biases = make_experts(263, [64, 32], 8, torch.float32, seed=11)
+    x = torch.randn(256, 263)
+    gates = torch.softmax(torch.randn(256, 2, 8), dim=-1)
+
+    def grads(forward_bf16: bool, backward_bf16: bool) -> list[Tensor]:
+        w = [t.detach().clone().requires_grad_() for t in weights]
+        xi = x.clone().requires_grad_()
+        with gemm.bf16_products(forward_bf16):
+            out = experts_combine(xi, w, biases, gates)
+        with gemm.bf16_products(backward_bf16):
+            out.square().sum().backward()
+        return [xi.grad, *(t.grad for t in w)]
+
+    for a, b in zip(grads(True, False), grads(True, True)):
+        assert torch.equal(a, b)
+    for a, b in zip(grads(False, True), grads(False, False)):
+        assert torch.equal(a, b)
+    assert not torch.equal(grads(True, True)[1], grads(False, False)[1])
 
 
 # ---- Triton -------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from recsys_moe.data.loader import Batch, InMemoryDataset
 from recsys_moe.distributed import checkpoint as dcheckpoint
 from recsys_moe.distributed.model import ShardedRanker, build_sharded, full_state_dict
 from recsys_moe.distributed.plan import plan_rows, plan_summary, weight_bytes_per_rank
+from recsys_moe.kernels import gemm
 from recsys_moe.model.embeddings import plan_tables
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.pipelines.manifest import Manifest
@@ -55,6 +56,7 @@ from recsys_moe.training import checkpoint
 from recsys_moe.training.checkpoint import Progress
 from recsys_moe.training.evaluation import Evaluation, GateSums, per_task_metrics
 from recsys_moe.training.loop import EpochStats, ShardingInfo, TrainResult, fit
+from recsys_moe.training.precision import use_bf16
 from recsys_moe.training.schedule import LrSchedule, StepControl
 
 log = logging.getLogger(__name__)
@@ -175,9 +177,11 @@ class ShardedEngine:
         if self.is_main:
             print(f"sharding plan ({self.world} ranks, {self.device.type}):\n{self.plan_summary}", flush=True)
             atomic.write_json(self.run_dir / PLAN_FILE, self.plan)
+        self.bf16 = use_bf16(tc.precision, self.device)
         self.extra_params: dict[str, Any] = {
             "world_size": self.world,
             "backend": dist.get_backend(),
+            "dense_products": "bf16" if self.bf16 else "fp32",
             **{f"plan.{r['table']}": f"{r['sharding']}:{r['ranks']}" for r in self.plan},
         }
         self.extra_tags = {"distributed": f"{self.world}x{self.device.type}"}
@@ -240,7 +244,8 @@ class ShardedEngine:
 
         batches = (batch(step) for step in range(first, len(chunks)))
         for step in range(first, len(chunks)):
-            loss_sum += self.pipeline.progress(batches)  # forward, backward (tables updated inside), Adam step
+            with gemm.bf16_products(self.bf16):
+                loss_sum += self.pipeline.progress(batches)  # forward, backward (tables updated inside), Adam step
             rows += len(chunks[step])
             n_seen += len(chunks[step])
             if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < self.steps:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from recsys_moe.kernels.gemm import matmul
+from recsys_moe.kernels.gemm import matmul, product_dtype
 
 
 def stacked_mlp(
@@ -82,6 +82,7 @@ def experts_combine(x: Tensor, weights: list[Tensor], biases: list[Tensor], gate
     step on 2 cores: the layouts save about 1 ms of 10, oneDNN another 2-3 ms.
 
     x [B, d] (a shared input), any depth, no dropout; gradients for every input, as autograd's.
+    Under `gemm.bf16_products` the first layer's three GEMMs take bf16 operands.
     """
     return _ExpertsCombine.apply(x, gate_weights, *weights, *biases)
 
@@ -200,8 +201,9 @@ class _ExpertsCombine(torch.autograd.Function):
         depth = len(params) // 2
         weights, biases = params[:depth], params[depth:]
         d_in, num, h0 = weights[0].shape
-        first = matmul(x, weights[0].view(d_in, num * h0), biases[0].view(-1), relu=True)  # [B, E*h0]
-        acts = _upper_layers(first, weights, biases)
+        ctx.dtype = product_dtype()  # bf16 operands under `gemm.bf16_products`, in backward too
+        first = matmul(x, weights[0].view(d_in, num * h0), biases[0].view(-1), relu=True, dtype=ctx.dtype)
+        acts = _upper_layers(first, weights, biases)  # first: [B, E*h0]
         ctx.save_for_backward(x, gate_weights, *weights, *acts)
         ctx.depth = depth
         return _mixture(acts, gate_weights, num, h0)
@@ -215,8 +217,8 @@ class _ExpertsCombine(torch.autograd.Function):
         grad_0 = x.new_empty(x.shape[0], num * h0)
         grad_gates, grad_w, grad_b = _upper_backward(grad_out, gate_weights, weights, acts, grad_0)
         w0 = weights[0].view(d_in, num * h0)
-        grad_x = matmul(grad_0, w0.t()) if ctx.needs_input_grad[0] else None
-        grad_w0 = matmul(x.t(), grad_0).view(d_in, num, h0)
+        grad_x = matmul(grad_0, w0.t(), dtype=ctx.dtype) if ctx.needs_input_grad[0] else None
+        grad_w0 = matmul(x.t(), grad_0, dtype=ctx.dtype).view(d_in, num, h0)
         grad_b0 = grad_0.sum(dim=0).view(num, 1, h0)
         return (grad_x, grad_gates, grad_w0, *grad_w, grad_b0, *grad_b)
 
@@ -233,7 +235,8 @@ class _GatedExpertsCombine(torch.autograd.Function):
         # One GEMM for the first layer and every gate: [d, E*h0 + G*E].
         wide = torch.cat([weights[0].view(d_in, num * h0), gate_weight.permute(1, 0, 2).reshape(d_in, -1)], dim=1)
         bias = torch.cat([biases[0].view(-1), gate_bias.view(-1)])
-        y = matmul(x, wide, bias)
+        ctx.dtype = product_dtype()  # bf16 operands under `gemm.bf16_products`, in backward too
+        y = matmul(x, wide, bias, dtype=ctx.dtype)
         first = y[:, : num * h0].relu_()
         logits = y[:, num * h0 :].view(-1, gates, experts)
         probs, probs_t = _softmax_experts(logits / temperature if temperature != 1.0 else logits)
@@ -256,8 +259,8 @@ class _GatedExpertsCombine(torch.autograd.Function):
         if ctx.temperature != 1.0:
             grad_logits = grad_logits / ctx.temperature
         grad[:, num * h0 :].view(batch, gates, experts).copy_(grad_logits)
-        grad_x = matmul(grad, wide.t()) if ctx.needs_input_grad[0] else None
-        grad_wide = matmul(x.t(), grad)
+        grad_x = matmul(grad, wide.t(), dtype=ctx.dtype) if ctx.needs_input_grad[0] else None
+        grad_wide = matmul(x.t(), grad, dtype=ctx.dtype)
         grad_bias = grad.sum(dim=0)
         grad_w0 = grad_wide[:, : num * h0].view(d_in, num, h0)
         grad_gate_w = grad_wide[:, num * h0 :].view(d_in, gates, experts).permute(1, 0, 2)

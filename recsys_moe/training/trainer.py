@@ -17,6 +17,7 @@ from recsys_moe.allocator import retain_freed_memory
 from recsys_moe.config import RunConfig
 from recsys_moe.data.id_dropout import drop_to_oov, oov_rates, step_generator
 from recsys_moe.data.loader import InMemoryDataset
+from recsys_moe.kernels import gemm
 from recsys_moe.model.ranker import MultiTaskRanker
 from recsys_moe.pipelines.manifest import Manifest
 from recsys_moe.threads import ThreadGovernor
@@ -26,6 +27,7 @@ from recsys_moe.training.checkpoint import Progress
 from recsys_moe.training.evaluation import Evaluation, evaluate
 from recsys_moe.training.loop import EpochStats, ShardingInfo, TrainResult, fit
 from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses, task_weights, training_loss
+from recsys_moe.training.precision import use_bf16
 from recsys_moe.training.schedule import LrSchedule, StepControl
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,11 @@ class LocalEngine:
             self.steps = min(self.steps, tc.max_steps_per_epoch)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.control = StepControl(self.optimizer, LrSchedule.from_config(tc, self.steps), tc.grad_clip_norm, params)
-        self.extra_params: dict[str, Any] = {"parameters": sum(p.numel() for p in self.ranker.parameters())}
+        self.bf16 = use_bf16(tc.precision)
+        self.extra_params: dict[str, Any] = {
+            "parameters": sum(p.numel() for p in self.ranker.parameters()),
+            "dense_products": "bf16" if self.bf16 else "fp32",  # what ran, after the CPU check
+        }
         self.extra_tags: dict[str, str] = {}
         self.extra_files: list[tuple[Path, str]] = []
         self.ranker.train()
@@ -109,7 +115,8 @@ class LocalEngine:
                 if self.oov_rates is not None:
                     batch = drop_to_oov(batch, self.oov_rates, step_generator(tc.seed, epoch, step))
                 pooled = self.ranker.lookup(batch.sparse)
-                out = self.ranker.from_pooled(pooled, batch.dense)
+                with gemm.bf16_products(self.bf16):  # the backward keeps what the forward used
+                    out = self.ranker.from_pooled(pooled, batch.dense)
                 per_task = per_task_losses(out.logits, batch.labels, self.is_binary)
                 embeddings = pooled.values() if pooled is not None else None
                 loss = training_loss(
