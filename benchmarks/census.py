@@ -360,8 +360,11 @@ def write_report(records: list[RunRecord], meta: dict, group_tasks: dict[str, li
             bf16_share = statistics.median(r.train_samples_per_s / (r.gemm_gflops * 1e9 / flops) for r in mmoe_bf16)
             line = (
                 f"- MMoE training with `train.precision=bf16` (the first expert layer's GEMMs on bf16 operands): "
-                f"**{bf16_rate:,.0f} samples/s**, {bf16_rate / rate:.2f}x the fp32 runs; {bf16_share:.0%} of the fp32 "
-                "limit above, which bf16 products are not bound by, so that share is not a claim on it."
+                f"**{bf16_rate:,.0f} samples/s**, {bf16_rate / rate:.2f}x the fp32 runs' median; {bf16_share:.0%} of "
+                "the fp32 limit above, which bf16 products are not bound by, so that share is not a claim on it. "
+                "Runs minutes apart differ by this VM's drift more than by the precision (the fp32 seeds alone "
+                f"ranged {min(r.train_samples_per_s for r in mmoe):,.0f}-{max(r.train_samples_per_s for r in mmoe):,.0f}); "
+                "`reference.md` measures bf16 against fp32 by turns in one trainer."
             )
             if "bf16_gflops" in meta:
                 bound = meta["bf16_gflops"] * 1e9 / flops

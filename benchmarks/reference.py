@@ -202,6 +202,27 @@ def beside_neighbour(manifest: Manifest, tasks: list[str], workdir: Path) -> dic
         neighbour.wait()
 
 
+def alternating_precision(manifest: Manifest, tasks: list[str], workdir: Path, pairs: int = 15) -> list[float]:
+    """fp32 step time / bf16 step time, `pairs` times: one trainer, short epochs (40 steps) run in
+    fp32 and in bf16 by turns. Whole runs minutes apart differ by this VM's drift (tens of percent)
+    more than by the precision; alternating within a second or two lets the drift hit both alike."""
+    from recsys_moe.training.checkpoint import Progress
+    from recsys_moe.training.trainer import LocalEngine
+
+    overrides = [*MODEL, "model.arch=mmoe", "train.max_steps_per_epoch=40", "train.precision=bf16"]
+    overrides += [f"train.checkpoint_dir={workdir}", "tracking.enabled=false", f"train.tasks=[{','.join(tasks)}]"]
+    engine = LocalEngine(manifest, load_config(None, overrides), progress_bar=False)
+
+    def seconds(bf16: bool) -> float:
+        engine.bf16 = bf16
+        start = time.perf_counter()
+        engine.train_epoch(0, Progress(), bar=False)
+        return time.perf_counter() - start
+
+    seconds(False), seconds(True)  # warm up both
+    return [seconds(False) / seconds(True) for _ in range(pairs)]
+
+
 def measured_round(manifest: Manifest, tasks: list[str], epochs: int, workdir: Path, flops: float) -> dict[str, Any]:
     """`both`, with the GEMM rates measured just before and after it: the bound of this round; and
     where the CPU has bf16 instructions, the project once more with `train.precision=bf16`."""
@@ -261,6 +282,7 @@ def main() -> int:
     share = lambda r, side="project": r[side]["train_samples_per_s"] / r["bound"]  # noqa: E731
     quiet = sorted(rounds, key=ratio)[len(rounds) // 2]
     busy = beside_neighbour(manifest, tasks, CACHE / "reference_runs_busy")
+    bf16_pairs = alternating_precision(manifest, tasks, CACHE / "reference_runs_bf16") if gemm.bf16_native() else []
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "threads": torch.get_num_threads(),
@@ -274,7 +296,10 @@ def main() -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reference.json").write_text(
-        json.dumps({"meta": meta, "quiet": quiet, "rounds": rounds, "neighbour": busy}, indent=1)
+        json.dumps(
+            {"meta": meta, "quiet": quiet, "rounds": rounds, "neighbour": busy, "bf16_step_ratios": bf16_pairs},
+            indent=1,
+        )
     )
     q, b = quiet, busy
     fmt = lambda x: f"{x:,.0f}"  # noqa: E731
@@ -332,7 +357,16 @@ def main() -> int:
                 "The bf16 rows train the project once more in the same round with `train.precision=bf16` (the "
                 "first expert layer's GEMMs on bf16 operands, all else fp32). They are not measured against the "
                 "fp32 bound above, which bf16 products are not held to, but against bf16 `torch.mm`'s rate, "
-                "measured after that run.",
+                "measured after that run. Two whole runs minutes apart differ by this VM's drift more than by "
+                "the precision (the bf16 column of the rounds below), so the speed of bf16 against fp32 is "
+                "measured by turns in one trainer: "
+                + (
+                    f"40-step epochs in fp32 and in bf16 alternately, {len(bf16_pairs)} pairs: a bf16 step is "
+                    f"**{statistics.median(bf16_pairs):.2f}x** as fast (median of the pairs' ratios; "
+                    f"range {min(bf16_pairs):.2f}-{max(bf16_pairs):.2f})."
+                    if bf16_pairs
+                    else "not run."
+                ),
                 "",
             ]
             if "project_bf16" in q

@@ -354,6 +354,8 @@ def test_bf16_matmul_rounds_the_operands_and_the_result(onednn: bool, monkeypatc
         torch.testing.assert_close(got, want, rtol=2**-8, atol=1e-3)
         assert torch.equal(got, got.bfloat16().float())  # its values are bf16 values
     assert not torch.equal(gemm.matmul(a, b, dtype=torch.bfloat16), a @ b)
+    double = a.double(), b.double()  # not fp32: the setting does not apply
+    assert torch.equal(gemm.matmul(*double, dtype=torch.bfloat16), double[0] @ double[1])
 
 
 def test_bf16_products_are_per_thread_and_nest() -> None:
