@@ -6,7 +6,8 @@ on both task groups, several seeds each, beside the paper's numbers, with traini
 Writes benchmarks/results/census.md and census.json. Speed is reported as a ratio to the plain-PyTorch
 MMoE of benchmarks/reference.py and against the fp32 GEMM rate (the compute ceiling of this
 machine), both measured in the same run, not as remembered figures; one more pair of runs beside a
-process spinning a core shows the slowdown a shared machine causes.
+process spinning a core shows the slowdown a shared machine causes. Where the CPU has bf16
+instructions, MMoE (`--bf16-archs`) also trains with `train.precision=bf16`, same seeds.
 """
 
 from __future__ import annotations
@@ -469,7 +470,7 @@ def main() -> int:
                 for seed in range(args.seeds)
             ]
     args.out.mkdir(parents=True, exist_ok=True)
-    # Runs of (group, arch) pairs not in this plan are kept from earlier invocations, so the
+    # Runs of (group, arch, precision) not in this plan are kept from earlier invocations, so the
     # table can grow one architecture at a time.
     records: list[RunRecord] = []
     previous = args.out / "census.json"

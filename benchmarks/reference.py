@@ -19,7 +19,9 @@ passes; training samples/s are each one's own epochs' mean (validation excluded)
 each one's median pass. The ratio columns divide the project's figure by the reference's,
 measured in the same round. The dense-GEMM bound is the MMoE's dense FLOPs per sample (forward +
 backward) at the fp32 `torch.mm` rate measured just before and after the round. The last rows
-repeat training beside a process spinning one core. Needs ../shared/data/census-income.
+repeat training beside a process spinning one core. Where the CPU has bf16 instructions, each
+round trains the project once more with `train.precision=bf16`, and one trainer then runs short
+fp32 and bf16 epochs by turns for the speed of one against the other. Needs ../shared/data/census-income.
 Writes benchmarks/results/reference.md and reference.json.
 """
 
