@@ -167,6 +167,22 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_without_bf16(
     assert LocalEngine(synthetic_manifest, _config(tmp_path), False).extra_params["dense_products"] == "fp32"
 
 
+@pytest.mark.skipif(not gemm.bf16_native(), reason="needs a CPU with bf16 instructions (AVX512-BF16 or AMX)")
+def test_bf16_on_a_model_without_bf16_products_says_so(
+    synthetic_manifest: Manifest, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shared-Bottom has no expert block: the first epoch warns that bf16 changed nothing, once."""
+    config = _config(tmp_path, "train.precision=bf16", "model.arch=shared_bottom", "train.max_steps_per_epoch=3")
+    engine = LocalEngine(synthetic_manifest, config, False)
+    for epoch in range(2):
+        engine.train_epoch(epoch, checkpoint.Progress(run_id=None, loss_sum=[0.0, 0.0]), bar=False)
+    assert caplog.text.count("train.precision=bf16: no product of this model ran in bf16") == 1
+    assert not engine.bf16
+    mmoe = LocalEngine(synthetic_manifest, _config(tmp_path / "m", "train.precision=bf16"), False)
+    mmoe.train_epoch(0, checkpoint.Progress(run_id=None, loss_sum=[0.0, 0.0]), bar=False)
+    assert mmoe.bf16 and caplog.text.count("no product of this model ran in bf16") == 1
+
+
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="model.arch"):
         load_config(None, ["model.arch=transformer"])

@@ -56,7 +56,7 @@ from recsys_moe.training import checkpoint
 from recsys_moe.training.checkpoint import Progress
 from recsys_moe.training.evaluation import Evaluation, GateSums, per_task_metrics
 from recsys_moe.training.loop import EpochStats, ShardingInfo, TrainResult, fit
-from recsys_moe.training.precision import use_bf16
+from recsys_moe.training.precision import use_bf16, warn_if_unused
 from recsys_moe.training.schedule import LrSchedule, StepControl
 
 log = logging.getLogger(__name__)
@@ -231,6 +231,7 @@ class ShardedEngine:
             # TorchRec's pipeline: batch i+1's sparse all-to-all overlaps batch i's forward and backward.
             self.pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
         n_seen, start = 0, time.perf_counter()
+        bf16_before = gemm.bf16_product_count()
         self.control.start(epoch * self.steps + first)
         order = epoch_order(len(self.train_share), tc.seed, epoch, self.rank)[: self.rows_per_rank]
         chunks = order.split(self.local_batch)[: self.steps]
@@ -260,6 +261,8 @@ class ShardedEngine:
         ]
         self.pipeline.detach()  # validation calls the ranker's own forward
         elapsed = time.perf_counter() - start
+        if self.bf16 and n_seen:
+            self.bf16 = warn_if_unused(bf16_before)
         stats = self._all_sum(loss_sum, rows, float(n_seen))
         return EpochStats(
             loss=(stats[:-2] / max(float(stats[-2]), 1.0)).tolist(), samples_per_s=float(stats[-1]) / elapsed

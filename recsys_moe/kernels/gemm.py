@@ -111,6 +111,13 @@ def product_dtype() -> torch.dtype | None:
     return getattr(_local, "dtype", None)
 
 
+def bf16_product_count() -> int:
+    """How many products took bf16 operands in this thread so far: a run can tell whether
+    `train.precision=bf16` changed anything for its model (models without the dense expert block
+    have no such product)."""
+    return getattr(_local, "bf16_count", 0)
+
+
 def matmul(
     a: Tensor, b: Tensor, bias: Tensor | None = None, relu: bool = False, dtype: torch.dtype | None = None
 ) -> Tensor:
@@ -129,6 +136,7 @@ def matmul(
         else:
             out = torch.addmm(bias, a, b) if bias is not None else torch.mm(a, b)
             out = out.relu_() if relu else out
+        _local.bf16_count = bf16_product_count() + 1
         return out.float()
     if uses_onednn(a, b):
         _threads_here()

@@ -30,3 +30,19 @@ def use_bf16(precision: str, device: torch.device | None = None) -> bool:
         "compute capability 8.0 or later" if on_gpu else "AVX512-BF16 or AMX",
     )
     return False
+
+
+def warn_if_unused(products_before: int) -> bool:
+    """After a bf16 epoch: warn when none of its products took bf16 operands; returns whether any did.
+
+    Only the dense expert block has them (MMoE and OMoE with `expert_compute` dense, CGC, PLE,
+    without dropout): Shared-Bottom, Single-Task, routed experts or dropout train in fp32 whatever
+    `train.precision` says, and a user waiting for the speed-up should hear why it did not come.
+    """
+    if gemm.bf16_product_count() > products_before:
+        return True
+    log.warning(
+        "train.precision=bf16: no product of this model ran in bf16; only the dense expert block has them "
+        "(MMoE and OMoE with model.expert_compute=dense, CGC, PLE; without model.dropout), so it trained in fp32"
+    )
+    return False

@@ -27,7 +27,7 @@ from recsys_moe.training.checkpoint import Progress
 from recsys_moe.training.evaluation import Evaluation, evaluate
 from recsys_moe.training.loop import EpochStats, ShardingInfo, TrainResult, fit
 from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses, task_weights, training_loss
-from recsys_moe.training.precision import use_bf16
+from recsys_moe.training.precision import use_bf16, warn_if_unused
 from recsys_moe.training.schedule import LrSchedule, StepControl
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class LocalEngine:
         self.bf16 = use_bf16(tc.precision)
         self.extra_params: dict[str, Any] = {
             "parameters": sum(p.numel() for p in self.ranker.parameters()),
-            "dense_products": "bf16" if self.bf16 else "fp32",  # what ran, after the CPU check
+            "dense_products": "bf16" if self.bf16 else "fp32",  # asked for and the CPU has it
         }
         self.extra_tags: dict[str, str] = {}
         self.extra_files: list[tuple[Path, str]] = []
@@ -105,6 +105,7 @@ class LocalEngine:
         tc = self.config.train
         batches = self.data["train"].batches(tc.batch_size, shuffle=True, generator=self.generator)
         loss_sum, n_seen, start = torch.zeros(len(self.loss_weights)), 0, time.perf_counter()
+        bf16_before = gemm.bf16_product_count()
         self.control.start(epoch * self.steps)
         desc = f"epoch {epoch + 1}/{tc.epochs}"
         with tqdm(total=self.steps, desc=desc, disable=not bar, unit="batch") as bars:  # closed even when stopped
@@ -136,9 +137,10 @@ class LocalEngine:
                 if step % 50 == 0:
                     bars.set_postfix(loss=f"{loss.item():.4f}")
                 bars.update(1)
-        return EpochStats(
-            loss=(loss_sum / max(n_seen, 1)).tolist(), samples_per_s=n_seen / (time.perf_counter() - start)
-        )
+        elapsed = time.perf_counter() - start
+        if self.bf16 and n_seen:
+            self.bf16 = warn_if_unused(bf16_before)  # once: a model without bf16 products stays fp32
+        return EpochStats(loss=(loss_sum / max(n_seen, 1)).tolist(), samples_per_s=n_seen / elapsed)
 
     def validate(self) -> Evaluation:
         tc = self.config.train
