@@ -177,7 +177,7 @@ def _wait_mid_epoch(proc: subprocess.Popen, run_dir: Path, epoch: int, timeout: 
         found = checkpoint.latest(run_dir)
         try:
             progress = checkpoint.read_progress(found) if found is not None else None
-        except (OSError, json.JSONDecodeError):  # renamed away while we read it
+        except (OSError, json.JSONDecodeError, checkpoint.CheckpointError):  # swapped away while we read it
             progress = None
         if progress is not None and progress.epoch == epoch and progress.step > 0:
             return progress
