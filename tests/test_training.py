@@ -116,12 +116,16 @@ def test_embedding_l2_shrinks_the_rows_training_touches(synthetic_manifest: Mani
     assert norms[0.5] < 0.8 * norms[0.0], norms
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_continues_exactly(
-    synthetic_manifest: Manifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_manifest: Manifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
     """A run stopped after epoch 2 and resumed to epoch 3 ends where an uninterrupted run ends
-    (the learning-rate schedule included: it is a function of the step)."""
-    full = train(synthetic_manifest, _config(tmp_path / "a"), progress=False)
+    (the learning-rate schedule included: it is a function of the step), in bf16 products too."""
+    if precision == "bf16" and not gemm.bf16_native():
+        pytest.skip("needs a CPU with bf16 instructions (AVX512-BF16 or AMX)")
+    setting = f"train.precision={precision}"
+    full = train(synthetic_manifest, _config(tmp_path / "a", setting), progress=False)
     real_epoch = LocalEngine.train_epoch
 
     def stop_at_third(self, epoch, progress, bar):  # type: ignore[no-untyped-def]
@@ -131,9 +135,9 @@ def test_resume_continues_exactly(
 
     monkeypatch.setattr(LocalEngine, "train_epoch", stop_at_third)
     with pytest.raises(KeyboardInterrupt):
-        train(synthetic_manifest, _config(tmp_path / "b"), progress=False)
+        train(synthetic_manifest, _config(tmp_path / "b", setting), progress=False)
     monkeypatch.setattr(LocalEngine, "train_epoch", real_epoch)
-    resumed = train(synthetic_manifest, _config(tmp_path / "b"), progress=False, resume=True)
+    resumed = train(synthetic_manifest, _config(tmp_path / "b", setting), progress=False, resume=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     w_full, _ = checkpoint.load_weights(tmp_path / "a" / "run" / "last")
     w_resumed, _ = checkpoint.load_weights(tmp_path / "b" / "run" / "last")

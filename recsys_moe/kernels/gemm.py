@@ -126,19 +126,16 @@ def matmul(
 
     `dtype=torch.bfloat16` rounds fp32 operands (and bias) to bf16 first; the result is fp32 all
     the same (its values rounded to bf16). Other dtypes (float64 in gradchecks) ignore it."""
-    if dtype is not None and a.dtype == b.dtype == torch.float32:
-        plain = uses_onednn(a, b)  # decided on the fp32 operands: a cast keeps the layout
-        a, b = a.to(dtype), b.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        if plain:
-            _threads_here()
-            out = torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "relu" if relu else "none", [], "")
-        else:
-            out = torch.addmm(bias, a, b) if bias is not None else torch.mm(a, b)
-            out = out.relu_() if relu else out
-        _local.bf16_count = bf16_product_count() + 1
-        return out.float()
-    if uses_onednn(a, b):
+    onednn = uses_onednn(a, b)  # decided on the fp32 operands: a cast below keeps the layout
+    if dtype is None or not a.dtype == b.dtype == torch.float32:
+        return _product(a, b, bias, relu, onednn)
+    out = _product(a.to(dtype), b.to(dtype), bias.to(dtype) if bias is not None else None, relu, onednn)
+    _local.bf16_count = bf16_product_count() + 1
+    return out.float()
+
+
+def _product(a: Tensor, b: Tensor, bias: Tensor | None, relu: bool, onednn: bool) -> Tensor:
+    if onednn:
         _threads_here()
         # `_linear_pointwise` computes input @ weight.T + bias, the op's layout for nn.Linear.
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "relu" if relu else "none", [], "")
