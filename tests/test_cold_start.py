@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from recsys_moe.config import load_config
-from recsys_moe.data.id_dropout import drop_to_oov, oov_rates, step_generator
+from recsys_moe.data.id_dropout import bernoulli_positions, drop_to_oov, oov_rates, step_generator
 from recsys_moe.data.loader import InMemoryDataset
 from recsys_moe.features import load_spec
 from recsys_moe.pipelines.build import build
@@ -71,3 +71,40 @@ def test_id_dropout_rate_and_determinism(synthetic_manifest: Manifest) -> None:
         assert (now[changed] == 0).all()
         share = changed.sum().item() / max(int((was != 0).sum()), 1)
         assert share == pytest.approx(by_key[key], abs=0.01), key
+
+
+def test_id_dropout_thins_each_key_to_its_own_rate(synthetic_manifest: Manifest) -> None:
+    """Keys with different non-zero rates: the draw at the highest rate is thinned per key."""
+    keys = [f.name for f in synthetic_manifest.sparse_features if f.kind == "categorical"]
+    data = InMemoryDataset.from_split(synthetic_manifest, "train", keys, synthetic_manifest.task_names)
+    wanted = [0.0, 0.05, 0.2, 0.4][: len(keys)] + [0.1] * max(len(keys) - 4, 0)
+    batch = data.batch(slice(0, len(data)))
+    changed = {k: 0 for k in keys}
+    nonzero = {k: int((jt.values() != 0).sum()) for k, jt in batch.sparse.to_dict().items()}
+    for step in range(20):
+        dropped = drop_to_oov(batch, torch.tensor(wanted), step_generator(0, 0, step)).sparse.to_dict()
+        for k, jt in batch.sparse.to_dict().items():
+            changed[k] += int((jt.values() != dropped[k].values()).sum())
+    for k, rate in zip(keys, wanted):
+        assert changed[k] / (20 * nonzero[k]) == pytest.approx(rate, abs=0.01), k
+
+
+@pytest.mark.parametrize("p", [1e-4, 0.02, 0.2, 0.3, 0.9])
+def test_bernoulli_positions_are_independent_trials(p: float) -> None:
+    """The geometric-gap draw has the Bernoulli(p) mean and variance of its count, at every position."""
+    g = torch.Generator().manual_seed(0)
+    n, runs = 2000, 3000
+    hits = torch.zeros(n)
+    counts = []
+    for _ in range(runs):
+        positions = bernoulli_positions(n, p, g)
+        assert bool((positions[1:] > positions[:-1]).all())  # sorted, each position once
+        assert positions.numel() == 0 or 0 <= int(positions.min()) <= int(positions.max()) < n
+        hits[positions] += 1
+        counts.append(positions.numel())
+    count = torch.tensor(counts, dtype=torch.float64)
+    assert float(count.mean()) == pytest.approx(n * p, rel=0.02, abs=0.05)
+    assert float(count.var()) == pytest.approx(n * p * (1 - p), rel=0.1, abs=0.05)
+    halves = hits[: n // 2].sum() / hits[n // 2 :].sum() if p > 1e-3 else torch.tensor(1.0)
+    assert float(halves) == pytest.approx(1.0, abs=0.02)  # no drift along the positions
+    assert bernoulli_positions(0, p, g).numel() == 0 and bernoulli_positions(n, 0.0, g).numel() == 0

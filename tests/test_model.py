@@ -220,6 +220,43 @@ def test_direct_kernel_lookup_is_the_ebc_forward_and_update() -> None:
     assert any(not torch.equal(w, b) for w, b in zip(outs[0][1], before))  # the rows were updated
 
 
+def test_table_ids_add_each_keys_offset_for_every_batch_shape() -> None:
+    """The offsets `table_ids` keeps per batch shape: batches of two shapes in turn, int32 and
+    int64 ids, each get its ids shifted by its own key's first row."""
+    arch = _fused_arch()
+    assert arch._needs_offsets
+    short = KeyedJaggedTensor(
+        keys=arch.keys, values=torch.tensor([3, 1, 2, 40]), lengths=torch.tensor([1, 2, 1], dtype=torch.int32)
+    )
+    for kjt in [_kjt(arch.keys), short, _kjt(arch.keys), short]:
+        for dtype in (torch.int64, torch.int32):
+            ids = KeyedJaggedTensor(keys=arch.keys, values=kjt.values().to(dtype), lengths=kjt.lengths())
+            per_key = kjt.lengths().view(len(arch.keys), -1).sum(dim=1)
+            want = ids.values() + torch.repeat_interleave(arch.id_offsets, per_key).to(dtype)
+            got = arch.table_ids(ids)
+            assert got.values().dtype == dtype and torch.equal(got.values(), want)
+            assert torch.equal(got.lengths(), kjt.lengths()) and got.length_per_key() == per_key.tolist()
+
+
+@pytest.mark.parametrize("size", [1, 300, 1024])
+def test_training_batches_look_up_what_a_plain_kjt_does(synthetic_manifest: Manifest, size: int) -> None:
+    """A shuffled training batch (int32 ids, lengths and offsets made once per batch size and
+    handed to the KJT) pools the embeddings a KJT built from the same rows' int64 ids does."""
+    torch.manual_seed(0)
+    single = [f for f in synthetic_manifest.sparse_features if f.kind != "multi_hot"]
+    arch = SparseArch(single, fused_optimizer=("adagrad", {"lr": 0.1}))
+    data = InMemoryDataset.from_split(synthetic_manifest, "train", arch.keys, synthetic_manifest.task_names)
+    assert data.ids.dtype == torch.int32 and not data.multi_hot
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(size))[:size]
+    for _ in range(2):  # the second batch of this size reuses the first one's lengths
+        kjt = data.batch(pick).sparse
+        ids = data.ids.long()[pick].t().reshape(-1)
+        plain = KeyedJaggedTensor(keys=arch.keys, values=ids, lengths=torch.ones(ids.numel(), dtype=torch.int32))
+        assert kjt.length_per_key() == plain.length_per_key() and torch.equal(kjt.offsets(), plain.offsets())
+        assert torch.equal(kjt.values(), ids.int())
+        assert torch.equal(arch.lookup(kjt).values(), arch.lookup(plain).values())
+
+
 def test_direct_kernel_falls_back_where_it_does_not_apply() -> None:
     assert _fused_arch(pooling="mean")._direct is None  # two poolings: two kernels
     arch = _fused_arch()

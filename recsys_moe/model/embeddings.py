@@ -86,6 +86,7 @@ class SparseArch(nn.Module):
         self.output_dim = sum(t.embedding_dim * len(t.feature_names) for t in plan.tables)
         self.register_buffer("id_offsets", torch.tensor(plan.offsets, dtype=torch.int64), persistent=False)
         self._needs_offsets = any(plan.offsets)
+        self._shifts: dict[tuple[tuple[int, ...], torch.device, torch.dtype], torch.Tensor] = {}
         device = device or torch.device("cpu")
         if fused_optimizer is None:
             self.ebc: EmbeddingBagCollection | FusedEmbeddingBagCollection = EmbeddingBagCollection(
@@ -131,10 +132,22 @@ class SparseArch(nn.Module):
         """Feature ids → row ids in their (possibly packed) table: what the EBC takes."""
         if not self._needs_offsets:
             return features
-        lengths = features.lengths()
-        per_key = lengths.view(len(self.keys), -1).sum(dim=1)
-        values = features.values() + torch.repeat_interleave(self.id_offsets, per_key)
-        return KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths)
+        per_key = features.length_per_key()
+        values = features.values() + self._shift(per_key, features.values())
+        offsets = features.offsets()
+        return KeyedJaggedTensor(self.keys, values, lengths=features.lengths(), offsets=offsets, length_per_key=per_key)
+
+    def _shift(self, per_key: list[int], values: torch.Tensor) -> torch.Tensor:
+        """Each value's id offset, for a batch of these per-key lengths: made once per batch shape
+        (a training run has two), since expanding it per batch cost more than adding it."""
+        key = (tuple(per_key), values.device, values.dtype)
+        shift = self._shifts.get(key)
+        if shift is None:
+            if len(self._shifts) >= 8:
+                self._shifts.clear()
+            offsets = self.id_offsets.to(device=values.device, dtype=values.dtype)
+            shift = self._shifts[key] = torch.repeat_interleave(offsets, torch.tensor(per_key, device=values.device))
+        return shift
 
     def _direct_kernel(self) -> tuple[nn.Module, nn.Module] | None:
         """(ebc, its one FBGEMM kernel) when a batch can go straight to the kernel, else None.
@@ -158,8 +171,7 @@ class SparseArch(nn.Module):
         direct = self._direct
         if direct is None or direct[0] is not self.ebc or features.keys() != self.keys:
             return self.ebc(features)
-        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(features.lengths())
-        pooled = direct[1](features.values().int(), offsets.int(), None)  # what the EBC's forward calls
+        pooled = direct[1](features.values().int(), features.offsets().int(), None)  # what the EBC's forward calls
         return KeyedTensor(keys=self.keys, values=pooled, length_per_key=self.ebc._length_per_key)
 
     def concat(self, pooled: KeyedTensor) -> torch.Tensor:
