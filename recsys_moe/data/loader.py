@@ -90,9 +90,9 @@ class InMemoryDataset:
             self.groups = torch.from_numpy(frame[column].hash(seed=0).reinterpret(signed=True).to_numpy().copy())
         self._unit: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see _unit_lengths
         self._check_ids(info)
-        if not sequential and all(info[k].num_embeddings <= 2**31 for k in single):
-            # int32, FBGEMM's own index type: a shuffled batch gathers, transposes and offsets
-            # half the bytes, and the lookup converts nothing (checked above in int64).
+        if all(info[k].num_embeddings <= 2**31 for k in single):
+            # int32, FBGEMM's own index type: a batch gathers, transposes and offsets half the
+            # bytes, and the lookup converts nothing (checked above in int64).
             self.ids = self.ids.int()
 
     def _check_ids(self, info: dict[str, SparseFeatureInfo]) -> None:
