@@ -72,7 +72,7 @@ class InMemoryDataset:
         single = [k for k in self.sparse_keys if k not in self.multi_hot]
         self.single_rows = {k: i for i, k in enumerate(single)}
         # Row-major [N, F]: a batch gathers whole rows (a cache line or two each), not F strided
-        # reads. Sequential: feature-major [F, N] (what polars' to_numpy gives, transposed: no copy).
+        # reads. Sequential: feature-major [F, N] (polars' to_numpy, transposed), read in slices.
         ids = frame.select(single).to_numpy() if single else np.zeros((n, 0))
         self.sequential = sequential
         if sequential:

@@ -134,8 +134,9 @@ class SparseArch(nn.Module):
             return features
         per_key = features.length_per_key()
         values = features.values() + self._shift(per_key, features.values())
-        offsets = features.offsets()
-        return KeyedJaggedTensor(self.keys, values, lengths=features.lengths(), offsets=offsets, length_per_key=per_key)
+        return KeyedJaggedTensor(
+            self.keys, values, lengths=features.lengths(), offsets=features.offsets(), length_per_key=per_key
+        )
 
     def _shift(self, per_key: list[int], values: torch.Tensor) -> torch.Tensor:
         """Each value's id offset, for a batch of these per-key lengths: made once per batch shape
