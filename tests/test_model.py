@@ -268,6 +268,41 @@ def test_direct_kernel_falls_back_where_it_does_not_apply() -> None:
     assert arch.lookup(_kjt(arch.keys)).values().shape == (3, 12)
 
 
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_a_plain_ebc_looks_up_table_by_table_what_its_forward_does(pooling: str) -> None:
+    """Scoring's lookup (one EmbeddingBag call per table, `SparseArch._table_bags`) gives the
+    EBC's per-feature forward bit for bit: a packed and a lone table, two poolings, an empty
+    list, int32 and int64 ids, a batch of one."""
+    torch.manual_seed(0)
+    arch = SparseArch(_features(pooling), pack_below=20)
+    assert arch._by_table is not None
+    assert [(bag.mode, count) for bag, count in arch._by_table[1]] == [(pooling, 1), ("sum", 2)]
+    one = KeyedJaggedTensor(
+        keys=arch.keys, values=torch.tensor([33, 5]), lengths=torch.tensor([1, 1, 0], dtype=torch.int32)
+    )  # keys: big, a, b (an empty list)
+    assert arch.keys == ["big", "a", "b"]
+    for kjt in (_kjt(arch.keys), one):
+        for dtype in (torch.int64, torch.int32):
+            ids = KeyedJaggedTensor(keys=arch.keys, values=kjt.values().to(dtype), lengths=kjt.lengths())
+            want = arch.ebc(arch.table_ids(ids))
+            got = arch.lookup(ids)
+            assert got.keys() == want.keys() and got.length_per_key() == want.length_per_key()
+            assert torch.equal(got.values(), want.values())
+
+
+def test_a_plain_ebc_scores_the_same_by_table(synthetic_manifest: Manifest) -> None:
+    """The whole model on the synthetic spec's rows (multi-hot lists among them): the same
+    scores through the table-by-table lookup as through the EBC's forward."""
+    torch.manual_seed(0)
+    model = MultiTaskRanker(synthetic_manifest, ModelConfig(arch="mmoe"))
+    model.eval()
+    assert model.sparse._by_table is not None
+    batch = _data(synthetic_manifest, model).batch(torch.randperm(300))
+    fast = model.predict(batch.dense, batch.sparse)
+    model.sparse._by_table = None
+    assert torch.equal(fast, model.predict(batch.dense, batch.sparse))
+
+
 def test_scores_with_onednn_are_the_torch_scores(synthetic_manifest: Manifest, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The faster expert block (hand-written backward, oneDNN GEMMs) scores the rows as the autograd
     block on torch's GEMMs does, within 1e-6; and one training step moves the weights alike."""

@@ -99,6 +99,7 @@ class SparseArch(nn.Module):
                 tables=plan.tables, optimizer_type=FUSED_OPTIMIZERS[name], optimizer_kwargs=kwargs, device=device
             )
         self._direct = self._direct_kernel()
+        self._by_table = self._table_bags()
         for table in plan.tables:  # small init, like TorchRec's default for recsys tables
             weight = self.ebc.embedding_bags[table.name].weight
             with torch.no_grad():
@@ -166,14 +167,52 @@ class SparseArch(nn.Module):
         order = [f for tables in ebc._key_to_tables.values() for t in tables for f in t.feature_names]
         return (ebc, ebc._emb_modules[0]) if order == self.keys == ebc._embedding_names else None
 
+    def _table_bags(self) -> tuple[nn.Module, list[tuple[nn.EmbeddingBag, int]]] | None:
+        """(ebc, [(a table's EmbeddingBag, its number of features)]) when a plain EBC's batch can
+        be looked up table by table, else None.
+
+        A plain EBC (what a trained model is scored with) splits the batch into one JaggedTensor
+        per feature, in Python, and calls its table once per feature. When the keys run table by
+        table in the tables' own feature order, a table's features are one contiguous slice of the
+        batch, and one call per table pools them all: the same op on the same rows. Measured on
+        the serving benchmark's model (a request of 101 rows): the lookup fell from 21% to 15% of
+        the server's CPU samples, the whole handler from 1.69 to 1.57 ms (alternating runs).
+        """
+        ebc = self.ebc
+        if not isinstance(ebc, EmbeddingBagCollection) or ebc.is_weighted() or ebc._embedding_names != self.keys:
+            return None
+        names = [f for t in ebc._embedding_bag_configs for f in t.feature_names]
+        if names != self.keys:
+            return None
+        bags = ebc.embedding_bags
+        return ebc, [(bags[t.name], len(t.feature_names)) for t in ebc._embedding_bag_configs]
+
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings per feature (a sharded EBC may order the keys differently)."""
         features = self.table_ids(features)
-        direct = self._direct
-        if direct is None or direct[0] is not self.ebc or features.keys() != self.keys:
-            return self.ebc(features)
-        pooled = direct[1](features.values().int(), features.offsets().int(), None)  # what the EBC's forward calls
-        return KeyedTensor(keys=self.keys, values=pooled, length_per_key=self.ebc._length_per_key)
+        if features.keys() == self.keys:
+            direct, by_table = self._direct, self._by_table
+            if direct is not None and direct[0] is self.ebc:
+                pooled = direct[1](features.values().int(), features.offsets().int(), None)  # the EBC's own call
+                return KeyedTensor(keys=self.keys, values=pooled, length_per_key=self.ebc._length_per_key)
+            if by_table is not None and by_table[0] is self.ebc and features.stride() > 0:
+                return self._lookup_by_table(features, by_table[1])
+        return self.ebc(features)
+
+    def _lookup_by_table(self, features: KeyedJaggedTensor, tables: list[tuple[nn.EmbeddingBag, int]]) -> KeyedTensor:
+        """A plain EBC's forward, one EmbeddingBag call per table (`_table_bags`)."""
+        values, offsets, batch = features.values(), features.offsets(), features.stride()
+        offsets = offsets.to(values.dtype)  # the bag takes ids and offsets of one dtype
+        bounds = offsets[::batch].tolist()  # where each key's values start (and the last ends)
+        blocks, key = [], 0
+        for bag, count in tables:
+            start, end = bounds[key], bounds[key + count]
+            bag_offsets = offsets[key * batch : (key + count) * batch + 1]
+            pooled = bag(values[start:end], bag_offsets - start if start else bag_offsets)  # [count*B, dim]
+            blocks.append(pooled.view(count, batch, -1).transpose(0, 1).reshape(batch, -1))
+            key += count
+        pooled = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        return KeyedTensor(keys=self.keys, values=pooled, length_per_key=self.ebc._lengths_per_embedding)
 
     def concat(self, pooled: KeyedTensor) -> torch.Tensor:
         """Pooled embeddings → [B, output_dim] in the unsharded column order."""
