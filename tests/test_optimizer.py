@@ -72,7 +72,7 @@ def test_clipped_adam_state_is_adams_both_ways() -> None:
 def test_clipped_adam_takes_its_rate_from_the_schedule_hook() -> None:
     w = torch.nn.Parameter(torch.zeros(2))
     opt = ClippedAdam([w], lr=1.0, clip_norm=None)
-    StepControl(opt, LrSchedule(base=0.25, total_steps=10, warmup_steps=0, min_ratio=1.0, kind="constant"), None, [w])
+    StepControl(opt, LrSchedule(base=0.25, total_steps=10, warmup_steps=0, min_ratio=1.0, kind="constant"))
     w.grad = torch.tensor([3.0, -4.0])
     opt.step()
     assert opt.param_groups[0]["lr"] == 0.25

@@ -10,6 +10,7 @@ import torch
 
 from recsys_moe.config import TrainConfig, load_config
 from recsys_moe.pipelines.manifest import Manifest
+from recsys_moe.training.optimizer import ClippedAdam
 from recsys_moe.training.schedule import LrSchedule, StepControl
 from recsys_moe.training.trainer import train
 
@@ -26,16 +27,18 @@ def test_warmup_then_cosine_to_the_floor() -> None:
     assert {constant.lr(i) for i in range(1000)} == {1e-2}
 
 
-def test_step_control_sets_the_rate_and_clips() -> None:
+def test_step_control_sets_the_rate_and_the_optimizer_clips() -> None:
     w = torch.nn.Parameter(torch.zeros(4))
-    opt = torch.optim.SGD([w], lr=1.0)
+    opt = ClippedAdam([w], lr=1.0, clip_norm=1.0)
     schedule = LrSchedule(base=0.5, total_steps=10, warmup_steps=0, min_ratio=1.0, kind="constant")
-    control = StepControl(opt, schedule, clip_norm=1.0, params=[w])
+    control = StepControl(opt, schedule)
     w.grad = torch.tensor([30.0, 40.0, 0.0, 0.0])  # norm 50
     opt.step()
     assert opt.param_groups[0]["lr"] == 0.5
-    assert control.last_norm is not None and float(control.last_norm) == pytest.approx(50.0)
-    torch.testing.assert_close(w.detach(), torch.tensor([-0.3, -0.4, 0.0, 0.0]))  # 0.5 x the unit-norm gradient
+    assert opt.last_norm is not None and float(opt.last_norm) == pytest.approx(50.0)
+    # Adam's first moment holds (1 - beta1) x the gradient it used: the unit-norm one.
+    torch.testing.assert_close(opt.state[w]["exp_avg"], 0.1 * torch.tensor([0.6, 0.8, 0.0, 0.0]))
+    torch.testing.assert_close(w.detach(), torch.tensor([-0.5, -0.5, 0.0, 0.0]))  # 0.5 x Adam's first step
     control.start(7)
     assert control.step == 7
 

@@ -56,6 +56,7 @@ from recsys_moe.training import checkpoint
 from recsys_moe.training.checkpoint import Progress
 from recsys_moe.training.evaluation import Evaluation, GateSums, per_task_metrics
 from recsys_moe.training.loop import EpochStats, ShardingInfo, TrainResult, fit
+from recsys_moe.training.optimizer import dense_optimizer
 from recsys_moe.training.precision import use_bf16, warn_if_unused
 from recsys_moe.training.schedule import LrSchedule, StepControl
 
@@ -190,7 +191,7 @@ class ShardedEngine:
         # Dense parameters (and data-parallel tables) under Adam; sharded tables carry their fused optimizer.
         dense = list(in_backward_optimizer_filter(self.dmp.named_parameters()))
         self.dense_names = [n for n, _ in dense]
-        self.optimizer = torch.optim.Adam([p for _, p in dense], lr=tc.lr, weight_decay=tc.weight_decay)
+        self.optimizer = dense_optimizer([p for _, p in dense], tc)
 
         keys, tasks = self.ranker.sparse.keys, self.ranker.task_names
         self.train_share = read_share(manifest, "train", keys, tasks, self.rank, self.world)
@@ -201,9 +202,7 @@ class ShardedEngine:
         self.steps = -(-self.rows_per_rank // self.local_batch)
         if tc.max_steps_per_epoch:
             self.steps = min(self.steps, tc.max_steps_per_epoch)
-        self.control = StepControl(
-            self.optimizer, LrSchedule.from_config(tc, self.steps), tc.grad_clip_norm, [p for _, p in dense]
-        )
+        self.control = StepControl(self.optimizer, LrSchedule.from_config(tc, self.steps))
         self.pipeline: TrainPipelineSparseDist | None = None  # made after a restore, at the first epoch
         self.pipelined: list[str] = []
         self.dmp.train()

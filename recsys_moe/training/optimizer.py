@@ -10,8 +10,9 @@ of 40 steps in one process, against `clip_grad_norm_` in a pre-step hook and fus
 faster (the medians of three runs of 20-40 pairs; this VM's drift makes each pair's ratio vary
 by 10%).
 
-The state and `state_dict` are `torch.optim.Adam`'s own, so checkpoints load either way; the
-learning rate is still set by `schedule.StepControl`'s pre-step hook.
+The state and `state_dict` are `torch.optim.Adam`'s own, so checkpoints load either way (the
+sharded engine's `distributed.checkpoint` names the same three states); the learning rate is set
+by `schedule.StepControl`'s pre-step hook. Both engines build theirs with `dense_optimizer`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from recsys_moe.config import TrainConfig
 
 
 class ClippedAdam(torch.optim.Adam):
@@ -96,3 +99,9 @@ class ClippedAdam(torch.optim.Adam):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
+
+
+def dense_optimizer(params: Iterable[Tensor], tc: TrainConfig) -> ClippedAdam:
+    """Adam (fused: one kernel over all parameters, 3x faster than foreach on CPU here) over every
+    parameter the fused embedding optimizer does not update, clipping the gradients' global norm."""
+    return ClippedAdam(params, lr=tc.lr, weight_decay=tc.weight_decay, clip_norm=tc.grad_clip_norm)

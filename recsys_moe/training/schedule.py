@@ -1,13 +1,13 @@
-"""The dense optimizer's learning rate over the run, and gradient-norm clipping.
+"""The dense optimizer's learning rate over the run.
 
 Warmup keeps the first steps, taken while the gates and towers are still random, from throwing
 the experts into a corner (a task stuck at a poor optimum for the whole run); the cosine decay
 lets the last epochs settle instead of bouncing around at the full rate, which is also what makes
-a later epoch beat an earlier one and early stopping meaningful. Clipping caps the rare huge
-step (a batch of outliers, a regression task with a large target).
+a later epoch beat an earlier one and early stopping meaningful. (Gradient-norm clipping is the
+optimizer's own: `training.optimizer.ClippedAdam`.)
 
-Both act through an optimizer step pre-hook, so single-process training and TorchRec's sharded
-pipeline (which calls `optimizer.step()` itself) share them. The rate is a pure function of the
+The rate is set by an optimizer step pre-hook, so single-process training and TorchRec's sharded
+pipeline (which calls `optimizer.step()` itself) share it. The rate is a pure function of the
 global step, so a resumed run continues the same curve with nothing extra in its checkpoint.
 The embedding tables keep their fused Adagrad, whose per-row rates already decay by themselves.
 """
@@ -15,7 +15,6 @@ The embedding tables keep their fused Adagrad, whose per-row rates already decay
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,15 +48,11 @@ class LrSchedule:
 
 
 class StepControl:
-    """Before every optimizer step: set the scheduled rate, clip the gradients' global norm."""
+    """Before every optimizer step: set the scheduled rate."""
 
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, schedule: LrSchedule, clip_norm: float | None, params: Iterable[Any]
-    ) -> None:
-        self.optimizer, self.schedule, self.clip_norm = optimizer, schedule, clip_norm
-        self.params = [p for p in params if p.requires_grad]
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: LrSchedule) -> None:
+        self.optimizer, self.schedule = optimizer, schedule
         self.step = 0
-        self.last_norm: torch.Tensor | None = None  # the last step's gradient norm before clipping
         optimizer.register_step_pre_hook(self._before_step)
 
     def start(self, step: int) -> None:
@@ -68,6 +63,4 @@ class StepControl:
         lr = self.schedule.lr(self.step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if self.clip_norm is not None:
-            self.last_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm, foreach=True)
         self.step += 1

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from recsys_moe.allocator import retain_freed_memory
@@ -27,18 +26,11 @@ from recsys_moe.training.checkpoint import Progress
 from recsys_moe.training.evaluation import Evaluation, evaluate
 from recsys_moe.training.loop import EpochStats, ShardingInfo, TrainResult, fit
 from recsys_moe.training.losses import UncertaintyWeighting, per_task_losses, task_weights, training_loss
-from recsys_moe.training.optimizer import ClippedAdam
+from recsys_moe.training.optimizer import dense_optimizer
 from recsys_moe.training.precision import use_bf16, warn_if_unused
 from recsys_moe.training.schedule import LrSchedule, StepControl
 
 log = logging.getLogger(__name__)
-
-
-def dense_optimizer(params: list[nn.Parameter], config: RunConfig) -> ClippedAdam:
-    """Adam (fused: one kernel over all parameters, 3x faster than foreach on CPU here) over every
-    parameter the fused embedding optimizer does not update, clipping the gradients' global norm."""
-    tc = config.train
-    return ClippedAdam(params, lr=tc.lr, weight_decay=tc.weight_decay, clip_norm=tc.grad_clip_norm)
 
 
 class LocalEngine:
@@ -61,7 +53,7 @@ class LocalEngine:
         tasks = self.ranker.task_names
         self.weighting = UncertaintyWeighting(len(tasks)) if tc.task_weighting == "uncertainty" else None
         dense = [p for n, p in self.ranker.named_parameters() if not n.startswith("sparse.ebc.")]
-        self.optimizer = dense_optimizer(dense + (list(self.weighting.parameters()) if self.weighting else []), config)
+        self.optimizer = dense_optimizer(dense + (list(self.weighting.parameters()) if self.weighting else []), tc)
         self.is_binary = torch.tensor([t == "binary" for t in self.ranker.task_types])
         self.loss_weights = task_weights(manifest, tasks)
         self.data: dict[str, InMemoryDataset] = {}
@@ -73,9 +65,7 @@ class LocalEngine:
         self.steps = self.data["train"].num_batches(tc.batch_size)
         if tc.max_steps_per_epoch:
             self.steps = min(self.steps, tc.max_steps_per_epoch)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        # The rate from the schedule; the clipping is the optimizer's own (ClippedAdam).
-        self.control = StepControl(self.optimizer, LrSchedule.from_config(tc, self.steps), None, params)
+        self.control = StepControl(self.optimizer, LrSchedule.from_config(tc, self.steps))
         self.bf16 = use_bf16(tc.precision)
         self.extra_params: dict[str, Any] = {
             "parameters": sum(p.numel() for p in self.ranker.parameters()),
