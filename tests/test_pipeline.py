@@ -210,3 +210,17 @@ def test_list_columns_with_null_elements(tmp_path: Path) -> None:
     tags = pl.read_parquet(manifest.shard_paths("train")[0]).sort("key:event_id")["tags"].to_list()
     assert [len(t) for t in tags] == [2, 0, 0, 1, 2, 0]
     assert all(v is not None and v > 0 for t in tags for v in t)
+
+
+def test_vocabulary_ids_are_one_plus_the_position_and_oov_for_the_rest() -> None:
+    """The Enum behind `_vocab_ids` starts with a string its vocabulary lacks: even a vocabulary
+    holding NUL strings, and inputs equal to them, map as the position rule says."""
+    from recsys_moe.pipelines.transform import _vocab_ids
+
+    vocab = ["a", "\x00", "\x00\x00", "b"]
+    values = pl.Series("v", ["b", "\x00", "zzz", None, "a", "\x00\x00", "\x00\x00\x00"])
+    ids = pl.select(_vocab_ids(pl.lit(values), vocab)).to_series()
+    assert ids.dtype == pl.Int64
+    assert ids.to_list() == [4, 2, 0, 0, 1, 3, 0]
+    lists = pl.DataFrame({"l": [["a", "zzz", "b"], []]}).select(pl.col("l").list.eval(_vocab_ids(pl.element(), vocab)))
+    assert lists["l"].to_list() == [[1, 0, 4], []]

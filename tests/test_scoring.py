@@ -87,3 +87,27 @@ def test_a_large_frame_is_checked_and_scored_like_its_slices(synthetic_manifest:
     assert whole.rejects["_reject_reason"].to_list() == reasons
     assert whole.rows.tolist() == [s + r for s, p in zip(range(0, rows.height, step), parts) for r in p.rows]
     np.testing.assert_allclose(whole.scores, np.concatenate([p.scores for p in parts]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("height", [300, 3000])  # eager (a request) and planned (a batch chunk)
+def test_one_pass_check_is_validate_then_encode(synthetic_manifest: Manifest, logged_model, height: int) -> None:
+    """`Scorer.score` validates and casts in one pass (`checked`): the same rows, rejects, reasons
+    and scores as the two steps `validate` then `encode`, bit for bit, with or without key columns."""
+    result, _ = logged_model
+    holdout = read_holdout(synthetic_manifest.raw_path("test"))
+    rows = pl.concat([holdout] * -(-height // holdout.height)).head(height)
+    age = rows["age"].to_list()
+    age[5], age[height - 1] = -5.0, float("nan")
+    rows = rows.with_columns(pl.Series("age", age, pl.Float64), pl.lit("not-a-price").alias("price"))
+    rows = rows.with_columns(pl.when(pl.int_range(pl.len()) % 7 == 0).then(pl.col("price")).otherwise(pl.lit("2.5")))
+    scorer = Scorer(result.model_dir)
+    for frame in (rows, rows.drop("impression_id")):
+        valid, rejects = scorer.validate(frame)
+        typed, checked_rejects = scorer.checked(frame)
+        assert checked_rejects.equals(rejects) and rejects.height > 2
+        assert typed.drop("_row").with_columns(scorer._encoders).equals(scorer.encode(valid))
+        assert typed["_row"].equals(valid["_row"])
+        scored = scorer.score(frame)
+        assert np.array_equal(scored.scores, scorer.predict_encoded(scorer.encode(valid)))
+        assert scored.rows.tolist() == valid["_row"].to_list()
+        assert scored.keys.columns == [k for k in ("impression_id", "user_id", "item_id") if k in frame.columns]

@@ -60,10 +60,15 @@ def _vocab_ids(values: pl.Expr, vocab: list[str]) -> pl.Expr:
 
     A cast to an Enum of the vocabulary: its lookup table is built once, with the expression,
     so scoring 100 rows against a 1M-entry vocabulary costs a lookup per row, not a rebuild of
-    the table per request (as `replace_strict` would).
+    the table per request (as `replace_strict` would). The Enum's first category is a string
+    the vocabulary lacks, so a value's physical index is already 1 + its position and an unseen
+    one (null after the cast, or that string) is OOV: two passes fewer than adding 1.
     """
-    ids = values.cast(pl.Enum(vocab), strict=False).to_physical().cast(pl.Int64) + 1
-    return ids.fill_null(OOV)
+    assert OOV == 0, "the Enum's first category stands for OOV"
+    absent = "\x00"
+    while absent in vocab:
+        absent += "\x00"
+    return values.cast(pl.Enum([absent, *vocab]), strict=False).to_physical().fill_null(OOV).cast(pl.Int64)
 
 
 def _encode(f: Feature, state: FittedState) -> pl.Expr:
