@@ -256,6 +256,18 @@ def test_onednn_matmul_is_torch_mm(shape: tuple[int, int, int]) -> None:
     assert gemm.uses_onednn(a, b.t().contiguous().t()) == gemm.ONEDNN
 
 
+@pytest.mark.skipif(not gemm.ONEDNN, reason="oneDNN's linear op is not in this torch build")
+@pytest.mark.parametrize("shape", [(263, 1024, 528), (263, 1000, 528), (5, 7, 3), (50, 1, 70)])
+def test_a_transposed_left_operand_is_copied_first_with_the_same_bits(shape: tuple[int, int, int]) -> None:
+    """The weight gradient's x.t(): `matmul` copies it row-major before oneDNN (faster), and the
+    product is bit for bit the op's own on the transposed view."""
+    m, k, n = shape
+    x, g = torch.randn(k, m), torch.randn(k, n)
+    assert gemm.uses_onednn(x.t(), g)
+    own = torch.ops.mkldnn._linear_pointwise(x.t(), g.t(), None, "none", [], "")
+    assert torch.equal(gemm.matmul(x.t(), g), own)
+
+
 def gated_leaves(batch: int, d_in: int, hidden: list[int], experts: int, gates: int, dtype: torch.dtype, seed: int):
     """Leaves for the gated block: x, a Gates module's weight and bias, expert weights and biases."""
     weights, biases = make_experts(d_in, hidden, experts, dtype, seed=seed)

@@ -122,7 +122,8 @@ def matmul(
     a: Tensor, b: Tensor, bias: Tensor | None = None, relu: bool = False, dtype: torch.dtype | None = None
 ) -> Tensor:
     """a [M, K] @ b [K, N] (+ bias [N]) (then ReLU) → a new [M, N] tensor. Either operand may be a
-    transposed view: neither path copies it. Other strided views take `addmm`.
+    transposed view (oneDNN gets `a` copied row-major: faster, the same bits). Other strided views
+    take `addmm`.
 
     `dtype=torch.bfloat16` rounds fp32 operands (and bias) to bf16 first; the result is fp32 all
     the same (its values rounded to bf16). Other dtypes (float64 in gradchecks) ignore it."""
@@ -137,6 +138,11 @@ def matmul(
 def _product(a: Tensor, b: Tensor, bias: Tensor | None, relu: bool, onednn: bool) -> Tensor:
     if onednn:
         _threads_here()
+        if not a.is_contiguous():
+            # A transposed input (the weight gradient's x.t()): a copy first, then the row-major
+            # product, gives the same bits faster than the op's own handling of it. The census
+            # dW: 0.27 + 1.75 ms against 2.4-3.0 isolated; in a training step 0.3-0.5 ms less.
+            a = a.contiguous()
         # `_linear_pointwise` computes input @ weight.T + bias, the op's layout for nn.Linear.
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "relu" if relu else "none", [], "")
     out = torch.addmm(bias, a, b) if bias is not None else torch.mm(a, b)
