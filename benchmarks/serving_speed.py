@@ -518,7 +518,8 @@ def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, 
         f"Beside a process spinning one core (the load generator shares the cores too): recsys-moe's closed loop "
         f"does {busy['rps']:.1f} requests/s (p50 {busy['p50_ms']:.1f} ms, {busy['errors']} errors), "
         f"against {ours['peak']['rps']:.1f} quiet: quiet / busy = {slowdown:.2f}. The server scores on one core "
-        "(one scoring worker on 2 cores), so the neighbour mostly takes the core it leaves.",
+        "(one scoring worker on 2 cores: requests are scored in the event loop's thread), so the neighbour mostly "
+        "takes the core it leaves.",
     ]
     stage_sum = sum(prof["stages"].values())
     lines += [
@@ -527,8 +528,8 @@ def write_report(batch: dict[str, Any], online: dict[str, Any], meta: dict[str, 
         "",
         f"In process, one thread (the server's per-request setting), mean of 300 runs each: every stage of the "
         f"handler on its own, then the whole handler (it and the bare forward: best of 5 alternating rounds of 60), against the bare model forward of the same "
-        f"{prof['rows']} rows (context + candidates, tensors already built). HTTP (uvicorn, the event loop, the "
-        "threadpool hop) comes on top: compare the closed-loop figure above.",
+        f"{prof['rows']} rows (context + candidates, tensors already built). HTTP (uvicorn and the event loop, which "
+        "scores the request itself with one scoring worker) comes on top: compare the closed-loop figure above.",
         "",
         "| stage | ms | share |",
         "|---|---:|---:|",

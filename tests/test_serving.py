@@ -7,6 +7,7 @@ under load without failing a request, and survive a schemathesis fuzz run with n
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import re
@@ -343,25 +344,42 @@ def test_waits_for_an_alias_that_does_not_exist_yet(
         assert http.post("/v1/score", json={"rows": raw_rows[:2]}).status_code == 200
 
 
-def test_requests_beyond_the_scoring_workers_queue_and_all_succeed(logged_model, raw_rows) -> None:
-    """With one scoring worker, 12 concurrent requests are scored one at a time (never two at
-    once) and every one is answered; probes are answered meanwhile."""
-    app = create_app(ServingSettings(model_dir=logged_model[0].model_dir, scoring_workers=1))
-    service_rank = app.state.holder.current.scorer.score_rows
-    active, peak, lock = [0], [0], threading.Lock()
+def _tracked_scoring(app: FastAPI, hold: threading.Event | None = None) -> dict[str, Any]:
+    """Wrap the loaded scorer's fast path: record how many requests score at once and whether
+    each ran in the event loop's thread; with `hold`, each waits for it (at most 10 s)."""
+    score_rows = app.state.holder.current.scorer.score_rows
+    seen: dict[str, Any] = {"active": 0, "peak": 0, "in_loop": []}
+    lock = threading.Lock()
 
     def tracked(*args: Any) -> Any:
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
         try:
-            time.sleep(0.02)  # long enough for the others to pile up
-            return service_rank(*args)
+            asyncio.get_running_loop()
+            in_loop = True
+        except RuntimeError:
+            in_loop = False
+        with lock:
+            seen["active"] += 1
+            seen["peak"] = max(seen["peak"], seen["active"])
+            seen["in_loop"].append(in_loop)
+        try:
+            if hold is not None:
+                hold.wait(10)
+            else:
+                time.sleep(0.02)  # long enough for the others to pile up
+            return score_rows(*args)
         finally:
             with lock:
-                active[0] -= 1
+                seen["active"] -= 1
 
     app.state.holder.current.scorer.score_rows = tracked
+    return seen
+
+
+def test_with_one_scoring_worker_requests_are_scored_one_at_a_time_in_the_event_loop(logged_model, raw_rows) -> None:
+    """12 concurrent requests: scored one at a time, each in the event loop's own thread (no hop
+    to a worker thread), every one answered, and a probe sent meanwhile answered too."""
+    app = create_app(ServingSettings(model_dir=logged_model[0].model_dir, scoring_workers=1))
+    seen = _tracked_scoring(app)
     context, candidates = _feed(raw_rows, 20)
     with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         results: list[int] = []
@@ -373,11 +391,44 @@ def test_requests_beyond_the_scoring_workers_queue_and_all_succeed(logged_model,
         for t in threads:
             t.start()
         time.sleep(0.05)
-        assert http.get("/healthz").status_code == 200  # the event loop is not held by scoring
+        assert http.get("/healthz").status_code == 200  # after the requests already read
         for t in threads:
             t.join(30)
     assert results == [200] * 12
-    assert peak[0] == 1
+    assert seen["peak"] == 1
+    assert seen["in_loop"] == [True] * 12
+
+
+def test_with_two_scoring_workers_requests_score_in_threads_and_probes_are_answered_meanwhile(
+    logged_model, raw_rows
+) -> None:
+    """Two workers: scoring leaves the event loop free, so a probe is answered while both
+    workers are busy and more requests queue; never more than two score at once."""
+    app = create_app(ServingSettings(model_dir=logged_model[0].model_dir, scoring_workers=2))
+    hold = threading.Event()
+    seen = _tracked_scoring(app, hold)
+    context, candidates = _feed(raw_rows, 20)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        results: list[int] = []
+
+        def one() -> None:
+            results.append(http.post("/v1/rank", json={"context": context, "candidates": candidates}).status_code)
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while seen["active"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen["active"] == 2  # both workers busy, the other requests queued
+        probe = http.get("/healthz", timeout=5)
+        assert probe.status_code == 200 and seen["active"] == 2  # answered while they were held
+        hold.set()
+        for t in threads:
+            t.join(30)
+    assert results == [200] * 6
+    assert seen["peak"] == 2
+    assert seen["in_loop"] == [False] * 6
 
 
 # -- 5. operations and fuzzing ---------------------------------------------------------------------

@@ -72,8 +72,9 @@ class ServingSettings(BaseModel):
     scoring_workers: int = Field(
         default_factory=lambda: max(1, available_cpus() // 2),
         ge=1,
-        description="requests scored at once; more wait their turn in order. Default: half the cores this process "
-        "may use (at least 1): requests scored in parallel beyond that only contend for the cores and the GIL",
+        description="requests scored at once; more wait their turn. Default: half the cores this process may use "
+        "(at least 1): requests scored in parallel beyond that only contend for the cores and the GIL. One scores "
+        "in the event loop's thread (fastest; probes wait for the requests already read), more in worker threads",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
