@@ -130,7 +130,9 @@ def matmul(
     onednn = uses_onednn(a, b)  # decided on the fp32 operands: a cast below keeps the layout
     if dtype is None or not a.dtype == b.dtype == torch.float32:
         return _product(a, b, bias, relu, onednn)
-    out = _product(a.to(dtype), b.to(dtype), bias.to(dtype) if bias is not None else None, relu, onednn)
+    # A transposed `a` is cast and made row-major in one pass (what `_product` would copy again).
+    a = a.to(dtype, memory_format=torch.contiguous_format) if onednn else a.to(dtype)
+    out = _product(a, b.to(dtype), bias.to(dtype) if bias is not None else None, relu, onednn)
     _local.bf16_count = bf16_product_count() + 1
     return out.float()
 
