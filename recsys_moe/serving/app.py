@@ -17,7 +17,8 @@ Hot path: the body is parsed and validated by pydantic-core straight from bytes;
 certainly valid are encoded without a data frame (`scoring.rows`), the others go through the
 general path, whose input contract names the rejects. At most `scoring_workers` requests are
 scored at once, so parallel requests do not thrash the cores; with one (the default on 2 or 3
-cores) they are scored in the event loop's own thread, with more in worker threads (`_Workers`). Any bad input is a 4xx that names the row and the field; a 5xx means a bug.
+cores) they are scored in the event loop's own thread, with more in worker threads (`_Workers`).
+Any bad input is a 4xx that names the row and the field; a 5xx means a bug.
 """
 
 from __future__ import annotations
@@ -314,8 +315,8 @@ class _Workers:
 
     One worker scores in the event loop's thread, inline: handing each request to a thread and
     back cost more than the scoring's own Python, and the two threads traded the GIL and the
-    caches. Measured on 2 cores, closed loop, 8 clients, 100 candidates: 2.2 against 3.2 ms of
-    server CPU per request, 1.3-1.6x the requests/s (alternating runs). The price: while a
+    caches. Measured on 2 cores, closed loop, 8 clients, 100 candidates: about 2.4 against 3.2 ms
+    of server CPU per request, 1.3x the requests/s (medians of alternating runs). The price: while a
     request is scored the loop does no I/O, so a probe or a new body waits for the requests
     already read (a few ms each for 100 candidates). More workers score in threads (FIFO), and
     probes are answered meanwhile.
@@ -325,12 +326,8 @@ class _Workers:
         self.n = n
         self._limiter: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
 
-    @property
-    def inline(self) -> bool:
-        return self.n == 1
-
     async def run(self, fn: Callable[[bytes], Response], body: bytes) -> Response:
-        if self.inline:  # the loop runs one callback at a time: never two scored at once
+        if self.n == 1:  # inline: the loop runs one callback at a time, so never two at once
             return fn(body)
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.n)
