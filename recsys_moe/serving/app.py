@@ -451,6 +451,12 @@ def create_app(settings: ServingSettings, freeze_heap: bool = False) -> FastAPI:
     app.openapi = _openapi(app, schemas)  # type: ignore[method-assign]
     auth = _auth(settings.token)
     scoring = _Workers(settings.scoring_workers)
+    log.info(
+        "scoring at most %d request(s) at once (%s), %d torch thread(s) each",
+        settings.scoring_workers,
+        "in the event loop's thread" if settings.scoring_workers == 1 else "in worker threads",
+        settings.torch_threads,
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
