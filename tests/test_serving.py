@@ -375,25 +375,38 @@ def _tracked_scoring(app: FastAPI, hold: threading.Event | None = None) -> dict[
     return seen
 
 
+@contextmanager
+def _ranks_in_flight(http: httpx.Client, raw_rows: list[dict[str, Any]], n: int) -> Iterator[list[int]]:
+    """`n` /v1/rank requests sent at once, each from its own thread; the block runs while they are
+    in flight, and leaving it waits for them → their status codes, in the order they finished."""
+    context, candidates = _feed(raw_rows, 20)
+    results: list[int] = []
+
+    def one() -> None:
+        results.append(http.post("/v1/rank", json={"context": context, "candidates": candidates}).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        yield results
+    finally:
+        for t in threads:
+            t.join(30)
+
+
 def test_with_one_scoring_worker_requests_are_scored_one_at_a_time_in_the_event_loop(logged_model, raw_rows) -> None:
     """12 concurrent requests: scored one at a time, each in the event loop's own thread (no hop
     to a worker thread), every one answered, and a probe sent meanwhile answered too."""
     app = create_app(ServingSettings(model_dir=logged_model[0].model_dir, scoring_workers=1))
     seen = _tracked_scoring(app)
-    context, candidates = _feed(raw_rows, 20)
-    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
-        results: list[int] = []
-
-        def one() -> None:
-            results.append(http.post("/v1/rank", json={"context": context, "candidates": candidates}).status_code)
-
-        threads = [threading.Thread(target=one) for _ in range(12)]
-        for t in threads:
-            t.start()
+    with (
+        serve(app) as url,
+        httpx.Client(base_url=url, timeout=30) as http,
+        _ranks_in_flight(http, raw_rows, 12) as results,
+    ):
         time.sleep(0.05)
         assert http.get("/healthz").status_code == 200  # after the requests already read
-        for t in threads:
-            t.join(30)
     assert results == [200] * 12
     assert seen["peak"] == 1
     assert seen["in_loop"] == [True] * 12
@@ -407,25 +420,20 @@ def test_with_two_scoring_workers_requests_score_in_threads_and_probes_are_answe
     app = create_app(ServingSettings(model_dir=logged_model[0].model_dir, scoring_workers=2))
     hold = threading.Event()
     seen = _tracked_scoring(app, hold)
-    context, candidates = _feed(raw_rows, 20)
-    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
-        results: list[int] = []
-
-        def one() -> None:
-            results.append(http.post("/v1/rank", json={"context": context, "candidates": candidates}).status_code)
-
-        threads = [threading.Thread(target=one) for _ in range(6)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while seen["active"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert seen["active"] == 2  # both workers busy, the other requests queued
-        probe = http.get("/healthz", timeout=5)
-        assert probe.status_code == 200 and seen["active"] == 2  # answered while they were held
-        hold.set()
-        for t in threads:
-            t.join(30)
+    with (
+        serve(app) as url,
+        httpx.Client(base_url=url, timeout=30) as http,
+        _ranks_in_flight(http, raw_rows, 6) as results,
+    ):
+        try:
+            deadline = time.monotonic() + 10
+            while seen["active"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert seen["active"] == 2  # both workers busy, the other requests queued
+            probe = http.get("/healthz", timeout=5)
+            assert probe.status_code == 200 and seen["active"] == 2  # answered while they were held
+        finally:
+            hold.set()
     assert results == [200] * 6
     assert seen["peak"] == 2
     assert seen["in_loop"] == [False] * 6

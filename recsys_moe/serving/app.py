@@ -324,10 +324,15 @@ class _Workers:
 
     def __init__(self, n: int) -> None:
         self.n = n
+        self.inline = n == 1  # the loop runs one callback at a time, so never two at once
         self._limiter: anyio.CapacityLimiter | None = None  # made in the event loop, on first use
 
+    def __str__(self) -> str:
+        where = "in the event loop's thread" if self.inline else "in worker threads"
+        return f"at most {self.n} request(s) at once ({where})"
+
     async def run(self, fn: Callable[[bytes], Response], body: bytes) -> Response:
-        if self.n == 1:  # inline: the loop runs one callback at a time, so never two at once
+        if self.inline:
             return fn(body)
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.n)
@@ -451,12 +456,7 @@ def create_app(settings: ServingSettings, freeze_heap: bool = False) -> FastAPI:
     app.openapi = _openapi(app, schemas)  # type: ignore[method-assign]
     auth = _auth(settings.token)
     scoring = _Workers(settings.scoring_workers)
-    log.info(
-        "scoring at most %d request(s) at once (%s), %d torch thread(s) each",
-        settings.scoring_workers,
-        "in the event loop's thread" if settings.scoring_workers == 1 else "in worker threads",
-        settings.torch_threads,
-    )
+    log.info("scoring %s, %d torch thread(s) each", scoring, settings.torch_threads)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
