@@ -592,11 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--poll-seconds", type=float, help="how often to check the alias for a new version (default 30)")
     p.add_argument("--max-rows", type=int, help="most rows or candidates per request (default 1000)")
-    p.add_argument("--threads", type=int, help="torch threads per request (default $RECSYS_MOE_THREADS, else 1)")
+    p.add_argument("--threads", type=int, help="torch threads per request, 1-256 (default $RECSYS_MOE_THREADS, else 1)")
     p.add_argument(
         "--scoring-workers",
         type=int,
-        help="requests scored at once; the rest queue (default: half the cores, ≥ 1). 1 scores in the event "
+        help="requests scored at once, 1-64; the rest queue (default: half the cores, ≥ 1). 1 scores in the event "
         "loop's thread, the fastest; more in worker threads, probes answered meanwhile",
     )
     p.add_argument("--token", help="require this bearer token on /v1/* (default: $RECSYS_MOE_TOKEN if set)")

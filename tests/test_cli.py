@@ -118,6 +118,23 @@ def test_serve_takes_the_settings_file_and_flags_on_top(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="port") as raised:
         serve_settings(build_parser().parse_args(["serve", "--config", str(bad)]))
     assert "threads" in str(raised.value)  # an unknown field is named too
+    # A typo'd worker or thread count is refused by name, not served with a thread per request.
+    for flag, field in (("--scoring-workers", "scoring_workers"), ("--threads", "torch_threads")):
+        with pytest.raises(ConfigError, match=field) as raised:
+            serve_settings(build_parser().parse_args(["serve", "--model", "runs/x/best", flag, "100000"]))
+        assert "less than or equal" in str(raised.value)
+
+
+def test_serving_thread_bounds_hold_for_the_environment_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from recsys_moe.serving.settings import ServingSettings
+
+    monkeypatch.setenv("RECSYS_MOE_THREADS", "999")
+    with pytest.raises(ValidationError, match="torch_threads"):
+        ServingSettings(model_dir=Path("runs/x/best"))
+    monkeypatch.setenv("RECSYS_MOE_THREADS", "3")
+    assert ServingSettings(model_dir=Path("runs/x/best")).torch_threads == 3
 
 
 def test_a_missing_optional_part_names_the_extra(tmp_path: Path) -> None:

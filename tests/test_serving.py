@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import logging
 import re
 import socket
 import threading
@@ -410,6 +411,20 @@ def test_with_one_scoring_worker_requests_are_scored_one_at_a_time_in_the_event_
     assert results == [200] * 12
     assert seen["peak"] == 1
     assert seen["in_loop"] == [True] * 12
+
+
+def test_more_scoring_threads_than_cores_are_warned_about_at_startup(logged_model, caplog, monkeypatch) -> None:
+    """Workers x torch threads past the cores only contend: the server says so when it starts."""
+    monkeypatch.setattr("recsys_moe.serving.app.available_cpus", lambda: 2)
+    model_dir = logged_model[0].model_dir
+    with caplog.at_level(logging.WARNING, logger="recsys_moe.serving.app"):
+        create_app(ServingSettings(model_dir=model_dir, scoring_workers=2, torch_threads=1))
+        assert not [r for r in caplog.records if "contend" in r.getMessage()]
+        create_app(ServingSettings(model_dir=model_dir, scoring_workers=2, torch_threads=2))
+    (warning,) = [r.getMessage() for r in caplog.records if "contend" in r.getMessage()]
+    assert "2 scoring worker(s) x 2 torch thread(s) = 4 threads for 2 core(s)" in warning
+    monkeypatch.setattr("recsys_moe.serving.settings.available_cpus", lambda: 512)
+    assert ServingSettings(model_dir=model_dir).scoring_workers == 64  # a big host's default stays valid
 
 
 def test_with_two_scoring_workers_requests_score_in_threads_and_probes_are_answered_meanwhile(

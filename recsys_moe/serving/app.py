@@ -56,6 +56,7 @@ from recsys_moe.serving.prom import Metrics, MetricsMiddleware
 from recsys_moe.serving.protocol import timed_protocol
 from recsys_moe.serving.schemas import ErrorBody, RankResponse, ReadyBody, RequestModels, ScoreResponse
 from recsys_moe.serving.settings import ServingSettings
+from recsys_moe.threads import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -457,6 +458,16 @@ def create_app(settings: ServingSettings, freeze_heap: bool = False) -> FastAPI:
     auth = _auth(settings.token)
     scoring = _Workers(settings.scoring_workers)
     log.info("scoring %s, %d torch thread(s) each", scoring, settings.torch_threads)
+    busy, cpus = settings.scoring_workers * settings.torch_threads, available_cpus()
+    if busy > cpus:
+        log.warning(
+            "%d scoring worker(s) x %d torch thread(s) = %d threads for %d core(s): they will contend for them; "
+            "fewer workers (--scoring-workers) or threads (--threads) usually answer faster",
+            settings.scoring_workers,
+            settings.torch_threads,
+            busy,
+            cpus,
+        )
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -16,6 +16,10 @@ from recsys_moe.threads import available_cpus, fixed_threads
 
 TOKEN_ENV = "RECSYS_MOE_TOKEN"
 MiB = 1024 * 1024
+# Scoring is CPU work: past a few workers or threads per core they only contend. The caps stop a
+# typo (100000 workers would start a thread per queued request; 100000 torch threads, a pool that size).
+MAX_SCORING_WORKERS = 64
+MAX_TORCH_THREADS = 256
 
 
 def _token_from_env() -> str | None:
@@ -67,14 +71,18 @@ class ServingSettings(BaseModel):
     torch_threads: int = Field(
         default_factory=lambda: fixed_threads() or 1,
         ge=1,
-        description="intra-op threads per inference; default $RECSYS_MOE_THREADS, else 1",
+        le=MAX_TORCH_THREADS,
+        validate_default=True,  # $RECSYS_MOE_THREADS is held to the same bounds
+        description="intra-op threads per inference (at most 256); default $RECSYS_MOE_THREADS, else 1",
     )
     scoring_workers: int = Field(
-        default_factory=lambda: max(1, available_cpus() // 2),
+        default_factory=lambda: min(MAX_SCORING_WORKERS, max(1, available_cpus() // 2)),
         ge=1,
-        description="requests scored at once; more wait their turn. Default: half the cores this process may use "
-        "(at least 1): requests scored in parallel beyond that only contend for the cores and the GIL. One scores "
-        "in the event loop's thread (fastest; probes wait for the requests already read), more in worker threads",
+        le=MAX_SCORING_WORKERS,
+        description="requests scored at once (at most 64); more wait their turn. Default: half the cores this "
+        "process may use (at least 1): requests scored in parallel beyond that only contend for the cores and the "
+        "GIL. One scores in the event loop's thread (fastest; probes wait for the requests already read), more in "
+        "worker threads",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
