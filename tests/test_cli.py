@@ -125,7 +125,7 @@ def test_serve_takes_the_settings_file_and_flags_on_top(tmp_path: Path) -> None:
         assert "less than or equal" in str(raised.value)
 
 
-def test_serving_thread_bounds_hold_for_the_environment_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serving_thread_defaults_are_held_to_the_same_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
     from recsys_moe.serving.settings import ServingSettings
@@ -135,6 +135,8 @@ def test_serving_thread_bounds_hold_for_the_environment_default(monkeypatch: pyt
         ServingSettings(model_dir=Path("runs/x/best"))
     monkeypatch.setenv("RECSYS_MOE_THREADS", "3")
     assert ServingSettings(model_dir=Path("runs/x/best")).torch_threads == 3
+    monkeypatch.setattr("recsys_moe.serving.settings.available_cpus", lambda: 512)
+    assert ServingSettings(model_dir=Path("runs/x/best")).scoring_workers == 64  # a big host's default stays valid
 
 
 def test_a_missing_optional_part_names_the_extra(tmp_path: Path) -> None:

@@ -423,8 +423,6 @@ def test_more_scoring_threads_than_cores_are_warned_about_at_startup(logged_mode
         create_app(ServingSettings(model_dir=model_dir, scoring_workers=2, torch_threads=2))
     (warning,) = [r.getMessage() for r in caplog.records if "contend" in r.getMessage()]
     assert "2 scoring worker(s) x 2 torch thread(s) = 4 threads for 2 core(s)" in warning
-    monkeypatch.setattr("recsys_moe.serving.settings.available_cpus", lambda: 512)
-    assert ServingSettings(model_dir=model_dir).scoring_workers == 64  # a big host's default stays valid
 
 
 def test_with_two_scoring_workers_requests_score_in_threads_and_probes_are_answered_meanwhile(

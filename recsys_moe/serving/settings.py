@@ -73,13 +73,13 @@ class ServingSettings(BaseModel):
         ge=1,
         le=MAX_TORCH_THREADS,
         validate_default=True,  # $RECSYS_MOE_THREADS is held to the same bounds
-        description="intra-op threads per inference (at most 256); default $RECSYS_MOE_THREADS, else 1",
+        description=f"intra-op threads per inference (at most {MAX_TORCH_THREADS}); default $RECSYS_MOE_THREADS, else 1",
     )
     scoring_workers: int = Field(
         default_factory=lambda: min(MAX_SCORING_WORKERS, max(1, available_cpus() // 2)),
         ge=1,
         le=MAX_SCORING_WORKERS,
-        description="requests scored at once (at most 64); more wait their turn. Default: half the cores this "
+        description=f"requests scored at once (at most {MAX_SCORING_WORKERS}); more wait their turn. Default: half the cores this "
         "process may use (at least 1): requests scored in parallel beyond that only contend for the cores and the "
         "GIL. One scores in the event loop's thread (fastest; probes wait for the requests already read), more in "
         "worker threads",
