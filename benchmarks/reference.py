@@ -11,15 +11,17 @@ embedding dim 8, softmax gates, batch 1024, Adam.
   parameter (dense embedding gradients), a loader that indexes the tensors with a random
   permutation. What a competent engineer writes in an afternoon.
 * **project**: `recsys_moe.training.trainer.train` (TorchRec's fused embedding bags with FBGEMM's
-  fused Adagrad, the project's loader building KeyedJaggedTensors, its thread governor), and its
-  inference path (`MultiTaskRanker.predict` on KJT batches of 8192).
+  fused Adagrad, the first layer taken through the table's rows, the project's loader building
+  KeyedJaggedTensors, its thread governor), and its inference path (`MultiTaskRanker.predict` on
+  KJT batches of 8192).
 
 Both train the same number of epochs on the same rows, then score the test split in alternating
 passes; training samples/s are each one's own epochs' mean (validation excluded), scoring rows/s
 each one's median pass. The ratio columns divide the project's figure by the reference's,
 measured in the same round. The dense-GEMM bound is the MMoE's dense FLOPs per sample (forward +
 backward) at the fp32 `torch.mm` rate measured just before and after the round. The last rows
-repeat training beside a process spinning one core. Where the CPU has bf16 instructions, each
+repeat training beside a process spinning one core. One trainer then runs short epochs on the
+plain lookup and on rows by turns, for the speed of one against the other. Where the CPU has bf16 instructions, each
 round trains the project once more with `train.precision=bf16`, and one trainer then runs short
 fp32 and bf16 epochs by turns for the speed of one against the other. Needs ../shared/data/census-income.
 Writes benchmarks/results/reference.md and reference.json.
@@ -34,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,25 +207,41 @@ def beside_neighbour(manifest: Manifest, tasks: list[str], workdir: Path) -> dic
         neighbour.wait()
 
 
-def alternating_precision(manifest: Manifest, tasks: list[str], workdir: Path, pairs: int = 15) -> list[float]:
-    """fp32 step time / bf16 step time, `pairs` times: one trainer, short epochs (40 steps) run in
-    fp32 and in bf16 by turns. Whole runs minutes apart differ by this VM's drift (tens of percent)
-    more than by the precision; alternating within a second or two lets the drift hit both alike."""
+def alternating_steps(
+    manifest: Manifest,
+    tasks: list[str],
+    workdir: Path,
+    extra: list[str],
+    switch: Callable[[Any, bool], None],
+    pairs: int = 15,
+) -> list[float]:
+    """Step time with `switch(engine, False)` / with `switch(engine, True)`, `pairs` times: one
+    trainer, short epochs (40 steps) run each way by turns. Whole runs minutes apart differ by
+    this VM's drift (tens of percent) more than two settings do; alternating within a second or
+    two lets the drift hit both alike."""
     from recsys_moe.training.checkpoint import Progress
     from recsys_moe.training.trainer import LocalEngine
 
-    overrides = [*MODEL, "model.arch=mmoe", "train.max_steps_per_epoch=40", "train.precision=bf16"]
+    overrides = [*MODEL, "model.arch=mmoe", "train.max_steps_per_epoch=40", *extra]
     overrides += [f"train.checkpoint_dir={workdir}", "tracking.enabled=false", f"train.tasks=[{','.join(tasks)}]"]
     engine = LocalEngine(manifest, load_config(None, overrides), progress_bar=False)
 
-    def seconds(bf16: bool) -> float:
-        engine.bf16 = bf16
+    def seconds(on: bool) -> float:
+        switch(engine, on)
         start = time.perf_counter()
         engine.train_epoch(0, Progress(), bar=False)
         return time.perf_counter() - start
 
     seconds(False), seconds(True)  # warm up both
     return [seconds(False) / seconds(True) for _ in range(pairs)]
+
+
+def _set_bf16(engine: Any, on: bool) -> None:
+    engine.bf16 = on  # off: the default fp32 step (on rows where they apply)
+
+
+def _set_rows(engine: Any, on: bool) -> None:
+    engine.rows_apply = on  # off: the plain lookup and first-layer GEMMs
 
 
 def measured_round(manifest: Manifest, tasks: list[str], epochs: int, workdir: Path, flops: float) -> dict[str, Any]:
@@ -284,7 +303,12 @@ def main() -> int:
     share = lambda r, side="project": r[side]["train_samples_per_s"] / r["bound"]  # noqa: E731
     quiet = sorted(rounds, key=ratio)[len(rounds) // 2]
     busy = beside_neighbour(manifest, tasks, CACHE / "reference_runs_busy")
-    bf16_pairs = alternating_precision(manifest, tasks, CACHE / "reference_runs_bf16") if gemm.bf16_native() else []
+    rows_pairs = alternating_steps(manifest, tasks, CACHE / "reference_runs_rows", [], _set_rows)
+    bf16_pairs = []
+    if gemm.bf16_native():
+        bf16_pairs = alternating_steps(
+            manifest, tasks, CACHE / "reference_runs_bf16", ["train.precision=bf16"], _set_bf16
+        )
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "threads": torch.get_num_threads(),
@@ -299,7 +323,14 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reference.json").write_text(
         json.dumps(
-            {"meta": meta, "quiet": quiet, "rounds": rounds, "neighbour": busy, "bf16_step_ratios": bf16_pairs},
+            {
+                "meta": meta,
+                "quiet": quiet,
+                "rounds": rounds,
+                "neighbour": busy,
+                "rows_step_ratios": rows_pairs,
+                "bf16_step_ratios": bf16_pairs,
+            },
             indent=1,
         )
     )
@@ -318,6 +349,16 @@ def main() -> int:
         f"product: in the round shown, {mm[0]:,.0f} and {mm[1]:,.0f} GFLOP/s, a bound of {q['bound']:,.0f} "
         f"samples/s. The project's expert block runs its GEMMs in oneDNN ({meta['cpu']}), whose rate on the same "
         f"matrices was {dnn[0]:,.0f} and {dnn[1]:,.0f} GFLOP/s: a bound of {q['onednn_bound']:,.0f} samples/s.",
+        "",
+        "The bound counts the plain model's FLOPs, and the project's step does not run them all: census's "
+        "features are single ids into one packed table of few rows, so the trainer takes the first layer "
+        "through the table (`train.first_layer_on_rows`, on by default where it applies; "
+        "`recsys_moe/kernels/projected.py`). Each table row is multiplied by its feature's slice of the first "
+        "layer once per step and a sample's first-layer output is the sum of its rows: the same model up to "
+        "float rounding (`tests/test_projected.py`), with the first layer's work done per row instead of per "
+        "sample. Measured by turns in one trainer, 40-step epochs on the plain lookup and on rows alternately, "
+        f"{len(rows_pairs)} pairs: a step on rows is **{statistics.median(rows_pairs):.2f}x** as fast (median "
+        f"of the pairs' ratios; range {min(rows_pairs):.2f}-{max(rows_pairs):.2f}).",
         "",
         "| | reference | project | project / reference |",
         "|---|---:|---:|---:|",
@@ -363,7 +404,8 @@ def main() -> int:
                 "the precision (the bf16 column of the rounds below), so the speed of bf16 against fp32 is "
                 "measured by turns in one trainer: "
                 + (
-                    f"40-step epochs in fp32 and in bf16 alternately, {len(bf16_pairs)} pairs: a bf16 step is "
+                    f"40-step epochs in fp32 (on rows) and in bf16 (the plain path, whose first-layer GEMMs bf16 "
+                    f"products are) alternately, {len(bf16_pairs)} pairs: a bf16 step is "
                     f"**{statistics.median(bf16_pairs):.2f}x** as fast (median of the pairs' ratios; "
                     f"range {min(bf16_pairs):.2f}-{max(bf16_pairs):.2f})."
                     if bf16_pairs

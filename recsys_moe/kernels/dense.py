@@ -195,6 +195,69 @@ def _upper_backward(
     return grad_gates, grad_w, grad_b
 
 
+def gated_first_layer(
+    weights: Sequence[Tensor], biases: Sequence[Tensor], gate_weight: Tensor, gate_bias: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The first layer and every gate as one [d_in, E*h0 + G*E] matrix, and its bias."""
+    d_in, num, h0 = weights[0].shape
+    wide = torch.cat([weights[0].view(d_in, num * h0), gate_weight.permute(1, 0, 2).reshape(d_in, -1)], dim=1)
+    return wide, torch.cat([biases[0].view(-1), gate_bias.view(-1)])
+
+
+def split_first_layer(
+    grad_wide: Tensor, grad_bias: Tensor, first_shape: torch.Size, gates_shape: torch.Size
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`gated_first_layer`'s gradients back to (gate weight, gate bias, layer 0 weight, layer 0
+    bias) in their parameters' shapes."""
+    d_in, num, h0 = first_shape
+    gates, experts = gates_shape
+    grad_gate_w = grad_wide[:, num * h0 :].view(d_in, gates, experts).permute(1, 0, 2)
+    grad_gate_b = grad_bias[num * h0 :].view(gates, 1, experts)
+    return (
+        grad_gate_w,
+        grad_gate_b,
+        grad_wide[:, : num * h0].view(d_in, num, h0),
+        grad_bias[: num * h0].view(num, 1, h0),
+    )
+
+
+def gated_upper_forward(
+    y: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], gate_shape: torch.Size, temperature: float
+) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor]]:
+    """From the first layer's output with the gate logits [B, E*h0 + G*E] (ReLU'd in place) to
+    (mixture [G, B, H], gate probabilities [B, G, E], their transposed copy, every layer's output)."""
+    _, num, h0 = weights[0].shape
+    gates, _, experts = gate_shape
+    first = y[:, : num * h0].relu_()
+    logits = y[:, num * h0 :].view(-1, gates, experts)
+    probs, probs_t = _softmax_experts(logits / temperature if temperature != 1.0 else logits)
+    acts = _upper_layers(first, weights, biases)
+    return _mixture(acts, probs, num, h0), probs, probs_t, acts
+
+
+def gated_upper_backward(
+    grad_out: Tensor,
+    grad_probs: Tensor,
+    probs: Tensor,
+    probs_t: Tensor | None,
+    weights: Sequence[Tensor],
+    acts: Sequence[Tensor],
+    temperature: float,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """`gated_upper_forward`'s backward: (the gradient of y [B, E*h0 + G*E], the weight and bias
+    gradients of layers 1 and up)."""
+    _, num, h0 = weights[0].shape
+    batch, gates, experts = probs.shape
+    grad = grad_out.new_empty(batch, num * h0 + gates * experts)  # [layer 0's output | gate logits]
+    grad_gates, grad_w, grad_b = _upper_backward(grad_out, probs, weights, acts, grad[:, : num * h0])
+    grad_gates += grad_probs  # the balance loss's, or zeros
+    grad_logits = _softmax_experts_backward(grad_gates, probs, probs_t)
+    if temperature != 1.0:
+        grad_logits = grad_logits / temperature
+    grad[:, num * h0 :].view(batch, gates, experts).copy_(grad_logits)
+    return grad, grad_w, grad_b
+
+
 class _ExpertsCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, gate_weights: Tensor, *params: Tensor) -> Tensor:
@@ -230,40 +293,25 @@ class _GatedExpertsCombine(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         depth = len(params) // 2
         weights, biases = params[:depth], params[depth:]
-        d_in, num, h0 = weights[0].shape
-        gates, _, experts = gate_weight.shape
-        # One GEMM for the first layer and every gate: [d, E*h0 + G*E].
-        wide = torch.cat([weights[0].view(d_in, num * h0), gate_weight.permute(1, 0, 2).reshape(d_in, -1)], dim=1)
-        bias = torch.cat([biases[0].view(-1), gate_bias.view(-1)])
+        wide, bias = gated_first_layer(weights, biases, gate_weight, gate_bias)  # one GEMM for both
         ctx.dtype = product_dtype()  # bf16 operands under `gemm.bf16_products`, in backward too
         y = matmul(x, wide, bias, dtype=ctx.dtype)
-        first = y[:, : num * h0].relu_()
-        logits = y[:, num * h0 :].view(-1, gates, experts)
-        probs, probs_t = _softmax_experts(logits / temperature if temperature != 1.0 else logits)
-        acts = _upper_layers(first, weights, biases)
+        mixed, probs, probs_t, acts = gated_upper_forward(y, weights, biases, gate_weight.shape, temperature)
         ctx.save_for_backward(x, probs, probs_t, wide, *weights, *acts)
         ctx.depth, ctx.temperature = depth, temperature
-        return _mixture(acts, probs, num, h0), probs
+        return mixed, probs
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, grad_probs: Tensor) -> tuple[Tensor | None, ...]:
         depth = ctx.depth
         x, probs, probs_t, wide, *rest = ctx.saved_tensors
         weights, acts = rest[:depth], rest[depth:]
-        d_in, num, h0 = weights[0].shape
-        batch, gates, experts = probs.shape
-        grad = x.new_empty(batch, num * h0 + gates * experts)  # [layer 0's output | gate logits]
-        grad_gates, grad_w, grad_b = _upper_backward(grad_out, probs, weights, acts, grad[:, : num * h0])
-        grad_gates += grad_probs  # the balance loss's, or zeros
-        grad_logits = _softmax_experts_backward(grad_gates, probs, probs_t)
-        if ctx.temperature != 1.0:
-            grad_logits = grad_logits / ctx.temperature
-        grad[:, num * h0 :].view(batch, gates, experts).copy_(grad_logits)
+        grad, grad_w, grad_b = gated_upper_backward(
+            grad_out, grad_probs, probs, probs_t, weights, acts, ctx.temperature
+        )
         grad_x = matmul(grad, wide.t(), dtype=ctx.dtype) if ctx.needs_input_grad[0] else None
         grad_wide = matmul(x.t(), grad, dtype=ctx.dtype)
-        grad_bias = grad.sum(dim=0)
-        grad_w0 = grad_wide[:, : num * h0].view(d_in, num, h0)
-        grad_gate_w = grad_wide[:, num * h0 :].view(d_in, gates, experts).permute(1, 0, 2)
-        grad_b0 = grad_bias[: num * h0].view(num, 1, h0)
-        grad_gate_b = grad_bias[num * h0 :].view(gates, 1, experts)
+        grad_gate_w, grad_gate_b, grad_w0, grad_b0 = split_first_layer(
+            grad_wide, grad.sum(dim=0), weights[0].shape, probs.shape[1:]
+        )
         return (grad_x, grad_gate_w, grad_gate_b, None, grad_w0, *grad_w, grad_b0, *grad_b)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
@@ -19,6 +20,7 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import KeyedOptimizer
 
+from recsys_moe.kernels.projected import TableLayout
 from recsys_moe.pipelines.manifest import Manifest, SparseFeatureInfo
 
 FUSED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -26,6 +28,26 @@ FUSED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rowwise_adagrad": RowWiseAdagrad,
     "sgd": torch.optim.SGD,
 }
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """A batch as rows of the one packed table (`SparseArch.row_batch`): what the projected
+    first layer (`kernels.projected`) takes, and what `SparseArch.update_rows` applies after it."""
+
+    table: torch.Tensor  # [R, D]: a copy of the table's rows, a leaf whose .grad is theirs
+    ids: torch.Tensor  # [F, B]: each feature's ids within its rows
+    counts: torch.Tensor  # [R]: ids of the batch on each row
+    layout: TableLayout
+
+
+def _row_counts(features: Sequence[SparseFeatureInfo], plan: TablePlan) -> list[int] | None:
+    """Each feature's rows in the one table, when every feature is a single id into one summed
+    table (what `SparseArch.row_batch` takes), else None."""
+    info = {f.name: f for f in features}
+    if len(plan.tables) != 1 or any(info[k].kind == "multi_hot" or info[k].pooling != "sum" for k in plan.keys):
+        return None
+    return [info[k].num_embeddings for k in plan.keys]
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,8 @@ class SparseArch(nn.Module):
             )
         self._direct = self._direct_kernel()
         self._by_table = self._table_bags()
+        self._row_counts = _row_counts(features, plan) if self._direct is not None else None
+        self._layout: TableLayout | None = None  # made on the first row batch
         for table in plan.tables:  # small init, like TorchRec's default for recsys tables
             weight = self.ebc.embedding_bags[table.name].weight
             with torch.no_grad():
@@ -116,6 +140,71 @@ class SparseArch(nn.Module):
         if not isinstance(self.ebc, FusedEmbeddingBagCollection):
             return []
         return [lookups._emb_module for lookups in self.ebc._emb_modules]
+
+    @property
+    def has_row_batches(self) -> bool:
+        """Whether `row_batch` works here: single ids into one summed table with a fused
+        optimizer, on the CPU, not replaced by a sharded module."""
+        direct = self._direct
+        if self._row_counts is None or direct is None or direct[0] is not self.ebc:
+            return False
+        return self._table().device.type == "cpu"
+
+    def _table(self) -> torch.Tensor:
+        """The one fused table's weights [R, D]: FBGEMM's own tensor, updated in place."""
+        assert self._direct is not None
+        kernel: Any = self._direct[1]
+        return kernel.split_embedding_weights()[0]
+
+    def rows_pay_off(self, batch_size: int) -> bool:
+        """Whether a step over the table's rows costs less than one over a batch's ids: the
+        backward sums gradients into F x (largest feature's rows) slots, against F x B ids; at
+        most half as many."""
+        return self._row_counts is not None and 2 * max(self._row_counts) <= batch_size
+
+    def row_batch(self, features: KeyedJaggedTensor) -> RowBatch:
+        """The table's rows (a copy that collects their gradient) and the batch's ids in them.
+
+        `features` has the keys in `self.keys` order, one id per sample each (what the loader
+        gives a spec without multi-hot features), ids already checked against their tables.
+        """
+        assert self._row_counts is not None and self._direct is not None and self.has_row_batches
+        if self._layout is None:
+            self._layout = TableLayout.of(self._row_counts, self._table().shape[1])
+        layout = self._layout
+        batch, feats = features.stride(), len(self.keys)
+        values = features.values()
+        if values.numel() != batch * feats:
+            raise ValueError(
+                f"row_batch takes one id per sample and feature: {values.numel()} ids for {batch} x {feats}"
+            )
+        ids = values.view(feats, batch)
+        table = self._table().detach().clone()
+        rows = ids + layout.starts.to(ids.dtype).unsqueeze(1)
+        counts = torch.bincount(rows.reshape(-1), minlength=table.shape[0])
+        return RowBatch(table.requires_grad_(), ids, counts, layout)
+
+    def update_rows(self, batch: RowBatch) -> None:
+        """Apply `batch.table.grad` through the fused optimizer, to the rows the batch touched.
+
+        The optimizer runs in FBGEMM's backward, so the gradient goes in as the backward of a
+        lookup of those rows, one per bag (V bags per feature, a row's bag at its id): FBGEMM sums
+        a row's gradient over its ids before its update, so this is the update the batch's own
+        lookup makes, on each touched row once. Rows the batch did not touch are left alone, as
+        they are by a lookup, for optimizers with state too.
+        """
+        layout, grad = batch.layout, batch.table.grad
+        assert self._direct is not None and grad is not None
+        per = layout.slots_per_feature
+        touched = batch.counts > 0
+        lengths = torch.zeros(len(self.keys) * per, dtype=torch.int32)  # a KJT's: feature-major
+        lengths[layout.slot_of_row] = touched.int()
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        rows = torch.arange(len(touched), dtype=torch.int32)[touched]  # slot order is row order
+        pooled = self._direct[1](rows, offsets, None)  # [V, F * D]
+        grad_slots = grad.new_zeros(len(lengths), grad.shape[1]).index_copy_(0, layout.slot_of_row, grad)
+        pooled.backward(grad_slots.view(len(self.keys), per, -1).transpose(0, 1).reshape(pooled.shape))
 
     def trust_ids(self) -> None:
         """Skip FBGEMM's per-batch id bounds check: for a caller that feeds only ids already

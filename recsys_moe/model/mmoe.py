@@ -23,6 +23,7 @@ from torch import nn
 
 from recsys_moe.kernels.dense import combine, experts_combine, gated_experts_combine
 from recsys_moe.kernels.grouped import topk_experts_combine
+from recsys_moe.kernels.projected import TableLayout, projected_gated_experts_combine
 from recsys_moe.model.gates import GateKind, GateOutput, Gates
 from recsys_moe.model.outputs import ArchOutput
 from recsys_moe.model.stacked import StackedMLP
@@ -71,6 +72,27 @@ class MMoE(nn.Module):
         else:
             gates = self.gates(x)  # weights [B, G, E]
             mixed = self._mix(x, gates.weights)  # [G, B, H]
+        return self._outputs(mixed, gates)
+
+    @property
+    def gated_block(self) -> bool:
+        """Softmax gates riding in the dense expert block (no dropout): `forward_rows` runs too."""
+        return self.compute == "dense" and self.gates.kind == "softmax" and not self.experts.drops
+
+    def forward_rows(
+        self, table: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, layout: TableLayout, dense: torch.Tensor
+    ) -> ArchOutput:
+        """`forward` on x = [each feature's row of `table` | dense] with the first layer taken
+        through the table's rows (`kernels.projected`): training's step on a small single-id
+        table, where it is much cheaper. ids [F, B], counts [R]: `model.embeddings.RowBatch`."""
+        g = self.gates
+        w, b = list(self.experts.weights), list(self.experts.biases)
+        mixed, probs = projected_gated_experts_combine(
+            table, ids, counts, dense, w, b, g.weight, g.bias, g.temperature, layout
+        )
+        return self._outputs(mixed, GateOutput(weights=probs, probs=probs))
+
+    def _outputs(self, mixed: torch.Tensor, gates: GateOutput) -> ArchOutput:
         weights = gates.weights
         if mixed.shape[0] != self.num_tasks:  # one shared gate: every tower reads the same mixture
             mixed = mixed.expand(self.num_tasks, -1, -1)
@@ -79,7 +101,7 @@ class MMoE(nn.Module):
 
     def _gates_in_block(self, x: torch.Tensor) -> bool:
         """Softmax gates on the experts' own input ride in the expert block's first GEMM."""
-        return self.compute == "dense" and self.gates.kind == "softmax" and x.dim() == 2 and not self.experts.drops
+        return self.gated_block and x.dim() == 2
 
     def _mix(self, x: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
         w, b = list(self.experts.weights), list(self.experts.biases)

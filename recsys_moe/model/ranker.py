@@ -14,7 +14,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor, KeyedTensor
 
 from recsys_moe.config import ModelConfig
-from recsys_moe.model.embeddings import SparseArch
+from recsys_moe.model.embeddings import RowBatch, SparseArch
 from recsys_moe.model.mmoe import MMoE
 from recsys_moe.model.omoe import OMoE
 from recsys_moe.model.outputs import ArchOutput
@@ -127,6 +127,26 @@ class MultiTaskRanker(nn.Module):
         """The pooled embeddings (None for a dense-only spec: no tables). Training calls this and
         `from_pooled` apart, to see the embeddings its penalty acts on."""
         return self.sparse.lookup(sparse) if self.sparse.keys else None
+
+    @property
+    def trains_on_rows(self) -> bool:
+        """Whether `forward_rows` runs here: single ids into one fused table, no input norm, an
+        MMoE (or OMoE) whose softmax gates ride in its dense expert block."""
+        arch = self.arch
+        return (
+            self.sparse.has_row_batches
+            and isinstance(self.input_norm, nn.Identity)
+            and isinstance(arch, MMoE)
+            and arch.gated_block
+        )
+
+    def forward_rows(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> tuple[ArchOutput, RowBatch]:
+        """`forward` with the first layer taken through the table rows (`kernels.projected`),
+        for training: after the loss's backward, `self.sparse.update_rows(rows)` applies the
+        rows' gradient through the fused optimizer (their lookup is not in the graph)."""
+        assert isinstance(self.arch, MMoE) and self.trains_on_rows
+        rows = self.sparse.row_batch(sparse)
+        return self.arch.forward_rows(rows.table, rows.ids, rows.counts, rows.layout, dense), rows
 
     def from_pooled(self, pooled: KeyedTensor | None, dense: torch.Tensor) -> ArchOutput:
         """The model after the embedding lookup (`lookup`; sharded training runs the sharded one

@@ -67,6 +67,13 @@ class LocalEngine:
             self.steps = min(self.steps, tc.max_steps_per_epoch)
         self.control = StepControl(self.optimizer, LrSchedule.from_config(tc, self.steps))
         self.bf16 = use_bf16(tc.precision)
+        # The first layer through the table rows (kernels/projected.py), where it applies and pays.
+        self.rows_apply = (
+            tc.first_layer_on_rows
+            and self.ranker.trains_on_rows
+            and self.ranker.sparse.rows_pay_off(tc.batch_size)
+            and tc.embedding_l2 == 0  # the penalty reads the looked-up embeddings
+        )
         self.extra_params: dict[str, Any] = {
             "parameters": sum(p.numel() for p in self.ranker.parameters()),
             "dense_products": "bf16" if self.bf16 else "fp32",  # asked for and the CPU has it
@@ -74,6 +81,12 @@ class LocalEngine:
         self.extra_tags: dict[str, str] = {}
         self.extra_files: list[tuple[Path, str]] = []
         self.ranker.train()
+
+    @property
+    def on_rows(self) -> bool:
+        """Whether steps take the first layer through the table rows: where it applies, in fp32
+        (bf16 products are the plain path's first-layer GEMMs)."""
+        return self.rows_apply and not self.bf16
 
     def restore(self, found: Path) -> Progress:
         weights, state, progress = checkpoint.load_train_state(found)
@@ -108,11 +121,15 @@ class LocalEngine:
                 self.threads.tick()
                 if self.oov_rates is not None:
                     batch = drop_to_oov(batch, self.oov_rates, step_generator(tc.seed, epoch, step))
-                pooled = self.ranker.lookup(batch.sparse)
-                with gemm.bf16_products(self.bf16):  # the backward keeps what the forward used
-                    out = self.ranker.from_pooled(pooled, batch.dense)
+                rows, embeddings = None, None
+                if self.on_rows:
+                    out, rows = self.ranker.forward_rows(batch.sparse, batch.dense)
+                else:
+                    pooled = self.ranker.lookup(batch.sparse)
+                    with gemm.bf16_products(self.bf16):  # the backward keeps what the forward used
+                        out = self.ranker.from_pooled(pooled, batch.dense)
+                    embeddings = pooled.values() if pooled is not None else None
                 per_task = per_task_losses(out.logits, batch.labels, self.is_binary)
-                embeddings = pooled.values() if pooled is not None else None
                 loss = training_loss(
                     per_task,
                     self.loss_weights,
@@ -123,7 +140,9 @@ class LocalEngine:
                     tc.embedding_l2,
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # embedding rows are updated inside this call (fused optimizer)
+                loss.backward()  # embedding rows are updated inside this call (fused optimizer)...
+                if rows is not None:  # ...or here, when the lookup was not in the graph
+                    self.ranker.sparse.update_rows(rows)
                 self.optimizer.step()
                 loss_sum += per_task.detach() * len(batch)
                 n_seen += len(batch)
