@@ -158,8 +158,9 @@ def test_a_batch_of_one_scores_the_same_on_rows(single_id_manifest: Manifest, tm
 def test_rows_are_used_only_where_they_apply(
     single_id_manifest: Manifest, synthetic_manifest: Manifest, tmp_path: Path
 ) -> None:
-    """Multi-hot features or tables of several dims, an input norm, PLE, an embedding penalty,
-    bf16 products, a batch smaller than twice the largest feature: the plain lookup."""
+    """Multi-hot features or tables of several dims, an input norm, PLE, top-k gates, an
+    embedding penalty, a batch under twice the largest feature's rows, the switch off: the plain
+    lookup. OMoE (one shared gate) trains on rows too."""
     assert _engine(single_id_manifest, tmp_path / "a").on_rows
     assert not _engine(synthetic_manifest, tmp_path / "b").on_rows
     assert not _engine(single_id_manifest, tmp_path / "c", "model.input_norm=layer").on_rows
@@ -167,5 +168,9 @@ def test_rows_are_used_only_where_they_apply(
     assert not _engine(single_id_manifest, tmp_path / "e", "model.gate=topk").on_rows
     assert not _engine(single_id_manifest, tmp_path / "f", "train.embedding_l2=0.1").on_rows
     assert not _engine(single_id_manifest, tmp_path / "g", "train.batch_size=16").on_rows
+    assert not _engine(single_id_manifest, tmp_path / "g2", "train.batch_size=81").on_rows  # brand's 41 rows
     assert not _engine(single_id_manifest, tmp_path / "h", "train.first_layer_on_rows=false").on_rows
     assert _engine(single_id_manifest, tmp_path / "i", "model.arch=omoe").on_rows
+    engine = _engine(single_id_manifest, tmp_path / "j")
+    engine.bf16 = True  # bf16 products (on CPUs that have them) are the lookup path's GEMMs
+    assert not engine.on_rows

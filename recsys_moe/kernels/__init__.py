@@ -1,7 +1,8 @@
 """Expert-block kernels: routed (top-k) and dense experts with their gate-weighted combine.
 
-The torch paths live in `dense` and `grouped` (any device); the model blocks sit on top of
-them and nothing here imports the model. The Triton ones live in `triton_experts` and are
+The torch paths live in `dense` and `grouped` (any device), and `projected` (the dense block with
+its first layer taken through a small embedding table's rows, for CPU training); the model blocks
+sit on top of them and nothing here imports the model. The Triton ones live in `triton_experts` and are
 not imported here: triton decides between GPU and interpreter mode when the kernels are defined,
 so the caller chooses when that import happens.
 """

@@ -10,8 +10,8 @@ first layer's work a fraction of the times: the same sums in another order. The 
 each row's output gradient summed over the samples holding it (another gather) gives the first
 layer's weight gradient (rows^T @ it) and the rows' own gradient (it @ W_f^T), so the batch's
 32k embedding gradients and their FBGEMM update become one update of the rows it touched
-(`model.embeddings.SparseArch.update_rows`). Measured in a census training step: see
-`benchmarks/results/reference.md`.
+(`model.embeddings.SparseArch.update_rows`). A census training step ran 1.36x as fast
+(`benchmarks/results/reference.md`, steps on the lookup and on rows by turns).
 
 Equal to `kernels.dense.gated_experts_combine` on the looked-up embeddings up to float rounding;
 tests/test_projected.py checks it, gradients and the embedding update included.
@@ -53,19 +53,17 @@ class TableLayout:
         starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
         feature = torch.cat([torch.full((n,), f) for f, n in enumerate(sizes)])
         slot_of_row = torch.cat([torch.arange(n) + f * per for f, n in enumerate(sizes)])
-        slots, values, lengths = [], [], []
-        for f, n in enumerate(sizes):
-            rows = torch.arange(n) + int(starts[f])
-            for k in range(dim):
-                slots.append(torch.arange(n) + f * per)
-                values.append(rows * dim + k)
-                lengths.append(n)
+        slots, values = [], []
+        for f, n in enumerate(sizes):  # D bags per feature, each over its n rows
+            slots.append((torch.arange(n) + f * per).repeat(dim))
+            values.append(((torch.arange(n) + int(starts[f])) * dim + torch.arange(dim)[:, None]).reshape(-1))
+        lengths = torch.tensor(sizes).repeat_interleave(dim)
         return cls(
             starts=starts,
             slot_of_row=slot_of_row,
             project_index=feature[:, None] * dim + torch.arange(dim),
             weight_slots=torch.cat(slots),
-            weight_offsets=torch.tensor([0, *lengths[:-1]]).cumsum(0),
+            weight_offsets=torch.cumsum(lengths, 0) - lengths,
             weight_values=torch.cat(values),
             slots_per_feature=per,
         )

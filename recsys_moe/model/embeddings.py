@@ -158,9 +158,13 @@ class SparseArch(nn.Module):
 
     def rows_pay_off(self, batch_size: int) -> bool:
         """Whether a step over the table's rows costs less than one over a batch's ids: the
-        backward sums gradients into F x (largest feature's rows) slots, against F x B ids; at
-        most half as many."""
-        return self._row_counts is not None and 2 * max(self._row_counts) <= batch_size
+        largest feature has at most half a batch of rows, and the backward's per-row gradient
+        sums (F x that many slots, each as wide as the first layer) take at most 8 batches' rows
+        of memory."""
+        counts = self._row_counts
+        if counts is None:
+            return False
+        return 2 * max(counts) <= batch_size and len(counts) * max(counts) <= 8 * batch_size
 
     def row_batch(self, features: KeyedJaggedTensor) -> RowBatch:
         """The table's rows (a copy that collects their gradient) and the batch's ids in them.
@@ -194,7 +198,9 @@ class SparseArch(nn.Module):
         they are by a lookup, for optimizers with state too.
         """
         layout, grad = batch.layout, batch.table.grad
-        assert self._direct is not None and grad is not None
+        assert self._direct is not None
+        if grad is None:  # the loss did not reach the rows: nothing to update
+            return
         per = layout.slots_per_feature
         touched = batch.counts > 0
         lengths = torch.zeros(len(self.keys) * per, dtype=torch.int32)  # a KJT's: feature-major
