@@ -155,14 +155,29 @@ def test_a_batch_of_one_scores_the_same_on_rows(single_id_manifest: Manifest, tm
     assert rows.counts.sum() == len(ranker.sparse.keys)
 
 
+def test_a_batch_in_another_key_order_is_refused(single_id_manifest: Manifest, tmp_path: Path) -> None:
+    from torchrec import KeyedJaggedTensor
+
+    sparse = _engine(single_id_manifest, tmp_path).ranker.sparse
+    batch = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(reversed(sparse.keys)),
+        values=torch.zeros(len(sparse.keys), dtype=torch.int32),
+        lengths=torch.ones(len(sparse.keys), dtype=torch.int32),
+    )
+    with pytest.raises(ValueError, match="in that order"):
+        sparse.row_batch(batch)
+
+
 def test_rows_are_used_only_where_they_apply(
     single_id_manifest: Manifest, synthetic_manifest: Manifest, tmp_path: Path
 ) -> None:
     """Multi-hot features or tables of several dims, an input norm, PLE, top-k gates, an
     embedding penalty, a batch under twice the largest feature's rows, the switch off: the plain
     lookup. OMoE (one shared gate) trains on rows too."""
-    assert _engine(single_id_manifest, tmp_path / "a").on_rows
-    assert not _engine(synthetic_manifest, tmp_path / "b").on_rows
+    on_rows = _engine(single_id_manifest, tmp_path / "a")
+    assert on_rows.on_rows and on_rows.extra_params["first_layer"] == "table rows"  # tracked with the run
+    lookup = _engine(synthetic_manifest, tmp_path / "b")
+    assert not lookup.on_rows and lookup.extra_params["first_layer"] == "lookup"
     assert not _engine(single_id_manifest, tmp_path / "c", "model.input_norm=layer").on_rows
     assert not _engine(single_id_manifest, tmp_path / "d", "model.arch=ple").on_rows
     assert not _engine(single_id_manifest, tmp_path / "e", "model.gate=topk").on_rows

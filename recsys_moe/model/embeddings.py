@@ -178,6 +178,8 @@ class SparseArch(nn.Module):
         layout = self._layout
         batch, feats = features.stride(), len(self.keys)
         values = features.values()
+        if features.keys() != self.keys:
+            raise ValueError(f"row_batch takes the keys {self.keys}, in that order: got {features.keys()}")
         if values.numel() != batch * feats:
             raise ValueError(
                 f"row_batch takes one id per sample and feature: {values.numel()} ids for {batch} x {feats}"

@@ -77,6 +77,7 @@ class LocalEngine:
         self.extra_params: dict[str, Any] = {
             "parameters": sum(p.numel() for p in self.ranker.parameters()),
             "dense_products": "bf16" if self.bf16 else "fp32",  # asked for and the CPU has it
+            "first_layer": "table rows" if self.on_rows else "lookup",  # see train.first_layer_on_rows
         }
         self.extra_tags: dict[str, str] = {}
         self.extra_files: list[tuple[Path, str]] = []
