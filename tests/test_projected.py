@@ -155,7 +155,7 @@ def test_a_batch_of_one_scores_the_same_on_rows(single_id_manifest: Manifest, tm
     assert rows.counts.sum() == len(ranker.sparse.keys)
 
 
-def test_a_batch_in_another_key_order_is_refused(single_id_manifest: Manifest, tmp_path: Path) -> None:
+def test_a_batch_that_is_not_single_ids_in_key_order_is_refused(single_id_manifest: Manifest, tmp_path: Path) -> None:
     from torchrec import KeyedJaggedTensor
 
     sparse = _engine(single_id_manifest, tmp_path).ranker.sparse
@@ -166,6 +166,14 @@ def test_a_batch_in_another_key_order_is_refused(single_id_manifest: Manifest, t
     )
     with pytest.raises(ValueError, match="in that order"):
         sparse.row_batch(batch)
+    # As many ids as samples x features, but two in one bag and none in another.
+    lengths = torch.ones(2 * len(sparse.keys), dtype=torch.int32)
+    lengths[0], lengths[1] = 2, 0
+    two_in_one = KeyedJaggedTensor.from_lengths_sync(
+        keys=sparse.keys, values=torch.zeros(2 * len(sparse.keys), dtype=torch.int32), lengths=lengths
+    )
+    with pytest.raises(ValueError, match="one id per sample and feature"):
+        sparse.row_batch(two_in_one)
 
 
 def test_rows_are_used_only_where_they_apply(

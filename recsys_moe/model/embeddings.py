@@ -180,9 +180,10 @@ class SparseArch(nn.Module):
         values = features.values()
         if features.keys() != self.keys:
             raise ValueError(f"row_batch takes the keys {self.keys}, in that order: got {features.keys()}")
-        if values.numel() != batch * feats:
+        if values.numel() != batch * feats or not bool((features.lengths() == 1).all()):
             raise ValueError(
-                f"row_batch takes one id per sample and feature: {values.numel()} ids for {batch} x {feats}"
+                f"row_batch takes one id per sample and feature: {values.numel()} ids for {batch} x {feats}, "
+                f"lengths from {int(features.lengths().min())} to {int(features.lengths().max())}"
             )
         ids = values.view(feats, batch)
         table = self._table().detach().clone()
