@@ -172,7 +172,7 @@ class SparseArch(nn.Module):
         `features` has the keys in `self.keys` order, one id per sample each (what the loader
         gives a spec without multi-hot features), ids already checked against their tables.
         """
-        assert self._row_counts is not None and self._direct is not None and self.has_row_batches
+        assert self._row_counts is not None and self._direct is not None, "no row batches: see has_row_batches"
         if self._layout is None:
             self._layout = TableLayout.of(self._row_counts, self._table().shape[1])
         layout = self._layout

@@ -144,7 +144,7 @@ class MultiTaskRanker(nn.Module):
         """`forward` with the first layer taken through the table rows (`kernels.projected`),
         for training: after the loss's backward, `self.sparse.update_rows(rows)` applies the
         rows' gradient through the fused optimizer (their lookup is not in the graph)."""
-        assert isinstance(self.arch, MMoE) and self.trains_on_rows
+        assert isinstance(self.arch, MMoE)  # callers check trains_on_rows once, not every step
         rows = self.sparse.row_batch(sparse)
         return self.arch.forward_rows(rows.table, rows.ids, rows.counts, rows.layout, dense), rows
 
